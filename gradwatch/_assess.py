@@ -1,0 +1,385 @@
+"""Turn what the engine measured into distances, verdicts and reasons (a `CheckReport`).
+
+Per tensor, the distance comes from the best evidence available:
+  all coordinates checked  → exact: ||n − a|| / (||n|| + ||a||)
+  sketch directions        → estimated: E[(vᵀ(n − a))²] = ||n − a||² for ±1 directions v
+  some coordinates         → the same formula on the checked coordinates (estimated)
+Every distance is floor-protected (`rel_distance(..., floor)`), which changes nothing unless
+both gradients are at the rounding-noise level. Kinks are counted and left out of verdicts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gradwatch._numerics import (
+    element_floor,
+    element_rel_errors,
+    find_kinks,
+    rel_distance,
+)
+from gradwatch._report import (
+    CheckReport,
+    ElementReport,
+    LayerReport,
+    Thresholds,
+    Verdict,
+    worst_verdict,
+)
+
+if TYPE_CHECKING:
+    from gradwatch._engine import _Engine, _Tensor
+
+Vector = NDArray[np.float64]
+
+#: Gradients whose norms are both within this factor of the noise level are "at noise".
+AT_NOISE_FACTOR = 10.0
+
+NONDETERMINISM_HELP = (
+    "error: J(θ) evaluated twice at the same parameters gave different values ({first!r} vs "
+    "{second!r}), so central differences would measure randomness, not the gradient. Likely "
+    "causes: dropout or another random layer left on (gradwatch evaluates in eval mode; a "
+    "custom loss_fn must not switch it back), random data augmentation inside forward, or "
+    "non-deterministic kernels (torch.use_deterministic_algorithms(True) fixes those)."
+)
+
+
+@dataclass
+class _Parts:
+    """Squared norms ||n − a||², ||a||², ||n||² a tensor contributes to the overall distance."""
+
+    diff_sq: float = 0.0
+    analytic_sq: float = 0.0
+    numeric_sq: float = 0.0
+    level_sq: float = 0.0  # squared rounding-noise level of the numeric vector
+
+    def add(self, other: _Parts) -> None:
+        self.diff_sq += other.diff_sq
+        self.analytic_sq += other.analytic_sq
+        self.numeric_sq += other.numeric_sq
+        self.level_sq += other.level_sq
+
+
+@dataclass
+class _Coordinates:
+    """The checked coordinates of one tensor, in parameter order."""
+
+    indices: NDArray[np.int64]
+    analytic: Vector
+    numeric: Vector
+    errors: Vector
+    kinks: NDArray[np.bool_]
+
+    @property
+    def smooth(self) -> NDArray[np.bool_]:
+        return ~self.kinks
+
+
+@dataclass
+class _TensorResult:
+    report: LayerReport
+    parts: _Parts
+    smooth_parts: _Parts
+    coords: _Coordinates
+    reasons: list[str] = field(default_factory=list)
+
+
+def assess(engine: _Engine, *, seconds: float, probe: dict[str, object]) -> CheckReport:
+    settings = engine.settings
+    thresholds = settings.thresholds
+    common = dict(
+        mode=settings.mode,
+        strategy=", ".join(engine.strategy),
+        eps=settings.eps,
+        thresholds=thresholds,
+        evaluations=engine.evaluations,
+        seconds=seconds,
+        loss=engine.loss,
+        probe=probe,
+    )
+    if not math.isfinite(engine.loss):
+        return CheckReport(
+            rel_distance=math.nan, verdict="alert", coordinates=0,
+            reasons=[f"non-finite: the loss J(θ) is {engine.loss!r} at the checked point"],
+            layers={name: _unchecked(t, "alert", "non-finite loss") for name, t in
+                    engine.tensors.items()},
+            **common,  # type: ignore[arg-type]
+        )
+    if not engine.deterministic:
+        return CheckReport(
+            rel_distance=math.nan, verdict="error", coordinates=0,
+            reasons=[NONDETERMINISM_HELP.format(first=engine.loss, second=engine.loss_repeat)],
+            layers={name: _unchecked(t, "error", "not checked: non-deterministic loss")
+                    for name, t in engine.tensors.items()},
+            **common,  # type: ignore[arg-type]
+        )
+
+    noise = engine.noise()
+    results = {
+        name: _assess_tensor(tensor, engine, noise) for name, tensor in engine.tensors.items()
+    }
+    reasons: list[str] = []
+    distance, smooth_distance, smooth_parts = _overall(engine, results, noise)
+    verdict: Verdict = "ok"
+    if not math.isfinite(smooth_distance):
+        verdict = "alert"
+        reasons.append("non-finite: the overall distance is not a finite number")
+    elif _is_at_noise(smooth_parts):
+        reasons.append(
+            "the whole gradient is at the rounding-noise level: the loss barely depends on "
+            "the checked parameters at this point"
+        )
+    else:
+        verdict = thresholds.classify(smooth_distance)
+        if verdict != "ok":
+            reasons.append(
+                f"overall rel_distance {smooth_distance:.3g} ≥ {verdict} threshold "
+                f"{_threshold(thresholds, verdict):.0e}"
+            )
+    for result in sorted(results.values(), key=lambda r: -_rank(r.report)):
+        verdict = worst_verdict(verdict, result.report.verdict)
+        reasons.extend(result.reasons)
+    kinks = sum(r.report.kinks for r in results.values())
+    if kinks:
+        reasons.append(
+            f"{kinks} element(s) straddle a kink (ReLU/max/abs) within ±eps and were left out "
+            f"of the verdict"
+        )
+    if verdict == "ok" and not reasons:
+        reasons.append(f"every distance is below the warn threshold {thresholds.warn:.0e}")
+    smooth_errors = [
+        float(r.coords.errors[r.coords.smooth].max())
+        for r in results.values()
+        if r.coords.smooth.any()
+    ]
+    return CheckReport(
+        rel_distance=distance,
+        verdict=verdict,
+        reasons=reasons,
+        coordinates=sum(int(r.coords.indices.size) for r in results.values()),
+        directions=engine.direction_count,
+        noise_floor=noise,
+        kinks=kinks,
+        max_element_error=max(smooth_errors, default=0.0),
+        layers={name: result.report for name, result in results.items()},
+        **common,  # type: ignore[arg-type]
+    )
+
+
+def _rank(report: LayerReport) -> float:
+    order = {"ok": 0, "warn": 1, "alert": 2, "error": 3}[report.verdict]
+    return order * 10.0 + (report.rel_distance if math.isfinite(report.rel_distance) else 9.0)
+
+
+def _threshold(thresholds: Thresholds, verdict: str) -> float:
+    return thresholds.alert if verdict == "alert" else thresholds.warn
+
+
+def _is_at_noise(parts: _Parts) -> bool:
+    """Both ||dθ|| and ||dθapprox|| within AT_NOISE_FACTOR of the rounding-noise level."""
+    bound = AT_NOISE_FACTOR**2 * parts.level_sq
+    return parts.analytic_sq <= bound and parts.numeric_sq <= bound
+
+
+def _unchecked(tensor: _Tensor, verdict: Verdict, why: str) -> LayerReport:
+    return LayerReport(
+        rel_distance=math.nan, verdict=verdict, numel=tensor.numel, checked=0,
+        estimated=True, shape=tensor.shape, notes=[why],
+    )
+
+
+def _coordinates(tensor: _Tensor, engine: _Engine, noise: float) -> _Coordinates:
+    eps = engine.settings.eps
+    if not tensor.indices:
+        empty = np.empty(0)
+        return _Coordinates(np.empty(0, dtype=np.int64), empty, empty, empty,
+                            np.zeros(0, dtype=bool))
+    indices = np.concatenate(tensor.indices)
+    order = np.argsort(indices, kind="stable")  # parameter order, as the recipe's θ vector
+    indices = indices[order]
+    plus = np.concatenate(tensor.plus)[order]
+    minus = np.concatenate(tensor.minus)[order]
+    analytic = tensor.analytic[indices]
+    numeric = (plus - minus) / (2 * eps)  # central difference
+    floor = element_floor(noise, engine.settings.thresholds.alert)
+    errors = element_rel_errors(numeric, analytic, floor)
+    kinks = find_kinks(engine.loss, plus, minus, analytic, eps, noise)
+    return _Coordinates(indices, analytic, numeric, errors, kinks)
+
+
+def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorResult:
+    thresholds = engine.settings.thresholds
+    eps = engine.settings.eps
+    coords = _coordinates(tensor, engine, noise)
+    notes = list(tensor.notes)
+    reasons: list[str] = []
+    smooth = coords.smooth
+    floor_factor = 10.0 / thresholds.alert  # pure noise reads ≤ alert/10
+
+    def parts_of(mask: NDArray[np.bool_]) -> _Parts:
+        a, n = coords.analytic[mask], coords.numeric[mask]
+        return _Parts(
+            diff_sq=float(np.sum((n - a) ** 2)),
+            analytic_sq=float(np.sum(a**2)),
+            numeric_sq=float(np.sum(n**2)),
+            level_sq=noise**2 * int(mask.sum()),
+        )
+
+    everything = np.ones_like(smooth)
+    parts, smooth_parts = parts_of(everything), parts_of(smooth)
+    estimated = coords.indices.size < tensor.numel
+    n_directions = len(tensor.dir_plus)
+    distance = smooth_distance = math.nan
+    sample_distance = math.nan
+    if coords.indices.size:
+        level = noise * math.sqrt(coords.indices.size)
+        distance = rel_distance(coords.numeric, coords.analytic, floor=level * floor_factor)
+        smooth_distance = rel_distance(
+            coords.numeric[smooth], coords.analytic[smooth], floor=level * floor_factor
+        )
+        sample_distance = smooth_distance
+    direction_kinks = 0
+    if n_directions and estimated:
+        # Sketch: with ±1 directions v, E[(vᵀx)²] = ||x||², so the mean square of the
+        # projected difference estimates ||n − a||² without touching every coordinate.
+        plus, minus = np.array(tensor.dir_plus), np.array(tensor.dir_minus)
+        projected_analytic = np.array(tensor.dir_analytic)
+        projected_numeric = (plus - minus) / (2 * eps)
+        straddles = find_kinks(engine.loss, plus, minus, projected_analytic, eps, noise)
+        direction_kinks = int(straddles.sum())
+        keep = ~straddles if (~straddles).any() else np.ones_like(straddles)
+        diff_sq = float(np.mean((projected_numeric[keep] - projected_analytic[keep]) ** 2))
+        numeric_sq = float(np.mean(projected_numeric[keep] ** 2))
+        analytic_sq = float(np.sum(tensor.analytic**2))
+        parts = smooth_parts = _Parts(diff_sq, analytic_sq, numeric_sq, noise**2)
+        denominator = max(math.sqrt(analytic_sq) + math.sqrt(numeric_sq), noise * floor_factor)
+        distance = smooth_distance = math.sqrt(diff_sq) / denominator if denominator else 0.0
+        notes.append(f"distance estimated from {n_directions} random ±1 directions")
+    if coords.indices.size and estimated:
+        notes.append(
+            f"{coords.indices.size} of {tensor.numel} coordinates checked "
+            f"(largest |dθ| and random ones)"
+        )
+
+    kinks = int(coords.kinks.sum()) + direction_kinks
+    finite = bool(np.all(np.isfinite(tensor.analytic))) and bool(
+        np.all(np.isfinite(coords.numeric))
+    )
+    verdict: Verdict = "ok"
+    checked_anything = coords.indices.size > 0 or n_directions > 0
+    if not finite:
+        verdict = "alert"
+        what = "dθ (backprop)" if not np.all(np.isfinite(tensor.analytic)) else "dθapprox"
+        reasons.append(f"non-finite: '{tensor.name}' has non-finite values in {what}")
+        notes.append(f"non-finite values in {what}")
+    elif not checked_anything:
+        notes.append("not checked in this run")
+    elif _is_at_noise(smooth_parts):
+        notes.append(
+            f"dθ and dθapprox are both at the rounding-noise level "
+            f"(≤ {AT_NOISE_FACTOR:g} × {math.sqrt(smooth_parts.level_sq):.1e}): treated as ok"
+        )
+    else:
+        verdict = thresholds.classify(smooth_distance)
+        if n_directions and coords.indices.size and math.isfinite(sample_distance):
+            verdict = worst_verdict(verdict, thresholds.classify(sample_distance))
+        if verdict != "ok":
+            reasons.append(
+                f"layer '{tensor.name}' rel_distance {max(smooth_distance, 0):.3g}"
+                + (" (estimated)" if estimated else "")
+            )
+        bad = smooth & (coords.errors >= thresholds.alert)
+        if bad.any():
+            verdict = "alert"
+            worst = int(np.argmax(np.where(bad, coords.errors, -1.0)))
+            index = _unravel(int(coords.indices[worst]), tensor.shape)
+            reasons.append(
+                f"{int(bad.sum())} element(s) of '{tensor.name}' have rel_error ≥ "
+                f"{thresholds.alert:.0e}; worst {list(index)}: analytic "
+                f"{coords.analytic[worst]:.6g} vs numeric {coords.numeric[worst]:.6g}"
+            )
+    worst_elements = _worst(tensor, coords, engine.settings.top_k)
+    report = LayerReport(
+        rel_distance=distance if checked_anything else math.nan,
+        verdict=verdict,
+        numel=tensor.numel,
+        checked=int(coords.indices.size),
+        directions=n_directions,
+        estimated=estimated,
+        kinks=kinks,
+        worst=worst_elements,
+        shape=tensor.shape,
+        grad_norm=float(np.linalg.norm(tensor.analytic)),
+        noise_floor=math.sqrt(smooth_parts.level_sq),
+        notes=notes,
+    )
+    return _TensorResult(report, parts, smooth_parts, coords, reasons)
+
+
+def _worst(tensor: _Tensor, coords: _Coordinates, top_k: int) -> list[ElementReport]:
+    if coords.indices.size == 0 or top_k == 0:
+        return []
+    abs_diff = np.abs(coords.numeric - coords.analytic)
+    errors = np.where(np.isfinite(coords.errors), coords.errors, np.inf)
+    # explained kinks rank last; then the largest error, then the largest absolute difference
+    order = np.lexsort((-np.nan_to_num(abs_diff, nan=np.inf), -errors, coords.kinks))
+    return [
+        ElementReport(
+            index=_unravel(int(coords.indices[i]), tensor.shape),
+            analytic=float(coords.analytic[i]),
+            numeric=float(coords.numeric[i]),
+            abs_diff=float(abs_diff[i]),
+            rel_error=float(coords.errors[i]),
+            kink=bool(coords.kinks[i]),
+        )
+        for i in order[:top_k]
+    ]
+
+
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()
+
+
+def _overall(
+    engine: _Engine, results: dict[str, _TensorResult], noise: float
+) -> tuple[float, float, _Parts]:
+    """Overall distance over all elements, the kink-free one (for the verdict), and its parts."""
+    floor_factor = 10.0 / engine.settings.thresholds.alert
+    if all(r.coords.indices.size == r.report.numel for r in results.values()):
+        # The recipe itself: concatenate every tensor in parameter order, one norm each.
+        numeric = np.concatenate([r.coords.numeric for r in results.values()])
+        analytic = np.concatenate([r.coords.analytic for r in results.values()])
+        smooth = np.concatenate([r.coords.smooth for r in results.values()])
+        level = noise * math.sqrt(numeric.size)
+        floor = level * floor_factor
+        smooth_parts = _Parts(
+            analytic_sq=float(analytic[smooth] @ analytic[smooth]),
+            numeric_sq=float(numeric[smooth] @ numeric[smooth]),
+            level_sq=level**2,
+        )
+        return (
+            rel_distance(numeric, analytic, floor=floor),
+            rel_distance(numeric[smooth], analytic[smooth], floor=floor),
+            smooth_parts,
+        )
+    total, smooth_total = _Parts(), _Parts()
+    for result in results.values():
+        total.add(result.parts)
+        smooth_total.add(result.smooth_parts)
+
+    def combine(parts: _Parts) -> float:
+        denominator = max(
+            math.sqrt(parts.analytic_sq) + math.sqrt(parts.numeric_sq),
+            math.sqrt(parts.level_sq) * floor_factor,
+        )
+        return math.sqrt(parts.diff_sq) / denominator if denominator else 0.0
+
+    return combine(total), combine(smooth_total), smooth_total
+
+
+__all__ = ["assess"]

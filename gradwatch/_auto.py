@@ -1,0 +1,145 @@
+"""`mode="auto"`: the exact recipe when it fits the budget, otherwise a three-phase search.
+
+With P parameters and a budget of B loss evaluations (B < 2P + 2):
+  1. exact   small tensors (biases, norms) get every coordinate, up to a fifth of B;
+  2. screen  every other tensor gets a few random ±1 directions: an estimate of its distance
+             that costs 2 evaluations per direction whatever the tensor's size;
+  3. locate  a tensor whose estimate reaches the warn threshold is bisected — rows first, then
+             elements of a single row — with one ±1 direction on each half: the half that keeps
+             the disagreement holds the bug. A one-row or one-element bug is found in
+             ~4·log2(rows · cols) evaluations;
+  4. elements the rest of the budget goes to coordinates: inside the located region first,
+             then the largest-|dθ| and random coordinates of every tensor not checked exactly,
+             so `worst` points at the bad row/element and the element rule sees sparse bugs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from gradwatch._engine import _Engine, _Tensor
+
+__all__ = ["run_auto"]
+
+#: Shares of the budget for the exact, screening and localisation phases.
+EXACT_SHARE = 0.2
+SCREEN_SHARE = 0.2
+LOCATE_SHARE = 0.2
+#: Directions per tensor when screening (more only makes the estimate smoother).
+SCREEN_DIRECTIONS = 4
+#: Coordinates checked inside a located region.
+REGION_COORDINATES = 32
+
+
+def run_auto(engine: _Engine) -> None:
+    tensors = list(engine.tensors.values())
+    total = sum(t.numel for t in tensors)
+    if engine.settings.budget is None or 2 * total <= engine.remaining:
+        engine.run_full()
+        return
+    budget = engine.remaining
+    rest = _exact_small(engine, tensors, int(budget * EXACT_SHARE))
+    if not rest:
+        return
+    k = int(np.clip(budget * SCREEN_SHARE // (2 * len(rest)), 1, SCREEN_DIRECTIONS))
+    for tensor in rest:
+        if engine.remaining >= 2:
+            engine.sketch(tensor, int(min(k, engine.remaining // 2)))
+    engine.strategy.append(f"screen {k} directions × {len(rest)} tensors")
+
+    noise = engine.noise()
+    suspects = [t for t in rest if _screen_distance(engine, t) >= engine.settings.thresholds.warn]
+    suspects.sort(key=lambda t: -_screen_distance(engine, t))
+    locate_budget = int(budget * LOCATE_SHARE)
+    for tensor in suspects:
+        share = locate_budget // max(len(suspects), 1)
+        region = _locate(engine, tensor, min(share, engine.remaining - 2), noise)
+        if region.size < tensor.numel:
+            engine.strategy.append(f"located {tensor.name}: {_describe(region, tensor)}")
+            count = min(REGION_COORDINATES, engine.remaining // 2)
+            engine.coordinates(tensor, engine.sample_indices(tensor, count, pool=region))
+    per_tensor = (engine.remaining // 2) // len(rest)
+    if per_tensor >= 1:
+        engine.run_sample(per_tensor, rest)
+
+
+def _exact_small(engine: _Engine, tensors: list[_Tensor], allowance: int) -> list[_Tensor]:
+    """Check the smallest tensors exactly while they fit `allowance`; return the others."""
+    exact: set[str] = set()
+    for tensor in sorted(tensors, key=lambda t: t.numel):
+        cost = 2 * tensor.numel
+        if cost > allowance:
+            break
+        engine.coordinates(tensor, np.arange(tensor.numel, dtype=np.int64))
+        allowance -= cost
+        exact.add(tensor.name)
+    if exact:
+        engine.strategy.append(f"exact {len(exact)} small tensors")
+    return [t for t in tensors if t.name not in exact]
+
+
+def _screen_distance(engine: _Engine, tensor: _Tensor) -> float:
+    """Sketch estimate of the tensor's distance: sqrt(mean (vᵀ(n − a))²) / (||a|| + ||n||)."""
+    if not tensor.dir_plus:
+        return 0.0
+    eps = engine.settings.eps
+    numeric = (np.array(tensor.dir_plus) - np.array(tensor.dir_minus)) / (2 * eps)
+    analytic = np.array(tensor.dir_analytic)
+    diff = math.sqrt(float(np.mean((numeric - analytic) ** 2)))
+    denominator = float(np.linalg.norm(tensor.analytic)) + math.sqrt(float(np.mean(numeric**2)))
+    if not math.isfinite(diff) or not math.isfinite(denominator):
+        return math.inf
+    floor = 100 * engine.noise()
+    return diff / denominator if diff > floor and denominator > 0 else 0.0
+
+
+def _locate(engine: _Engine, tensor: _Tensor, allowance: int, noise: float) -> NDArray[np.int64]:
+    """Bisect the tensor (rows, then elements of one row) towards the disagreeing part.
+
+    Each step probes both halves with one ±1 direction each (4 evaluations). A half is
+    "disagreeing" when |vᵀ(n − a)| is far above noise and ≥ warn relative to |vᵀn| + |vᵀa|.
+    Bisection stops when both halves disagree (the bug is spread) or neither does.
+    """
+    warn = engine.settings.thresholds.warn
+    start, stop = 0, tensor.numel
+    row = tensor.numel // tensor.shape[0] if len(tensor.shape) >= 2 else 1
+    unit = row if row > 1 else 1
+    spent = 0
+    while spent + 4 <= allowance:
+        units = (stop - start) // unit
+        if units <= 1:
+            if unit == 1:
+                break
+            unit = 1  # one row left: continue among its elements
+            continue
+        middle = start + (units // 2) * unit
+        halves = ((start, middle), (middle, stop))
+        directions = np.zeros((2, tensor.numel))
+        for i, (low, high) in enumerate(halves):
+            directions[i, low:high] = engine.rademacher(1, high - low)[0]
+        numeric, analytic, _, _ = engine.directions(tensor, directions)
+        spent += 4
+        disagreement = np.abs(numeric - analytic)
+        scale = np.abs(numeric) + np.abs(analytic)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            relative = np.where(scale > 0, disagreement / np.where(scale > 0, scale, 1), 0)
+        relative = np.where(np.isfinite(disagreement), relative, np.inf)
+        disagrees = (relative >= warn) & ~(disagreement <= 100 * noise)
+        if disagrees[0] == disagrees[1]:
+            break
+        start, stop = halves[0] if disagrees[0] else halves[1]
+    return np.arange(start, stop, dtype=np.int64)
+
+
+def _describe(region: NDArray[np.int64], tensor: _Tensor) -> str:
+    first = tuple(int(i) for i in np.unravel_index(int(region[0]), tensor.shape))
+    if region.size == 1:
+        return f"element {list(first)}"
+    if len(tensor.shape) >= 2 and region.size == tensor.numel // tensor.shape[0]:
+        return f"row {first[0]}"
+    return f"{region.size} elements from {list(first)}"

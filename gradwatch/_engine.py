@@ -1,0 +1,350 @@
+"""The gradient-check engine: plans which coordinates/directions to probe, spends loss
+evaluations through a backend, and turns the results into a `CheckReport`.
+
+A backend (numpy dicts, a PyTorch module, ...) implements `Objective`: evaluate J(θ) and J at
+θ with one parameter tensor perturbed, either along coordinates or along dense directions.
+Everything else — modes, budgets, noise floors, kinks, verdicts — lives here, once.
+
+Modes (one signature, the dispatcher in `run_check` picks the strategy):
+  full    every coordinate, the textbook recipe, 2P + 2 evaluations
+  sample  k coordinates per tensor: half the largest |dθ|, half uniformly random (from `seed`)
+  sketch  k random ±1 directions per tensor: ||dθapprox − dθ|| estimated from projections
+  auto    full if it fits the budget, else screen → localise → elements within the budget
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gradwatch._exceptions import ConfigError
+from gradwatch._numerics import ROUNDING, noise_per_element
+from gradwatch._report import CheckReport, Mode, Thresholds
+
+__all__ = ["CheckSettings", "Objective", "run_check"]
+
+Vector = NDArray[np.float64]
+Indices = NDArray[np.int64]
+Progress = Callable[[int, int], None]
+
+MODES = ("full", "sample", "sketch", "auto")
+
+class Objective(Protocol):
+    """What the engine needs from a backend. All values are float64.
+
+    `directions` has shape (k, numel) and is applied to the flattened tensor.
+    """
+
+    def loss(self) -> float: ...
+
+    def coordinate_losses(
+        self, layer: str, indices: Indices, eps: float
+    ) -> tuple[Vector, Vector]: ...
+
+    def direction_losses(
+        self, layer: str, directions: Vector, eps: float
+    ) -> tuple[Vector, Vector]: ...
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """Validated settings of one check (built by `make_settings`)."""
+
+    eps: float = 1e-7
+    mode: Mode = "full"
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    budget: int | None = None
+    seed: int = 0
+    samples: int = 16
+    directions: int = 8
+    top_k: int = 5
+
+
+def make_settings(
+    *,
+    eps: float,
+    mode: str,
+    thresholds: Thresholds | Mapping[str, float] | None,
+    budget: int | None,
+    seed: int,
+    samples: int = 16,
+    directions: int = 8,
+    top_k: int = 5,
+) -> CheckSettings:
+    """Validate user settings; every failure names the argument and the fix."""
+    if mode not in MODES:
+        raise ConfigError(
+            f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}. "
+            f"Use 'full' for the exact recipe or 'auto' to stay within `budget`."
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        raise ConfigError(f"eps must be a finite float > 0 (default 1e-7), got {eps!r}.")
+    if eps <= 0:
+        raise ConfigError(
+            f"eps must be > 0, got {eps!r}: central differences step ±eps. Use e.g. 1e-7."
+        )
+    if eps >= 1e-1:
+        raise ConfigError(
+            f"eps={eps!r} is too large for a derivative estimate (truncation error ~eps²). "
+            f"Use a value between 1e-9 and 1e-4; the default is 1e-7."
+        )
+    for name, value, low in (("samples", samples, 1), ("directions", directions, 1),
+                             ("top_k", top_k, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} must be an int ≥ {low}, got {value!r}.")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise ConfigError(f"budget must be an int (loss evaluations) or None, got {budget!r}.")
+        if budget < 4:
+            raise ConfigError(
+                f"budget={budget} is too small to check anything: a check needs 2 evaluations "
+                f"of J(θ) plus 2 per coordinate, so at least 4. Raise budget (default 2000)."
+            )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an int, got {seed!r}.")
+    if thresholds is None:
+        resolved = Thresholds()
+    elif isinstance(thresholds, Thresholds):
+        resolved = thresholds
+    elif isinstance(thresholds, Mapping):
+        resolved = Thresholds(**thresholds)
+    else:
+        raise ConfigError(
+            f"thresholds must be a gradwatch.Thresholds or a dict like "
+            f"{{'warn': 1e-5, 'alert': 1e-3}}, got {type(thresholds).__name__}."
+        )
+    return CheckSettings(
+        eps=float(eps), mode=mode,  # type: ignore[arg-type]
+        thresholds=resolved, budget=budget, seed=seed,
+        samples=samples, directions=directions, top_k=top_k,
+    )
+
+
+@dataclass
+class _Tensor:
+    """What the engine has learned about one parameter tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    analytic: Vector
+    checked: NDArray[np.bool_]
+    indices: list[Indices] = field(default_factory=list)
+    plus: list[Vector] = field(default_factory=list)
+    minus: list[Vector] = field(default_factory=list)
+    # sketch directions over the whole tensor: projections aᵀv and J(θ ± εv)
+    dir_analytic: list[float] = field(default_factory=list)
+    dir_plus: list[float] = field(default_factory=list)
+    dir_minus: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return int(self.analytic.size)
+
+    @property
+    def n_checked(self) -> int:
+        return int(self.checked.sum())
+
+
+class _Engine:
+    def __init__(
+        self,
+        objective: Objective,
+        analytic: Mapping[str, NDArray[np.float64]],
+        settings: CheckSettings,
+        progress: Progress | None,
+    ) -> None:
+        self.objective = objective
+        self.settings = settings
+        self.rng = np.random.default_rng(settings.seed)  # private: never the user's RNG
+        self.tensors = {
+            name: _Tensor(
+                name=name,
+                shape=tuple(grad.shape),
+                analytic=np.asarray(grad, dtype=np.float64).reshape(-1),
+                checked=np.zeros(grad.size, dtype=bool),
+            )
+            for name, grad in analytic.items()
+        }
+        self.evaluations = 0
+        self.progress = progress
+        self.planned = 0
+        self.strategy: list[str] = []
+        self.loss = math.nan
+        self.loss_repeat = math.nan
+        self.direction_count = 0
+
+    # ------------------------------------------------------------------ probes
+    def coordinates(self, tensor: _Tensor, indices: Indices) -> None:
+        """Central differences along the given (not yet checked) coordinates."""
+        indices = np.unique(np.asarray(indices, dtype=np.int64))
+        indices = indices[~tensor.checked[indices]]
+        if indices.size == 0:
+            return
+        plus, minus = self.objective.coordinate_losses(tensor.name, indices, self.settings.eps)
+        tensor.checked[indices] = True
+        tensor.indices.append(indices)
+        tensor.plus.append(np.asarray(plus, dtype=np.float64))
+        tensor.minus.append(np.asarray(minus, dtype=np.float64))
+        self._spent(2 * indices.size)
+
+    def directions(
+        self, tensor: _Tensor, directions: Vector
+    ) -> tuple[Vector, Vector, Vector, Vector]:
+        """J(θ ± ε·v) for each row v of `directions`.
+
+        Returns (numeric projection, analytic projection vᵀdθ, J(θ+εv), J(θ−εv)).
+        """
+        eps = self.settings.eps
+        plus, minus = self.objective.direction_losses(tensor.name, directions, eps)
+        plus = np.asarray(plus, dtype=np.float64)
+        minus = np.asarray(minus, dtype=np.float64)
+        self._spent(2 * directions.shape[0])
+        self.direction_count += directions.shape[0]
+        return (plus - minus) / (2 * eps), directions @ tensor.analytic, plus, minus
+
+    def sketch(self, tensor: _Tensor, k: int) -> None:
+        """k random ±1 directions over the whole tensor (E[v vᵀ] = I)."""
+        directions = self.rademacher(k, tensor.numel)
+        _, projected, plus, minus = self.directions(tensor, directions)
+        tensor.dir_analytic.extend(projected.tolist())
+        tensor.dir_plus.extend(plus.tolist())
+        tensor.dir_minus.extend(minus.tolist())
+
+    def rademacher(self, k: int, m: int) -> Vector:
+        return self.rng.integers(0, 2, size=(k, m)).astype(np.float64) * 2.0 - 1.0
+
+    def _spent(self, n: int) -> None:
+        self.evaluations += n
+        if self.progress is not None:
+            self.progress(self.evaluations, max(self.planned, self.evaluations))
+
+    @property
+    def remaining(self) -> int:
+        budget = self.settings.budget
+        return math.inf if budget is None else budget - self.evaluations  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ modes
+    def run(self) -> None:
+        settings = self.settings
+        total = sum(t.numel for t in self.tensors.values())
+        self.planned = {
+            "full": 2 * total + 2,
+            "sample": 2 + 2 * sum(min(settings.samples, t.numel) for t in self.tensors.values()),
+            "sketch": 2 + 2 * sum(min(settings.directions, t.numel) for t in self.tensors.values()),
+            "auto": min(2 * total + 2, settings.budget or 2 * total + 2),
+        }[settings.mode]
+        self.loss = float(self.objective.loss())
+        self.loss_repeat = float(self.objective.loss())
+        self._spent(2)
+        if not math.isfinite(self.loss) or not self.deterministic:
+            return  # reported by finish(): non-finite or non-deterministic, nothing to measure
+        if settings.mode == "full":
+            self.run_full()
+        elif settings.mode == "sample":
+            self.run_sample(self._per_tensor(settings.samples))
+        elif settings.mode == "sketch":
+            self.run_sketch(self._per_tensor(settings.directions))
+        else:
+            self.run_auto()
+
+    @property
+    def deterministic(self) -> bool:
+        """J(θ) twice agreed, up to the rounding of non-deterministic summation order.
+
+        Differences of a few ulps (atomics on GPUs) are absorbed into the noise estimate;
+        anything larger (dropout, augmentation) would swamp the central differences.
+        """
+        tolerance = 64 * ROUNDING * abs(self.loss)
+        return abs(self.loss - self.loss_repeat) <= tolerance
+
+    def noise(self) -> float:
+        """Rounding noise per central difference, from everything measured so far."""
+        second = [
+            plus + minus - 2 * self.loss
+            for tensor in self.tensors.values()
+            for plus, minus in zip(tensor.plus, tensor.minus)
+        ]
+        differences = np.concatenate(second) if second else np.empty(0)
+        return noise_per_element(self.loss, self.loss_repeat, differences, self.settings.eps)
+
+    def _per_tensor(self, wanted: int) -> int:
+        """Shrink a per-tensor count so the whole plan fits the budget."""
+        if self.settings.budget is None:
+            return wanted
+        n = len(self.tensors)
+        return max(1, min(wanted, (self.remaining // 2) // max(n, 1)))
+
+    def run_full(self) -> None:
+        self.strategy.append("full")
+        for tensor in self.tensors.values():
+            self.coordinates(tensor, np.arange(tensor.numel, dtype=np.int64))
+
+    def run_sample(self, k: int, tensors: list[_Tensor] | None = None) -> None:
+        self.strategy.append(f"sample {k}/tensor")
+        for tensor in tensors if tensors is not None else list(self.tensors.values()):
+            if self.remaining < 2:
+                tensor.notes.append("not checked: the evaluation budget ran out")
+                continue
+            count = int(min(k, tensor.numel - tensor.n_checked, self.remaining // 2))
+            self.coordinates(tensor, self.sample_indices(tensor, count))
+
+    def sample_indices(self, tensor: _Tensor, k: int, pool: Indices | None = None) -> Indices:
+        """Half the largest-|dθ| unchecked coordinates, half uniformly random ones."""
+        if pool is None:
+            pool = np.flatnonzero(~tensor.checked)
+        else:
+            pool = pool[~tensor.checked[pool]]
+        if k <= 0 or pool.size == 0:
+            return np.empty(0, dtype=np.int64)
+        if k >= pool.size:
+            return pool
+        top = k - k // 2
+        magnitude = np.abs(tensor.analytic[pool])
+        largest = pool[np.argpartition(-magnitude, top - 1)[:top]]
+        rest = np.setdiff1d(pool, largest, assume_unique=True)
+        random = self.rng.choice(rest, size=min(k - top, rest.size), replace=False)
+        return np.concatenate([largest, random]).astype(np.int64)
+
+    def run_sketch(self, k: int) -> None:
+        self.strategy.append(f"sketch {k}/tensor")
+        for tensor in self.tensors.values():
+            if self.remaining < 2:
+                tensor.notes.append("not checked: the evaluation budget ran out")
+                continue
+            if tensor.numel <= k:  # as cheap to be exact
+                self.coordinates(tensor, np.arange(tensor.numel, dtype=np.int64))
+            else:
+                self.sketch(tensor, int(min(k, self.remaining // 2)))
+
+    def run_auto(self) -> None:
+        from gradwatch._auto import run_auto
+
+        run_auto(self)
+
+    # ------------------------------------------------------------------ report
+    def finish(self, seconds: float, probe: Mapping[str, object]) -> CheckReport:
+        from gradwatch._assess import assess
+
+        return assess(self, seconds=seconds, probe=dict(probe))
+
+
+def run_check(
+    objective: Objective,
+    analytic: Mapping[str, NDArray[np.float64]],
+    settings: CheckSettings,
+    *,
+    probe: Mapping[str, object] | None = None,
+    progress: Progress | None = None,
+) -> CheckReport:
+    """Run one check of `objective` against the backprop gradients `analytic`."""
+    start = time.perf_counter()
+    engine = _Engine(objective, analytic, settings, progress)
+    engine.run()
+    return engine.finish(time.perf_counter() - start, probe or {})

@@ -1,0 +1,552 @@
+"""`gradwatch.check_module`: the PyTorch backend.
+
+The live model is never touched: the check runs on a float64 *shadow* (a deep copy in eval
+mode: dropout off, BatchNorm on its running statistics and not updated), with its own RNG.
+The global RNG states (torch CPU and CUDA, numpy, `random`) are saved and restored around the
+check so that even a loss that draws random numbers leaves training's streams where they were.
+
+Loss evaluations perturb one shadow tensor at a time, either in place in a plain loop or for a
+chunk of perturbations at once with `torch.func.vmap`; which one is faster depends on the model
+and the tensor, so it is measured on the first chunk of each tensor, never assumed.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gradwatch._engine import make_settings, run_check
+from gradwatch._exceptions import ConfigError, InputError, LossError, missing_dependency
+from gradwatch._progress import resolve_progress
+from gradwatch._report import CheckReport, Mode, Thresholds
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["check_module"]
+
+Vector = NDArray[np.float64]
+LossFn = Callable[[Any, Any], Any]
+Batching = Literal["auto", "loop", "vmap"]
+
+#: Bytes a chunk of stacked perturbed copies of one tensor may take.
+CHUNK_BYTES = 64 * 2**20
+MAX_CHUNK = 64
+
+LOSS_FN_HELP = (
+    "Pass loss_fn=lambda model, batch: <scalar loss tensor>, the full objective including any "
+    "loss-level regularisation, e.g. loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1])."
+)
+
+
+def check_module(
+    model: Any,
+    batch: Any,
+    loss_fn: LossFn | None = None,
+    *,
+    mode: Mode = "auto",
+    eps: float | None = None,
+    budget: int = 2000,
+    thresholds: Thresholds | Mapping[str, float] | None = None,
+    seed: int = 0,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    samples: int = 16,
+    directions: int = 8,
+    top_k: int = 5,
+    batching: Batching = "auto",
+    progress: bool | Callable[[int, int], None] = False,
+) -> CheckReport:
+    """Check the backward pass of a PyTorch `nn.Module` on one batch.
+
+    Args:
+        model: the module; it is read, never modified (the check runs on a float64 copy).
+        batch: tensors, tuples, lists, dicts, nested; floating tensors are cast to float64.
+        loss_fn: `loss_fn(model, batch) -> scalar tensor`, the full objective with loss-level
+            regularisation. Without it, a dict batch is called as `model(**batch)` and the
+            output's `.loss` / `["loss"]` is used; a tuple/list batch as `model(*batch)` when
+            that returns a scalar loss (or an output with `.loss`).
+        mode: "auto" (full when 2P + 2 ≤ budget, else a budgeted search that still finds and
+            localises a bug in one row or element), "full", "sample" or "sketch".
+        eps: central-difference step (default 1e-7, in float64).
+        budget: most loss evaluations for "auto", "sample" and "sketch".
+        include, exclude: name globs (`fnmatch`) over `model.named_parameters()`.
+        batching: "auto" measures vmap against a plain loop per tensor; "loop"/"vmap" force one.
+
+    Example:
+        >>> import torch, gradwatch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(4, 1))
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> report = gradwatch.check_module(
+        ...     model, (x, y), lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
+        >>> report.verdict, report.mode, report.coordinates
+        ('ok', 'auto', 21)
+    """
+    torch = _require_torch()
+    settings = make_settings(
+        eps=1e-7 if eps is None else eps, mode=mode, thresholds=thresholds, budget=budget,
+        seed=seed, samples=samples, directions=directions, top_k=top_k,
+    )
+    if batching not in ("auto", "loop", "vmap"):
+        raise ConfigError(f"batching must be 'auto', 'loop' or 'vmap', got {batching!r}.")
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}. For plain numpy "
+            f"parameters use gradwatch.check(cost, params, grads)."
+        )
+    live = unwrap_model(model)
+    names = _select_parameters(live, include, exclude)
+    with preserved_global_state(torch):
+        shadow = _float64_shadow(torch, live)
+        shadow_batch = to_float64(torch, batch)
+        resolved_loss = loss_fn if loss_fn is not None else default_loss
+        objective = _ModuleObjective(torch, shadow, shadow_batch, resolved_loss, names, batching)
+        analytic = objective.analytic_gradients()
+        probe = {
+            "source": "check_module",
+            "model": type(live).__name__,
+            "batch": describe_batch(batch),
+            "parameters": int(sum(p.numel() for p in live.parameters() if p.requires_grad)),
+            "loss_fn": "given" if loss_fn is not None else "model output .loss",
+        }
+        if objective.unused:
+            probe["unused_parameters"] = objective.unused
+        with resolve_progress(progress, "gradwatch check") as report_progress:
+            report = run_check(objective, analytic, settings, probe=probe,
+                               progress=report_progress)
+    for name in objective.unused:
+        report.layers[name].notes.append(
+            "the loss does not depend on this parameter (autograd returned no gradient)"
+        )
+    report.probe["batching"] = objective.batching_used()
+    return report
+
+
+# ---------------------------------------------------------------------- helpers
+def _require_torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - exercised only without torch
+        raise missing_dependency("gradwatch.check_module", "torch", "torch") from exc
+    return torch
+
+
+def unwrap_model(model: Any) -> Any:
+    """The module that holds the parameters: through DDP/DataParallel and torch.compile."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and hasattr(
+            model, "module"
+        ):
+            model = model.module
+    return model
+
+
+def _select_parameters(
+    model: Any, include: str | Sequence[str] | None, exclude: str | Sequence[str] | None
+) -> list[str]:
+    def globs(value: str | Sequence[str] | None, name: str) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{name} must be a glob string or a list of them, got {value!r}.")
+
+    includes, excludes = globs(include, "include"), globs(exclude, "exclude")
+    named = list(model.named_parameters())
+    available = [n for n, p in named if p.requires_grad]
+    for name, parameter in named:
+        wanted = not includes or any(fnmatch.fnmatchcase(name, g) for g in includes)
+        if wanted and includes and not parameter.is_floating_point():
+            raise InputError(
+                f"parameter {name!r} has dtype {parameter.dtype}; central differences need "
+                f"floating-point parameters. Remove it from include=."
+            )
+    if not available:
+        raise InputError(
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad="
+            f"True among {len(named)}); there is no gradient to check. Unfreeze the "
+            f"parameters you train, or check the module that has them."
+        )
+    selected = [
+        n for n in available
+        if (not includes or any(fnmatch.fnmatchcase(n, g) for g in includes))
+        and not any(fnmatch.fnmatchcase(n, g) for g in excludes)
+    ]
+    if not selected:
+        raise ConfigError(
+            f"include={include!r} / exclude={exclude!r} leave no parameter to check. Trainable "
+            f"parameters are: {', '.join(available[:20])}{' ...' if len(available) > 20 else ''}."
+        )
+    return selected
+
+
+@contextmanager
+def preserved_global_state(torch: Any) -> Iterator[None]:
+    """Restore torch (CPU, CUDA), numpy and `random` RNG states and grad mode afterwards."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    grad_enabled = torch.is_grad_enabled()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+        torch.set_grad_enabled(grad_enabled)
+
+
+def _float64_shadow(torch: Any, model: Any) -> Any:
+    try:
+        shadow = copy.deepcopy(model)
+    except Exception as exc:
+        raise InputError(
+            f"gradwatch checks a float64 copy of the model and could not copy "
+            f"{type(model).__name__}: {type(exc).__name__}: {exc}. Pass the plain nn.Module "
+            f"(not a wrapper holding locks, files or process groups)."
+        ) from exc
+    forward = shadow.__dict__.get("forward")
+    original = getattr(shadow, "_original_forward", None)
+    if forward is not None and original is not None:
+        # Accelerate's mixed precision replaces forward with an autocast wrapper and keeps the
+        # original as _original_forward: the float64 check must run the original.
+        shadow.forward = original
+    shadow.double()
+    shadow.eval()  # dropout off, BatchNorm on running statistics (and not updated)
+    for parameter in shadow.parameters():
+        parameter.grad = None
+        parameter.requires_grad_(False)
+        if not parameter.is_contiguous():
+            parameter.data = parameter.data.contiguous()
+    return shadow
+
+
+def to_float64(torch: Any, value: Any) -> Any:
+    """A copy of `value` with every floating tensor in float64; containers rebuilt, not edited."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(torch.float64) if value.is_floating_point() else value
+    if isinstance(value, Mapping):
+        return {key: to_float64(torch, item) for key, item in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(to_float64(torch, item) for item in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_float64(torch, item) for item in value)
+    return value
+
+
+def describe_batch(value: Any) -> Any:
+    """Shapes and dtypes of a (nested) batch, for the report's probe section."""
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{str(dtype).replace('torch.', '')}{list(shape)}"
+    if isinstance(value, Mapping):
+        return {str(key): describe_batch(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [describe_batch(item) for item in value]
+    return type(value).__name__
+
+
+def default_loss(model: Any, batch: Any) -> Any:
+    """The loss a model computes itself: `model(**batch).loss` or `model(*batch)`."""
+    if isinstance(batch, Mapping):
+        output = _call_model(model, batch, star=2)
+        loss = _loss_attribute(output)
+        if loss is None:
+            raise LossError(
+                f"model(**batch) returned {type(output).__name__} without a 'loss'; the batch "
+                f"probably has no labels. {LOSS_FN_HELP}"
+            )
+        return loss
+    if isinstance(batch, (tuple, list)):
+        output = _call_model(model, batch, star=1)
+        loss = _loss_attribute(output)
+        if loss is None and getattr(output, "ndim", None) == 0:
+            loss = output
+        if loss is None:
+            shape = list(getattr(output, "shape", []))
+            raise LossError(
+                f"model(*batch) returned {type(output).__name__}"
+                f"{' of shape ' + str(shape) if shape else ''}, not a scalar loss. {LOSS_FN_HELP}"
+            )
+        return loss
+    raise LossError(
+        f"gradwatch cannot tell how to compute a loss from a batch of type "
+        f"{type(batch).__name__} without loss_fn (dict batches call model(**batch), tuples "
+        f"model(*batch)). {LOSS_FN_HELP}"
+    )
+
+
+def _call_model(model: Any, batch: Any, *, star: int) -> Any:
+    try:
+        return model(**batch) if star == 2 else model(*batch)
+    except (TypeError, RuntimeError, ValueError, IndexError, KeyError) as exc:
+        call = "model(**batch)" if star == 2 else "model(*batch)"
+        raise InputError(
+            f"{call} failed with {type(exc).__name__}: {exc}. The batch must be what the "
+            f"model's forward takes; got {describe_batch(batch)}. {LOSS_FN_HELP}"
+        ) from exc
+
+
+def _loss_attribute(output: Any) -> Any:
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    return loss
+
+
+def _loss_module(torch: Any, shadow: Any, loss_fn: LossFn, batch: Any) -> Any:
+    class LossModule(torch.nn.Module):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = shadow
+
+        def forward(self) -> Any:
+            return loss_fn(self.model, batch)
+
+    return LossModule()
+
+
+class _ModuleObjective:
+    """The engine's `Objective` over a float64 shadow module."""
+
+    def __init__(
+        self,
+        torch: Any,
+        shadow: Any,
+        batch: Any,
+        loss_fn: LossFn,
+        names: list[str],
+        batching: Batching,
+    ) -> None:
+        self.torch = torch
+        self.shadow = shadow
+        self.batch = batch
+        self.loss_fn = loss_fn
+        self.names = names
+        self.parameters = dict(shadow.named_parameters())
+        self.batching = batching
+        self.choice: dict[str, str] = {}  # tensor → "loop" | "vmap", once measured
+        self.vmap_broken: str | None = None
+        self.unused: list[str] = []
+        self.calls = 0
+        self.wrapper = _loss_module(torch, shadow, loss_fn, batch)
+
+    # -------------------------------------------------------------- evaluation
+    def _scalar(self, value: Any, where: str) -> Any:
+        torch = self.torch
+        if not isinstance(value, torch.Tensor):
+            if isinstance(value, (int, float)):
+                raise LossError(
+                    f"{where} returned a Python {type(value).__name__}, not a tensor: it is "
+                    f"cut off from autograd. Return the loss tensor itself (no .item())."
+                )
+            raise LossError(f"{where} returned {type(value).__name__}; expected a scalar tensor.")
+        if value.numel() != 1:
+            raise LossError(
+                f"{where} returned a tensor of shape {list(value.shape)}; expected a scalar "
+                f"loss. Reduce it with .mean() or .sum()."
+            )
+        if not (value.is_floating_point() or value.is_complex()):
+            raise LossError(f"{where} returned dtype {value.dtype}; expected a float loss.")
+        return value.reshape(())
+
+    def _loss_tensor(self) -> Any:
+        torch = self.torch
+        device_type = _device_type(self.shadow)
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._scalar(self.loss_fn(self.shadow, self.batch), "loss_fn(model, batch)")
+
+    def loss(self) -> float:
+        with self.torch.no_grad():
+            return float(self._loss_tensor().item())
+
+    def analytic_gradients(self) -> dict[str, Vector]:
+        torch = self.torch
+        selected = [self.parameters[name] for name in self.names]
+        for parameter in selected:
+            parameter.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                loss = self._loss_tensor()
+            if not loss.requires_grad:
+                raise LossError(
+                    "loss_fn(model, batch) returned a tensor that does not require grad: it "
+                    "does not depend on any checked parameter (detached, or computed under "
+                    "torch.no_grad()). Return the loss built from model(...)'s output."
+                )
+            grads = torch.autograd.grad(loss, selected, allow_unused=True)
+        finally:
+            for parameter in selected:
+                parameter.requires_grad_(False)
+        analytic = {}
+        for name, parameter, grad in zip(self.names, selected, grads):
+            if grad is None:
+                self.unused.append(name)
+                grad = torch.zeros_like(parameter)
+            analytic[name] = grad.detach().to("cpu", torch.float64).numpy().copy()
+        return analytic
+
+    def coordinate_losses(
+        self, layer: str, indices: NDArray[np.int64], eps: float
+    ) -> tuple[Vector, Vector]:
+        torch = self.torch
+        flat = self.parameters[layer].data.view(-1)
+        index = torch.as_tensor(indices, device=flat.device)
+        base = flat[index]
+
+        def stacked(rows: slice) -> Any:
+            count = rows.stop - rows.start
+            chunk = flat.unsqueeze(0).repeat(2 * count, 1)
+            position = torch.arange(count, device=flat.device)
+            chosen = index[rows]
+            chunk[position, chosen] = base[rows] + eps  # θ + ε·e_i, exactly as the recipe
+            chunk[position + count, chosen] = base[rows] - eps
+            return chunk
+
+        def in_place(k: int) -> tuple[float, float]:
+            i = int(indices[k])
+            original = flat[i].clone()
+            flat[i] = original + eps
+            plus = self.loss()
+            flat[i] = original - eps
+            minus = self.loss()
+            flat[i] = original  # restored exactly
+            return plus, minus
+
+        return self._evaluate(layer, indices.size, stacked, in_place)
+
+    def direction_losses(
+        self, layer: str, directions: Vector, eps: float
+    ) -> tuple[Vector, Vector]:
+        torch = self.torch
+        parameter = self.parameters[layer]
+        flat = parameter.data.view(-1)
+        steps = torch.as_tensor(directions, dtype=flat.dtype, device=flat.device) * eps
+
+        def stacked(rows: slice) -> Any:
+            return torch.cat([flat + steps[rows], flat - steps[rows]])
+
+        def in_place(k: int) -> tuple[float, float]:
+            original = flat.clone()
+            try:
+                flat.copy_(original + steps[k])
+                plus = self.loss()
+                flat.copy_(original - steps[k])
+                minus = self.loss()
+            finally:
+                flat.copy_(original)
+            return plus, minus
+
+        return self._evaluate(layer, directions.shape[0], stacked, in_place)
+
+    def _evaluate(
+        self,
+        layer: str,
+        count: int,
+        stacked: Callable[[slice], Any],
+        in_place: Callable[[int], tuple[float, float]],
+    ) -> tuple[Vector, Vector]:
+        """Evaluate `count` ± pairs, with vmap chunks or the loop, whichever measured faster."""
+        plus, minus = np.empty(count), np.empty(count)
+        numel = self.parameters[layer].numel()
+        chunk = int(max(1, min(MAX_CHUNK, CHUNK_BYTES // (16 * max(numel, 1)))))
+        done = 0
+        choice = self.choice.get(layer)
+        if self.batching == "loop" or self.vmap_broken is not None:
+            choice = "loop"
+        if choice is None and self.batching == "auto" and count < 2 * chunk:
+            choice = "loop"  # too few evaluations to amortise measuring
+        if choice != "loop":
+            rows = slice(0, min(chunk, count))
+            started = time.perf_counter()
+            values = self._vmapped(layer, stacked(rows))
+            if values is not None:
+                vmap_cost = (time.perf_counter() - started) / (2 * (rows.stop - rows.start))
+                plus[rows], minus[rows] = values
+                done = rows.stop
+                if choice is None:
+                    choice, done = self._measure_loop(vmap_cost, in_place, plus, minus, done)
+            else:
+                choice = "loop"
+            self.choice.setdefault(layer, choice)
+        while done < count:
+            if choice == "vmap":
+                rows = slice(done, min(done + chunk, count))
+                values = self._vmapped(layer, stacked(rows))
+                if values is not None:
+                    plus[rows], minus[rows] = values
+                    done = rows.stop
+                    continue
+                choice = "loop"
+            plus[done], minus[done] = in_place(done)
+            done += 1
+        return plus, minus
+
+    @staticmethod
+    def _measure_loop(
+        vmap_cost: float,
+        in_place: Callable[[int], tuple[float, float]],
+        plus: Vector,
+        minus: Vector,
+        done: int,
+    ) -> tuple[str, int]:
+        """Time a few loop evaluations (their results are kept) against the vmap chunk."""
+        trials = min(4, plus.size - done)
+        if trials == 0:
+            return "vmap", done
+        started = time.perf_counter()
+        for k in range(done, done + trials):
+            plus[k], minus[k] = in_place(k)
+        loop_cost = (time.perf_counter() - started) / (2 * trials)
+        return ("vmap" if vmap_cost < loop_cost else "loop"), done + trials
+
+    def _vmapped(self, layer: str, values: Any) -> tuple[Vector, Vector] | None:
+        """J for each stacked copy of `layer` in one vmap call; None if vmap cannot run it."""
+        torch = self.torch
+        key = "model." + layer
+        shape = self.parameters[layer].shape
+
+        def one(value: Any) -> Any:
+            output = torch.func.functional_call(self.wrapper, {key: value.view(shape)}, ())
+            return self._scalar(output, "loss_fn(model, batch)")
+
+        try:
+            with torch.no_grad(), torch.autocast(_device_type(self.shadow), enabled=False):
+                losses = torch.func.vmap(one)(values)
+        except Exception as exc:  # vmap cannot run every model: fall back to the loop
+            self.vmap_broken = f"{type(exc).__name__}: {str(exc)[:200]}"
+            return None
+        result = losses.detach().to("cpu", torch.float64).numpy()
+        half = result.size // 2
+        return result[:half], result[half:]
+
+    def batching_used(self) -> dict[str, Any]:
+        used: dict[str, Any] = {"mode": self.batching, "per_tensor": dict(self.choice)}
+        if self.vmap_broken is not None:
+            used["vmap_unavailable"] = self.vmap_broken
+        return used
+
+
+def _device_type(module: Any) -> str:
+    for parameter in module.parameters():
+        return str(parameter.device.type)
+    return "cpu"
