@@ -297,10 +297,7 @@ class _Engine:
 
     def sample_indices(self, tensor: _Tensor, k: int, pool: Indices | None = None) -> Indices:
         """Half the largest-|dθ| unchecked coordinates, half uniformly random ones."""
-        if pool is None:
-            pool = np.flatnonzero(~tensor.checked)
-        else:
-            pool = pool[~tensor.checked[pool]]
+        pool = np.flatnonzero(~tensor.checked) if pool is None else pool[~tensor.checked[pool]]
         if k <= 0 or pool.size == 0:
             return np.empty(0, dtype=np.int64)
         if k >= pool.size:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gradwatch._exceptions import ConfigError
 
@@ -60,6 +60,13 @@ class Thresholds(BaseModel):
 
     warn: float = Field(default=1e-5, description="distance from which a check warns")
     alert: float = Field(default=1e-3, description="distance from which a check alerts")
+
+    def __init__(self, **data: float) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:  # one exception tree: a bad setting is a ConfigError
+            messages = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+            raise ConfigError(f"Invalid Thresholds: {messages}") from None
 
     @model_validator(mode="after")
     def _check_order(self) -> Thresholds:

@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -27,9 +27,6 @@ from gradwatch._engine import make_settings, run_check
 from gradwatch._exceptions import ConfigError, InputError, LossError, missing_dependency
 from gradwatch._progress import resolve_progress
 from gradwatch._report import CheckReport, Mode, Thresholds
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["check_module"]
 
@@ -232,8 +229,9 @@ def _float64_shadow(torch: Any, model: Any) -> Any:
     shadow.double()
     shadow.eval()  # dropout off, BatchNorm on running statistics (and not updated)
     for parameter in shadow.parameters():
+        # requires_grad stays as in the live model: a loss_fn may read it (e.g. an L2 penalty
+        # over the trainable parameters), so the shadow must answer the same.
         parameter.grad = None
-        parameter.requires_grad_(False)
         if not parameter.is_contiguous():
             parameter.data = parameter.data.contiguous()
     return shadow
@@ -302,7 +300,8 @@ def _call_model(model: Any, batch: Any, *, star: int) -> Any:
         call = "model(**batch)" if star == 2 else "model(*batch)"
         raise InputError(
             f"{call} failed with {type(exc).__name__}: {exc}. The batch must be what the "
-            f"model's forward takes; got {describe_batch(batch)}. {LOSS_FN_HELP}"
+            f"model's forward takes; got {describe_batch(batch)} (floating tensors cast to "
+            f"float64 for the check). {LOSS_FN_HELP}"
         ) from exc
 
 
@@ -314,7 +313,7 @@ def _loss_attribute(output: Any) -> Any:
 
 
 def _loss_module(torch: Any, shadow: Any, loss_fn: LossFn, batch: Any) -> Any:
-    class LossModule(torch.nn.Module):  # type: ignore[misc, name-defined]
+    class LossModule(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = shadow
@@ -382,21 +381,15 @@ class _ModuleObjective:
     def analytic_gradients(self) -> dict[str, Vector]:
         torch = self.torch
         selected = [self.parameters[name] for name in self.names]
-        for parameter in selected:
-            parameter.requires_grad_(True)
-        try:
-            with torch.enable_grad():
-                loss = self._loss_tensor()
-            if not loss.requires_grad:
-                raise LossError(
-                    "loss_fn(model, batch) returned a tensor that does not require grad: it "
-                    "does not depend on any checked parameter (detached, or computed under "
-                    "torch.no_grad()). Return the loss built from model(...)'s output."
-                )
-            grads = torch.autograd.grad(loss, selected, allow_unused=True)
-        finally:
-            for parameter in selected:
-                parameter.requires_grad_(False)
+        with torch.enable_grad():
+            loss = self._loss_tensor()
+        if not loss.requires_grad:
+            raise LossError(
+                "loss_fn(model, batch) returned a tensor that does not require grad: it "
+                "does not depend on any checked parameter (detached, or computed under "
+                "torch.no_grad()). Return the loss built from model(...)'s output."
+            )
+        grads = torch.autograd.grad(loss, selected, allow_unused=True)
         analytic = {}
         for name, parameter, grad in zip(self.names, selected, grads):
             if grad is None:
