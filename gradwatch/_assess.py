@@ -165,6 +165,7 @@ def assess(engine: _Engine, *, seconds: float, probe: dict[str, object]) -> Chec
         directions=engine.direction_count,
         noise_floor=noise,
         kinks=kinks,
+        rel_distance_without_kinks=smooth_distance if kinks else None,
         max_element_error=max(smooth_errors, default=0.0),
         layers={name: result.report for name, result in results.items()},
         **common,  # type: ignore[arg-type]
@@ -189,7 +190,7 @@ def _is_at_noise(parts: _Parts) -> bool:
 def _unchecked(tensor: _Tensor, verdict: Verdict, why: str) -> LayerReport:
     return LayerReport(
         rel_distance=math.nan, verdict=verdict, numel=tensor.numel, checked=0,
-        estimated=True, shape=tensor.shape, notes=[why],
+        estimated=False, shape=tensor.shape, notes=[why],
     )
 
 
@@ -312,6 +313,7 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
         directions=n_directions,
         estimated=estimated,
         kinks=kinks,
+        rel_distance_without_kinks=smooth_distance if kinks else None,
         worst=worst_elements,
         shape=tensor.shape,
         grad_norm=float(np.linalg.norm(tensor.analytic)),

@@ -123,6 +123,9 @@ class LayerReport(BaseModel):
     directions: int = Field(default=0, description="random ±1 directions checked (sketch)")
     estimated: bool = Field(description="rel_distance is estimated from a subset or sketch")
     kinks: int = Field(default=0, description="elements left out because they straddle a kink")
+    rel_distance_without_kinks: float | None = Field(
+        default=None, description="the distance the verdict used, when kinks were left out"
+    )
     worst: list[ElementReport] = Field(default_factory=list, description="worst elements first")
     shape: tuple[int, ...] = ()
     grad_norm: float = Field(default=0.0, description="||dθ|| of the checked part")
@@ -161,6 +164,9 @@ class CheckReport(BaseModel):
     loss: float = Field(description="J(θ) at the checked point, in float64")
     noise_floor: float = Field(default=0.0, description="estimated rounding noise per element")
     kinks: int = 0
+    rel_distance_without_kinks: float | None = Field(
+        default=None, description="the distance the verdict used, when kinks were left out"
+    )
     max_element_error: float = Field(default=0.0, description="largest element rel_error")
     layers: dict[str, LayerReport] = Field(default_factory=dict)
     probe: dict[str, object] = Field(

@@ -28,7 +28,10 @@ def render_summary(report: CheckReport, *, max_layers: int = 20, max_elements: i
     estimated = "≈" if report.mode != "full" and report.coordinates + report.directions else ""
     lines = [
         f"gradwatch check: {report.verdict.upper()}  rel_distance {estimated}"
-        f"{_number(report.rel_distance)}  (mode {report.mode}"
+        f"{_number(report.rel_distance)}"
+        + (f" ({_number(report.rel_distance_without_kinks)} without kinks)"
+           if report.rel_distance_without_kinks is not None else "")
+        + f"  (mode {report.mode}"
         + (f": {report.strategy}" if report.strategy and report.mode == "auto" else "")
         + f"; eps {report.eps:g}; {report.coordinates:,} coordinates"
         + (f", {report.directions:,} directions" if report.directions else "")
@@ -48,7 +51,9 @@ def render_summary(report: CheckReport, *, max_layers: int = 20, max_elements: i
             mark = "≈" if layer.estimated else " "
             lines.append(
                 f"  {name:<{width}}  {layer.verdict:<7}  {mark}{_number(layer.rel_distance):<11}"
-                f"  {checked}" + (f"  ({layer.kinks} kinks)" if layer.kinks else "")
+                f"  {checked}"
+                + (f"  ({layer.kinks} kinks; {_number(layer.rel_distance_without_kinks or 0.0)}"
+                   f" without)" if layer.kinks else "")
             )
             if layer.verdict in ("warn", "alert"):
                 lines += [f"  {'':<{width}}    {_element(e)}" for e in layer.worst[:max_elements]]

@@ -121,9 +121,15 @@ def check_module(
             report = run_check(objective, analytic, settings, probe=probe,
                                progress=report_progress)
     for name in objective.unused:
-        report.layers[name].notes.append(
-            "the loss does not depend on this parameter (autograd returned no gradient)"
-        )
+        layer = report.layers[name]
+        if layer.verdict == "ok":
+            layer.notes.append("the loss does not depend on this parameter (autograd returned "
+                               "no gradient and dθapprox agrees)")
+        else:
+            why = (f"autograd returned no gradient for '{name}', yet the loss changes with it: "
+                   f"a stray .detach(), torch.no_grad() or a custom backward returning None")
+            layer.notes.append(why)
+            report.reasons.append(why)
     report.probe["batching"] = objective.batching_used()
     return report
 
@@ -466,7 +472,9 @@ class _ModuleObjective:
         choice = self.choice.get(layer)
         if self.batching == "loop" or self.vmap_broken is not None:
             choice = "loop"
-        if choice is None and self.batching == "auto" and count < 2 * chunk:
+        if self.batching == "vmap" and choice is None:
+            choice = "vmap"
+        if choice is None and count < 2 * chunk:
             choice = "loop"  # too few evaluations to amortise measuring
         if choice != "loop":
             rows = slice(0, min(chunk, count))
