@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from gradwatch._engine import Directional
 from gradwatch._numerics import (
     element_floor,
     element_rel_errors,
@@ -234,7 +235,8 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
     everything = np.ones_like(smooth)
     parts, smooth_parts = parts_of(everything), parts_of(smooth)
     estimated = coords.indices.size < tensor.numel
-    n_directions = len(tensor.dir_plus)
+    sketch = Directional.join(tensor.sketches) if tensor.sketches else None
+    n_directions = 0 if sketch is None else int(sketch.numeric.size)
     distance = smooth_distance = math.nan
     sample_distance = math.nan
     if coords.indices.size:
@@ -245,20 +247,25 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
         )
         sample_distance = smooth_distance
     direction_kinks = 0
-    if n_directions and estimated:
+    if sketch is not None and estimated:
         # Sketch: with ±1 directions v, E[(vᵀx)²] = ||x||², so the mean square of the
         # projected difference estimates ||n − a||² without touching every coordinate.
-        plus, minus = np.array(tensor.dir_plus), np.array(tensor.dir_minus)
-        projected_analytic = np.array(tensor.dir_analytic)
-        projected_numeric = (plus - minus) / (2 * eps)
-        straddles = find_kinks(engine.loss, plus, minus, projected_analytic, eps, noise)
+        # Each projection's rounding noise is δJ/s = noise·ε/s = noise·√numel (step s = ε/√numel).
+        projection_noise = noise * eps / sketch.steps
+        straddles = find_kinks(
+            engine.loss, sketch.plus, sketch.minus, sketch.analytic, sketch.steps,
+            projection_noise,
+        )
         direction_kinks = int(straddles.sum())
         keep = ~straddles if (~straddles).any() else np.ones_like(straddles)
-        diff_sq = float(np.mean((projected_numeric[keep] - projected_analytic[keep]) ** 2))
-        numeric_sq = float(np.mean(projected_numeric[keep] ** 2))
+        diff_sq = float(np.mean((sketch.numeric[keep] - sketch.analytic[keep]) ** 2))
+        numeric_sq = float(np.mean(sketch.numeric[keep] ** 2))
         analytic_sq = float(np.sum(tensor.analytic**2))
-        parts = smooth_parts = _Parts(diff_sq, analytic_sq, numeric_sq, noise**2)
-        denominator = max(math.sqrt(analytic_sq) + math.sqrt(numeric_sq), noise * floor_factor)
+        level_sq = noise**2 * tensor.numel
+        parts = smooth_parts = _Parts(diff_sq, analytic_sq, numeric_sq, level_sq)
+        denominator = max(
+            math.sqrt(analytic_sq) + math.sqrt(numeric_sq), math.sqrt(level_sq) * floor_factor
+        )
         distance = smooth_distance = math.sqrt(diff_sq) / denominator if denominator else 0.0
         notes.append(f"distance estimated from {n_directions} random ±1 directions")
     if coords.indices.size and estimated:

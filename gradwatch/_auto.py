@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from gradwatch._engine import Directional
+
 if TYPE_CHECKING:
     from gradwatch._engine import _Engine, _Tensor
 
@@ -85,16 +87,16 @@ def _exact_small(engine: _Engine, tensors: list[_Tensor], allowance: int) -> lis
 
 def _screen_distance(engine: _Engine, tensor: _Tensor) -> float:
     """Sketch estimate of the tensor's distance: sqrt(mean (vᵀ(n − a))²) / (||a|| + ||n||)."""
-    if not tensor.dir_plus:
+    if not tensor.sketches:
         return 0.0
-    eps = engine.settings.eps
-    numeric = (np.array(tensor.dir_plus) - np.array(tensor.dir_minus)) / (2 * eps)
-    analytic = np.array(tensor.dir_analytic)
-    diff = math.sqrt(float(np.mean((numeric - analytic) ** 2)))
-    denominator = float(np.linalg.norm(tensor.analytic)) + math.sqrt(float(np.mean(numeric**2)))
+    sketch = Directional.join(tensor.sketches)
+    diff = math.sqrt(float(np.mean((sketch.numeric - sketch.analytic) ** 2)))
+    denominator = float(np.linalg.norm(tensor.analytic)) + math.sqrt(
+        float(np.mean(sketch.numeric**2))
+    )
     if not math.isfinite(diff) or not math.isfinite(denominator):
         return math.inf
-    floor = 100 * engine.noise()
+    floor = 100 * engine.noise() * math.sqrt(tensor.numel)  # 100 × a projection's noise
     return diff / denominator if diff > floor and denominator > 0 else 0.0
 
 
@@ -122,14 +124,15 @@ def _locate(engine: _Engine, tensor: _Tensor, allowance: int, noise: float) -> N
         directions = np.zeros((2, tensor.numel))
         for i, (low, high) in enumerate(halves):
             directions[i, low:high] = engine.rademacher(1, high - low)[0]
-        numeric, analytic, _, _ = engine.directions(tensor, directions)
+        probe = engine.directions(tensor, directions)
         spent += 4
-        disagreement = np.abs(numeric - analytic)
-        scale = np.abs(numeric) + np.abs(analytic)
+        disagreement = np.abs(probe.numeric - probe.analytic)
+        scale = np.abs(probe.numeric) + np.abs(probe.analytic)
+        projection_noise = noise * engine.settings.eps / probe.steps
         with np.errstate(invalid="ignore", divide="ignore"):
             relative = np.where(scale > 0, disagreement / np.where(scale > 0, scale, 1), 0)
         relative = np.where(np.isfinite(disagreement), relative, np.inf)
-        disagrees = (relative >= warn) & ~(disagreement <= 100 * noise)
+        disagrees = (relative >= warn) & ~(disagreement <= 100 * projection_noise)
         if disagrees[0] == disagrees[1]:
             break
         start, stop = halves[0] if disagrees[0] else halves[1]

@@ -198,18 +198,21 @@ class _DictObjective:
         return plus, minus
 
     def direction_losses(
-        self, layer: str, directions: Vector, eps: float
-    ) -> tuple[Vector, Vector]:
+        self, layer: str, directions: Vector, steps: Vector
+    ) -> tuple[Vector, Vector, Vector]:
         base = self.values[layer]
         plus = np.empty(directions.shape[0])
         minus = np.empty(directions.shape[0])
+        realised = np.empty_like(directions)
         try:
-            for k, direction in enumerate(directions):
-                step = eps * direction.reshape(base.shape)
-                self.values[layer] = base + step
+            for k, (direction, step) in enumerate(zip(directions, steps)):
+                delta = step * direction.reshape(base.shape)
+                up, down = base + delta, base - delta
+                realised[k] = ((up - down) / 2).reshape(-1)  # exact: up and down are close
+                self.values[layer] = up
                 plus[k] = self._evaluate()
-                self.values[layer] = base - step
+                self.values[layer] = down
                 minus[k] = self._evaluate()
         finally:
             self.values[layer] = base
-        return plus, minus
+        return plus, minus, realised

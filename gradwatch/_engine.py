@@ -38,7 +38,9 @@ MODES = ("full", "sample", "sketch", "auto")
 class Objective(Protocol):
     """What the engine needs from a backend. All values are float64.
 
-    `directions` has shape (k, numel) and is applied to the flattened tensor.
+    `directions` has shape (k, numel) and is applied to the flattened tensor with one step
+    size per row; `direction_losses` also returns the *realised* half-steps
+    ((θ + s·v) − (θ − s·v)) / 2 as stored after rounding, so projections are exact.
     """
 
     def loss(self) -> float: ...
@@ -48,8 +50,8 @@ class Objective(Protocol):
     ) -> tuple[Vector, Vector]: ...
 
     def direction_losses(
-        self, layer: str, directions: Vector, eps: float
-    ) -> tuple[Vector, Vector]: ...
+        self, layer: str, directions: Vector, steps: Vector
+    ) -> tuple[Vector, Vector, Vector]: ...
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,27 @@ def make_settings(
     )
 
 
+@dataclass(frozen=True)
+class Directional:
+    """Directional derivatives along k directions, per unit of step.
+
+    numeric[k]  = (J(θ + s_k·v_k) − J(θ − s_k·v_k)) / (2·s_k)
+    analytic[k] = dθᵀ r_k / s_k with r_k the realised half-step (≈ s_k·v_k)
+    `noise` is the rounding noise of numeric[k]: δJ/s_k.
+    """
+
+    numeric: Vector
+    analytic: Vector
+    plus: Vector
+    minus: Vector
+    steps: Vector
+
+    @staticmethod
+    def join(parts: list[Directional]) -> Directional:
+        return Directional(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                             ("numeric", "analytic", "plus", "minus", "steps")))
+
+
 @dataclass
 class _Tensor:
     """What the engine has learned about one parameter tensor."""
@@ -137,10 +160,8 @@ class _Tensor:
     indices: list[Indices] = field(default_factory=list)
     plus: list[Vector] = field(default_factory=list)
     minus: list[Vector] = field(default_factory=list)
-    # sketch directions over the whole tensor: projections aᵀv and J(θ ± εv)
-    dir_analytic: list[float] = field(default_factory=list)
-    dir_plus: list[float] = field(default_factory=list)
-    dir_minus: list[float] = field(default_factory=list)
+    # random directions over the whole tensor (sketch), see `Directional`
+    sketches: list[Directional] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -194,28 +215,32 @@ class _Engine:
         tensor.minus.append(np.asarray(minus, dtype=np.float64))
         self._spent(2 * indices.size)
 
-    def directions(
-        self, tensor: _Tensor, directions: Vector
-    ) -> tuple[Vector, Vector, Vector, Vector]:
-        """J(θ ± ε·v) for each row v of `directions`.
+    def directions(self, tensor: _Tensor, directions: Vector) -> Directional:
+        """Central differences along each row v of `directions` (entries ±1 or 0).
 
-        Returns (numeric projection, analytic projection vᵀdθ, J(θ+εv), J(θ−εv)).
+        The step is s = ε/√(support of v): the perturbation has Euclidean length ε, as a
+        coordinate step has. A longer step (ε on every element of a large tensor) would cross
+        ReLU kinks almost surely; this one keeps the rounding noise of the estimated
+        ||n − a|| at the level of full mode's (δJ/s = √support · δJ/ε).
         """
-        eps = self.settings.eps
-        plus, minus = self.objective.direction_losses(tensor.name, directions, eps)
+        support = np.count_nonzero(directions, axis=1).astype(np.float64)
+        steps = self.settings.eps / np.sqrt(np.maximum(support, 1.0))
+        plus, minus, realised = self.objective.direction_losses(tensor.name, directions, steps)
         plus = np.asarray(plus, dtype=np.float64)
         minus = np.asarray(minus, dtype=np.float64)
         self._spent(2 * directions.shape[0])
         self.direction_count += directions.shape[0]
-        return (plus - minus) / (2 * eps), directions @ tensor.analytic, plus, minus
+        return Directional(
+            numeric=(plus - minus) / (2 * steps),
+            analytic=(np.asarray(realised) @ tensor.analytic) / steps,
+            plus=plus,
+            minus=minus,
+            steps=steps,
+        )
 
     def sketch(self, tensor: _Tensor, k: int) -> None:
         """k random ±1 directions over the whole tensor (E[v vᵀ] = I)."""
-        directions = self.rademacher(k, tensor.numel)
-        _, projected, plus, minus = self.directions(tensor, directions)
-        tensor.dir_analytic.extend(projected.tolist())
-        tensor.dir_plus.extend(plus.tolist())
-        tensor.dir_minus.extend(minus.tolist())
+        tensor.sketches.append(self.directions(tensor, self.rademacher(k, tensor.numel)))
 
     def rademacher(self, k: int, m: int) -> Vector:
         return self.rng.integers(0, 2, size=(k, m)).astype(np.float64) * 2.0 - 1.0

@@ -106,8 +106,8 @@ def find_kinks(
     plus: Vector,
     minus: Vector,
     analytic: Vector,
-    eps: float,
-    noise: float,
+    eps: float | Vector,
+    noise: float | Vector,
 ) -> NDArray[np.bool_]:
     """Mark the central differences that straddle a non-differentiable point (ReLU, max, abs).
 

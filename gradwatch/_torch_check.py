@@ -350,6 +350,7 @@ class _ModuleObjective:
         self.parameters = dict(shadow.named_parameters())
         self.batching = batching
         self.choice: dict[str, str] = {}  # tensor → "loop" | "vmap", once measured
+        self.used: dict[str, set[str]] = {}  # tensor → strategies actually used
         self.vmap_broken: str | None = None
         self.unused: list[str] = []
         self.calls = 0
@@ -434,28 +435,31 @@ class _ModuleObjective:
         return self._evaluate(layer, indices.size, stacked, in_place)
 
     def direction_losses(
-        self, layer: str, directions: Vector, eps: float
-    ) -> tuple[Vector, Vector]:
+        self, layer: str, directions: Vector, steps: Vector
+    ) -> tuple[Vector, Vector, Vector]:
         torch = self.torch
-        parameter = self.parameters[layer]
-        flat = parameter.data.view(-1)
-        steps = torch.as_tensor(directions, dtype=flat.dtype, device=flat.device) * eps
+        flat = self.parameters[layer].data.view(-1)
+        delta = torch.as_tensor(directions, dtype=flat.dtype, device=flat.device)
+        delta = delta * torch.as_tensor(steps, dtype=flat.dtype, device=flat.device)[:, None]
+        ups, downs = flat + delta, flat - delta
+        realised = ((ups - downs) / 2).to("cpu").numpy()  # exact: ups and downs are close
 
         def stacked(rows: slice) -> Any:
-            return torch.cat([flat + steps[rows], flat - steps[rows]])
+            return torch.cat([ups[rows], downs[rows]])
 
         def in_place(k: int) -> tuple[float, float]:
             original = flat.clone()
             try:
-                flat.copy_(original + steps[k])
+                flat.copy_(ups[k])
                 plus = self.loss()
-                flat.copy_(original - steps[k])
+                flat.copy_(downs[k])
                 minus = self.loss()
             finally:
                 flat.copy_(original)
             return plus, minus
 
-        return self._evaluate(layer, directions.shape[0], stacked, in_place)
+        plus, minus = self._evaluate(layer, directions.shape[0], stacked, in_place)
+        return plus, minus, realised
 
     def _evaluate(
         self,
@@ -468,38 +472,46 @@ class _ModuleObjective:
         plus, minus = np.empty(count), np.empty(count)
         numel = self.parameters[layer].numel()
         chunk = int(max(1, min(MAX_CHUNK, CHUNK_BYTES // (16 * max(numel, 1)))))
-        done = 0
+
+        def vmap_rows(start: int) -> int | None:
+            rows = slice(start, min(start + chunk, count))
+            values = self._vmapped(layer, stacked(rows))
+            if values is None:
+                return None
+            plus[rows], minus[rows] = values
+            return rows.stop
+
         choice = self.choice.get(layer)
         if self.batching == "loop" or self.vmap_broken is not None:
             choice = "loop"
-        if self.batching == "vmap" and choice is None:
+        elif self.batching == "vmap":
             choice = "vmap"
-        if choice is None and count < 2 * chunk:
+        elif choice is None and count < 2 * chunk:
             choice = "loop"  # too few evaluations to amortise measuring
-        if choice != "loop":
-            rows = slice(0, min(chunk, count))
-            started = time.perf_counter()
-            values = self._vmapped(layer, stacked(rows))
-            if values is not None:
-                vmap_cost = (time.perf_counter() - started) / (2 * (rows.stop - rows.start))
-                plus[rows], minus[rows] = values
-                done = rows.stop
-                if choice is None:
+        done = 0
+        if choice is None:
+            # Measure: one untimed chunk (a process's first vmap call carries ~0.5 s of
+            # set-up), one timed chunk, then a few timed loop evaluations. Results are kept.
+            choice = "loop"
+            warmed = vmap_rows(0)
+            if warmed is not None:
+                started = time.perf_counter()
+                timed = vmap_rows(warmed) if warmed < count else None
+                done = warmed if timed is None else timed
+                if timed is not None:
+                    vmap_cost = (time.perf_counter() - started) / (2 * (timed - warmed))
                     choice, done = self._measure_loop(vmap_cost, in_place, plus, minus, done)
-            else:
-                choice = "loop"
-            self.choice.setdefault(layer, choice)
+            self.choice[layer] = choice
         while done < count:
             if choice == "vmap":
-                rows = slice(done, min(done + chunk, count))
-                values = self._vmapped(layer, stacked(rows))
-                if values is not None:
-                    plus[rows], minus[rows] = values
-                    done = rows.stop
+                reached = vmap_rows(done)
+                if reached is not None:
+                    done = reached
                     continue
                 choice = "loop"
             plus[done], minus[done] = in_place(done)
             done += 1
+        self.used.setdefault(layer, set()).add(choice)
         return plus, minus
 
     @staticmethod
@@ -541,7 +553,10 @@ class _ModuleObjective:
         return result[:half], result[half:]
 
     def batching_used(self) -> dict[str, Any]:
-        used: dict[str, Any] = {"mode": self.batching, "per_tensor": dict(self.choice)}
+        used: dict[str, Any] = {
+            "mode": self.batching,
+            "per_tensor": {name: "+".join(sorted(kinds)) for name, kinds in self.used.items()},
+        }
         if self.vmap_broken is not None:
             used["vmap_unavailable"] = self.vmap_broken
         return used

@@ -400,3 +400,29 @@ def test_every_mode_passes_clean_and_alerts_on_scaled(mode: Mode, bug: BugKind) 
         assert report.verdict == "ok", summary
     else:
         assert_blames_exactly(report, {"2.weight"})
+
+
+# ------------------------------------------------------------------ auto on a wide ReLU network
+def wide_relu_mlp(seed: int) -> nn.Sequential:
+    """784-256-256-10 ReLU (~269k parameters): auto mode cannot go full within 2000."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+@pytest.mark.parametrize("check_seed", [0, 2])
+def test_auto_does_not_alert_on_a_wide_clean_relu_network(check_seed: int) -> None:
+    # A random direction with a step of eps on *every* element of a 200k-element tensor moves
+    # the pre-activations by ~eps·√200k and crosses a ReLU kink almost surely: the sketch then
+    # reads ~1e-3 on a correct backward. Directions must step ε in Euclidean length.
+    model = wide_relu_mlp(seed=0)
+    batch = classification_batch(64, 784, 10, seed=1)
+    report = gradwatch.check_module(model, batch, cross_entropy_loss, seed=check_seed)
+    assert "full" not in report.strategy
+    assert report.evaluations <= 2000
+    assert report.verdict == "ok", report.summary()
+    sketch = gradwatch.check_module(
+        model, batch, cross_entropy_loss, mode="sketch", include="*.weight", seed=check_seed
+    )
+    assert sketch.verdict == "ok", sketch.summary()
