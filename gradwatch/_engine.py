@@ -15,8 +15,9 @@ Modes (one signature, the dispatcher in `run_check` picks the strategy):
 from __future__ import annotations
 
 import math
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,13 +26,13 @@ from numpy.typing import NDArray
 
 from gradwatch._exceptions import ConfigError
 from gradwatch._numerics import ROUNDING, noise_per_element
+from gradwatch._progress import Progress
 from gradwatch._report import CheckReport, Mode, Thresholds
 
 __all__ = ["CheckSettings", "Objective", "run_check"]
 
 Vector = NDArray[np.float64]
 Indices = NDArray[np.int64]
-Progress = Callable[[int, int], None]
 
 MODES = ("full", "sample", "sketch", "auto")
 
@@ -252,8 +253,9 @@ class _Engine:
 
     @property
     def remaining(self) -> int:
+        """Evaluations left in the budget (unbounded without one)."""
         budget = self.settings.budget
-        return math.inf if budget is None else budget - self.evaluations  # type: ignore[return-value]
+        return sys.maxsize if budget is None else budget - self.evaluations
 
     # ------------------------------------------------------------------ modes
     def run(self) -> None:
