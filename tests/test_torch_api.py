@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 from typing import Any, NamedTuple
 
 import pytest
@@ -149,7 +150,7 @@ def test_progress_callable_and_bar() -> None:
     gradwatch.check_module(_mlp(), BATCH, _ce, mode="full",
                            progress=lambda done, total: seen.append((done, total)))
     assert seen[-1][0] == seen[-1][1] == 2 * 212 + 2
-    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
     stream = io.StringIO()
     bar = ProgressBar("gradwatch check", stream=stream, rate=1e9)
     bar(5, 10)
