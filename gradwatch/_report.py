@@ -96,7 +96,7 @@ class Thresholds(BaseModel):
 class ElementReport(BaseModel):
     """One checked element of a parameter tensor."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
 
     index: tuple[int, ...] = Field(description="unravelled index into the parameter tensor")
     analytic: float = Field(description="dθ[i] from backprop")
@@ -114,7 +114,7 @@ class ElementReport(BaseModel):
 class LayerReport(BaseModel):
     """The check of one parameter tensor (a "layer" in reports and in MLflow)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
 
     rel_distance: float = Field(description="floor-protected relative distance of this tensor")
     verdict: Verdict
@@ -147,7 +147,7 @@ class CheckReport(BaseModel):
         True
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
 
     schema_version: int = SCHEMA_VERSION
     rel_distance: float = Field(description="overall relative distance (NaN if not computed)")

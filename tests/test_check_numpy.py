@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 
@@ -98,3 +101,18 @@ def test_other_modes_agree_on_the_classic_network(mode: str) -> None:
         )
         assert report.verdict == expected, report.summary()
         assert report.evaluations <= 60
+
+
+def test_non_finite_loss_alerts_and_its_report_is_strict_json() -> None:
+    params = {"w": np.ones(3)}
+    report = gradwatch.check(lambda p: float(p["w"].sum()) * math.inf, params, {"w": params["w"]})
+    assert report.verdict == "alert"
+    assert any(reason.startswith("non-finite") for reason in report.reasons)
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    text = report.model_dump_json()
+    json.loads(text, parse_constant=refuse)  # NaN/inf are written as strings, not bare NaN
+    again = gradwatch.CheckReport.model_validate_json(text)
+    assert math.isinf(again.loss) and math.isnan(again.rel_distance)
