@@ -22,6 +22,7 @@ from gradwatch._numerics import (
     element_floor,
     element_rel_errors,
     find_kinks,
+    floor_factor,
     rel_distance,
 )
 from gradwatch._report import (
@@ -221,7 +222,7 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
     notes = list(tensor.notes)
     reasons: list[str] = []
     smooth = coords.smooth
-    floor_factor = 10.0 / thresholds.alert  # pure noise reads ≤ alert/10
+    factor = floor_factor(thresholds.alert)  # pure noise reads ≤ alert/10
 
     def parts_of(mask: NDArray[np.bool_]) -> _Parts:
         a, n = coords.analytic[mask], coords.numeric[mask]
@@ -241,9 +242,9 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
     sample_distance = math.nan
     if coords.indices.size:
         level = noise * math.sqrt(coords.indices.size)
-        distance = rel_distance(coords.numeric, coords.analytic, floor=level * floor_factor)
+        distance = rel_distance(coords.numeric, coords.analytic, floor=level * factor)
         smooth_distance = rel_distance(
-            coords.numeric[smooth], coords.analytic[smooth], floor=level * floor_factor
+            coords.numeric[smooth], coords.analytic[smooth], floor=level * factor
         )
         sample_distance = smooth_distance
     direction_kinks = 0
@@ -264,7 +265,7 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
         level_sq = noise**2 * tensor.numel
         parts = smooth_parts = _Parts(diff_sq, analytic_sq, numeric_sq, level_sq)
         denominator = max(
-            math.sqrt(analytic_sq) + math.sqrt(numeric_sq), math.sqrt(level_sq) * floor_factor
+            math.sqrt(analytic_sq) + math.sqrt(numeric_sq), math.sqrt(level_sq) * factor
         )
         distance = smooth_distance = math.sqrt(diff_sq) / denominator if denominator else 0.0
         notes.append(f"distance estimated from {n_directions} random ±1 directions")
@@ -302,6 +303,12 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
                 + (" (estimated)" if estimated else "")
             )
         bad = smooth & (coords.errors >= thresholds.alert)
+        if verdict != "ok" and n_directions and not bad.any():
+            notes.append(
+                f"the random-direction estimate is off but none of the {coords.indices.size} "
+                f"coordinates checked is: the bad elements were not reached within the budget "
+                f"(raise budget to localise them)"
+            )
         if bad.any():
             verdict = "alert"
             worst = int(np.argmax(np.where(bad, coords.errors, -1.0)))
@@ -358,14 +365,14 @@ def _overall(
     engine: _Engine, results: dict[str, _TensorResult], noise: float
 ) -> tuple[float, float, _Parts]:
     """Overall distance over all elements, the kink-free one (for the verdict), and its parts."""
-    floor_factor = 10.0 / engine.settings.thresholds.alert
+    factor = floor_factor(engine.settings.thresholds.alert)
     if all(r.coords.indices.size == r.report.numel for r in results.values()):
         # The recipe itself: concatenate every tensor in parameter order, one norm each.
         numeric = np.concatenate([r.coords.numeric for r in results.values()])
         analytic = np.concatenate([r.coords.analytic for r in results.values()])
         smooth = np.concatenate([r.coords.smooth for r in results.values()])
         level = noise * math.sqrt(numeric.size)
-        floor = level * floor_factor
+        floor = level * factor
         smooth_parts = _Parts(
             analytic_sq=float(analytic[smooth] @ analytic[smooth]),
             numeric_sq=float(numeric[smooth] @ numeric[smooth]),
@@ -384,7 +391,7 @@ def _overall(
     def combine(parts: _Parts) -> float:
         denominator = max(
             math.sqrt(parts.analytic_sq) + math.sqrt(parts.numeric_sq),
-            math.sqrt(parts.level_sq) * floor_factor,
+            math.sqrt(parts.level_sq) * factor,
         )
         return math.sqrt(parts.diff_sq) / denominator if denominator else 0.0
 

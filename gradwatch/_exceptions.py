@@ -6,8 +6,9 @@ Catch at the level you need::
     ├── ConfigError (ValueError)   a setting is invalid: eps, mode, thresholds, budget, globs
     ├── InputError (ValueError)    params, grads, model or batch do not fit together
     │   └── LossError              the loss could not be computed or is not a scalar
-    └── MissingDependencyError (ImportError)
-                                   an optional extra (torch, ...) is not installed
+    ├── MissingDependencyError (ImportError)
+    │                              an optional extra (torch, ...) is not installed
+    └── GradientAlertError         a check alerted and GradWatch(on_alert="raise") was asked
 
 Every message says what was expected, what was got, and how to fix it.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "GradientAlertError",
     "GradwatchError",
     "InputError",
     "LossError",
@@ -49,3 +51,7 @@ def missing_dependency(feature: str, package: str, extra: str) -> MissingDepende
         f"Using {feature}, but the '{package}' package is not installed. "
         f"Install it with `pip install 'gradwatch[{extra}]'`."
     )
+
+
+class GradientAlertError(GradwatchError):
+    """A gradient check alerted and `GradWatch(on_alert="raise")` asked to stop training."""

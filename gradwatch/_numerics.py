@@ -92,13 +92,23 @@ def noise_per_element(
     return max(model_free, repeat, measured) / eps
 
 
-def element_floor(noise: float, alert: float) -> float:
-    """Floor for `element_rel_errors` such that pure noise reads at most alert/10.
+def floor_factor(alert: float) -> float:
+    """How many noise levels a floor sits above the noise: pure noise then reads as 1/factor.
 
-    An element whose analytic and numeric values are both noise has |n − a| ≈ noise, so with
-    floor = noise · 10/alert its error is ≤ alert/10: an order of magnitude below alerting.
+    10/alert puts pure noise an order of magnitude below alerting (1e4 for the default 1e-3).
+    It is kept within [1e2, 1e6] so that extreme thresholds do not produce floors that swallow
+    real gradients (alert=1e-9 would otherwise put the floor 1e10 noise levels up).
     """
-    return noise * 10.0 / alert
+    return min(max(10.0 / alert, 1e2), 1e6)
+
+
+def element_floor(noise: float, alert: float) -> float:
+    """Floor for `element_rel_errors`: noise · floor_factor(alert).
+
+    An element whose analytic and numeric values are both noise has |n − a| ≈ noise, so its
+    error is ≤ 1/floor_factor (alert/10 with the default thresholds): far below alerting.
+    """
+    return noise * floor_factor(alert)
 
 
 def find_kinks(

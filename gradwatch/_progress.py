@@ -16,8 +16,12 @@ Progress = Callable[[int, int], None]
 class ProgressBar:
     """Redraws one stderr line at most `rate` times a second: `label [####....] done/total`."""
 
-    def __init__(self, label: str, *, stream: TextIO | None = None, rate: float = 5.0) -> None:
+    def __init__(
+        self, label: str, *, stream: TextIO | None = None, rate: float = 5.0,
+        unit: str = "evaluations",
+    ) -> None:
         self.label = label
+        self.unit = unit
         self.stream = stream if stream is not None else sys.stderr
         self.interval = 1.0 / rate
         self.last = 0.0
@@ -34,7 +38,7 @@ class ProgressBar:
         elapsed = now - self.start
         self.stream.write(
             f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done:,}/{total:,} "
-            f"evaluations, {elapsed:.1f} s"
+            f"{self.unit}, {elapsed:.1f} s"
         )
         self.stream.flush()
         self.drawn = True

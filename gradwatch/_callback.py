@@ -1,0 +1,463 @@
+"""`GradWatch`: the training-loop callback.
+
+    trainer.add_callback(GradWatch(every=1000))          # Hugging Face Trainer
+    watch = GradWatch(every=1000, loss_fn=loss_fn)       # a plain PyTorch loop:
+    watch.step(model, batch, step=global_step)           #   once per optimizer step
+
+Every `every` optimizer steps the training pauses, `check_module` runs on a float64 shadow of
+the model (dropout off, loss-level regularisation on) with a probe minibatch, the result is
+spooled to disk and delivered to MLflow in the background, and an alert fires when the verdict
+says so. The training run is exactly what it would have been without gradwatch: the live model,
+its gradients and every RNG stream are left bit-identical, and any exception inside the check is
+caught, recorded as an "error" check and training goes on (`strict=True` re-raises).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from gradwatch._alerts import AlertPolicy, AlertTracker
+from gradwatch._budget import AdaptiveBudget, Rotation
+from gradwatch._engine import make_settings
+from gradwatch._exceptions import ConfigError, GradientAlertError
+from gradwatch._notify import Dispatcher, Notification, Notifier, make_notifier
+from gradwatch._probe import ProbeCapture
+from gradwatch._record import (
+    check_payload,
+    deliver_payload,
+    params_payload,
+    resolve_run,
+    resolve_tracking_uri,
+)
+from gradwatch._report import CheckReport, Mode, Thresholds
+from gradwatch._schedule import Schedule, parse_every
+from gradwatch._spool import Spool, default_spool_dir
+from gradwatch._version import __version__
+
+__all__ = ["GradWatch"]
+
+logger = logging.getLogger("gradwatch")
+
+OnAlert = Literal["continue", "stop", "raise"]
+ON_ALERT = ("continue", "stop", "raise")
+#: How long train end waits for the spool to reach MLflow before leaving the rest on disk.
+FLUSH_TIMEOUT = 30.0
+
+
+class GradWatch:
+    """Numerical gradient checks during training, logged to MLflow, with alerts.
+
+    Args:
+        every: optimizer steps between checks (int), or a wall-clock schedule: a duration
+            ("30min", "2h") or a cron expression ("0 * * * *").
+        loss_fn: `loss_fn(model, batch) -> scalar tensor`, the full objective with loss-level
+            regularisation. Needed when the model's output carries no loss (e.g. the trainer pops
+            `labels` for label smoothing, or a plain loop computes the loss outside the model).
+        probe: a fixed batch to check on. Default: the batch given to `step()`, else the inputs
+            of the most recent training forward pass (captured by a forward pre-hook).
+        first_step: also check at the first step boundary (bugs are usually there from the start).
+        budget: loss evaluations per check. None (default) sizes each check from the measured
+            cost of a training step and of a loss evaluation so checks take about `overhead`
+            (1%) of training time, covering the tensors across successive checks when one
+            check cannot cover them all.
+        mode, eps, thresholds, include, exclude, seed: as in `gradwatch.check_module`.
+        strict: re-raise exceptions from inside the check instead of recording an "error" check.
+        on_alert: "continue", "stop" (ask the trainer to stop; HF `should_training_stop`) or
+            "raise" (`GradientAlertError` out of `step()` / the HF event).
+        alert_policy: pending/firing/resolved counted in checks (`AlertPolicy`).
+        notify: apprise URLs ("slack://…", "mailto://…") or http(s) URLs for the built-in JSON
+            webhook, or `Notifier` objects. Secrets in URLs are never logged nor sent to MLflow.
+        tracking_uri, run_id, experiment_name: where to log (see the README's "MLflow record").
+        spool_dir: the local journal (default `$GRADWATCH_SPOOL_DIR` or ~/.cache/gradwatch/spool).
+        mlflow: False to keep checks and alerts but log nothing to MLflow.
+        clock: seconds since the epoch for measurement timestamps (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        every: int | str = 1000,
+        *,
+        loss_fn: Callable[[Any, Any], Any] | None = None,
+        probe: Any = None,
+        first_step: bool = True,
+        mode: Mode = "auto",
+        budget: int | None = None,
+        overhead: float = 0.01,
+        eps: float | None = None,
+        thresholds: Thresholds | Mapping[str, float] | None = None,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        seed: int = 0,
+        strict: bool = False,
+        on_alert: OnAlert = "continue",
+        alert_policy: AlertPolicy | None = None,
+        notify: Sequence[str | Notifier] = (),
+        tracking_uri: str | None = None,
+        run_id: str | None = None,
+        experiment_name: str | None = None,
+        spool_dir: str | Path | None = None,
+        mlflow: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.every = parse_every(every)
+        self.settings = make_settings(
+            eps=1e-7 if eps is None else eps, mode=mode, thresholds=thresholds, budget=budget,
+            seed=seed,
+        )
+        if not (isinstance(overhead, (int, float)) and 0 < overhead < 1):
+            raise ConfigError(
+                f"overhead must be a fraction in (0, 1), e.g. 0.01, got {overhead!r}."
+            )
+        if on_alert not in ON_ALERT:
+            raise ConfigError(f"on_alert must be one of {ON_ALERT}, got {on_alert!r}.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigError(f"loss_fn must be callable(model, batch), got {loss_fn!r}.")
+        if isinstance(notify, (str, bytes)):
+            notify = [notify]
+        self.loss_fn = loss_fn
+        self.probe = probe
+        self.include, self.exclude = include, exclude
+        self.strict = strict
+        self.on_alert: OnAlert = on_alert
+        self.policy = alert_policy or AlertPolicy()
+        self.notifiers = [make_notifier(spec) for spec in notify]
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.experiment_name = experiment_name
+        self.spool_root = Path(spool_dir) if spool_dir is not None else None
+        self.use_mlflow = mlflow
+        self.clock = clock
+        self.schedule = Schedule(self.every, first_step=first_step)
+        self.tracker = AlertTracker(self.policy)
+        self.capture = ProbeCapture()
+        self.adaptive = AdaptiveBudget(overhead) if budget is None else None
+        self.rotation = Rotation()
+        self._step_ended: float | None = None
+        self._alerting_tensors: set[str] = set()
+        self.reports: list[CheckReport] = []
+        self.last_checked: int | None = None
+        self.should_stop = False
+        self.created_run = False
+        self._resolved_uri: str | None = None
+        self._spool: Spool | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._ready = False
+
+    def __repr__(self) -> str:
+        return (f"GradWatch(every={self.every.describe()!r}, mode={self.settings.mode!r}, "
+                f"budget={self.settings.budget}, on_alert={self.on_alert!r})")
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, model: Any = None, *, active_run_id: str | None = None) -> None:
+        """Resolve the MLflow run, log params once, start the scheduler and the spool."""
+        if self._ready:
+            return
+        self._ready = True
+        if model is not None and self.probe is None:
+            self.capture.attach(model)
+        self.schedule.start()
+        if self.notifiers:
+            self._dispatcher = Dispatcher(self.notifiers)
+        if self.use_mlflow:
+            self._setup_mlflow(active_run_id)
+
+    def _setup_mlflow(self, active_run_id: str | None) -> None:
+        from mlflow import MlflowClient
+
+        try:
+            self._resolved_uri = resolve_tracking_uri(self.tracking_uri)
+            client = MlflowClient(tracking_uri=self._resolved_uri)
+            self.run_id, self.created_run = resolve_run(
+                client, run_id=self.run_id, active_run_id=active_run_id,
+                experiment_name=self.experiment_name,
+            )
+        except Exception as exc:
+            if self.strict:
+                raise
+            logger.error("gradwatch: no MLflow run to log into (%s: %s); checks and alerts "
+                         "go on without MLflow", type(exc).__name__, exc)
+            self.use_mlflow = False
+            return
+        self.tracker.key = str(self.run_id)
+        root = self.spool_root or default_spool_dir()
+        uri = self._resolved_uri
+
+        def deliver(payload: dict[str, Any]) -> None:
+            deliver_payload(payload, MlflowClient(tracking_uri=payload.get("tracking_uri") or uri))
+
+        self._spool = Spool(root / str(self.run_id), deliver=deliver)
+        self._spool.start()
+        self._spool.append(params_payload(self.params(), run_id=str(self.run_id),
+                                          tracking_uri=uri))
+
+    def params(self) -> dict[str, Any]:
+        """The once-per-run MLflow params (no secrets: notification URLs are not among them)."""
+        return {
+            "gradwatch.version": __version__,
+            "gradwatch.every": self.every.describe(),
+            "gradwatch.mode": self.settings.mode,
+            "gradwatch.eps": self.settings.eps,
+            "gradwatch.budget": self.settings.budget or f"adaptive ({self.adaptive.overhead:g})"
+            if self.adaptive else self.settings.budget,
+            "gradwatch.threshold.warn": self.settings.thresholds.warn,
+            "gradwatch.threshold.alert": self.settings.thresholds.alert,
+        }
+
+    def close(self, timeout: float = FLUSH_TIMEOUT) -> None:
+        """Stop the scheduler, deliver what the spool holds (what is left stays on disk for
+        `gradwatch flush`), drain notifications, end the run if gradwatch created it."""
+        self.schedule.shutdown()
+        self.capture.detach()
+        if self._spool is not None:
+            result = self._spool.flush(timeout=timeout)
+            self._spool.close(timeout=1.0)
+            if result.pending:
+                logger.warning(
+                    "gradwatch: %d record(s) could not reach MLflow yet (%s); they stay in %s — "
+                    "run `gradwatch flush` when the tracking server is back",
+                    result.pending, result.last_error, self._spool.directory,
+                )
+            self._spool = None
+        if self._dispatcher is not None:
+            self._dispatcher.close(timeout=timeout)
+            self._dispatcher = None
+        if self.created_run and self.run_id and self._resolved_uri:
+            try:
+                from mlflow import MlflowClient
+
+                MlflowClient(tracking_uri=self._resolved_uri).set_terminated(self.run_id)
+            except Exception as exc:  # the run stays RUNNING; nothing is lost
+                logger.warning("gradwatch: could not end run %s: %s", self.run_id, exc)
+        self._ready = False
+
+    def __enter__(self) -> GradWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plain loop
+    def step(
+        self, model: Any, batch: Any = None, *, step: int, loss_fn: Callable[..., Any] | None = None
+    ) -> CheckReport | None:
+        """Call once per optimizer step (after `optimizer.step()`); returns the report when a
+        check ran at this step, else None."""
+        self.setup(model)
+        self._training_step_ended()
+        if not self.schedule.due(step, self.last_checked):
+            return None
+        try:
+            return self.run_check(model, batch, step=step, loss_fn=loss_fn)
+        finally:
+            self._step_ended = time.perf_counter()  # the check is not training time
+
+    def _training_step_ended(self) -> None:
+        now = time.perf_counter()
+        if self._step_ended is not None and self.adaptive is not None:
+            self.adaptive.step_finished(now - self._step_ended)
+        self._step_ended = now
+
+    def run_check(
+        self, model: Any, batch: Any = None, *, step: int, loss_fn: Callable[..., Any] | None = None
+    ) -> CheckReport:
+        """Check now (whatever the schedule), record, alert. Never raises unless strict=True or
+        on_alert="raise"."""
+        since = step - self.last_checked if self.last_checked is not None else 1
+        self.last_checked = step
+        started = time.perf_counter()
+        timestamp_ms = int(self.clock() * 1000)
+        try:
+            report = self._check(model, batch, step, loss_fn, since)
+        except Exception as exc:
+            if self.strict:
+                raise
+            logger.exception("gradwatch: the check at step %d failed; training goes on", step)
+            report = error_report(exc, self.settings, time.perf_counter() - started, step)
+        if self.adaptive is not None:
+            self.adaptive.check_finished(time.perf_counter() - started, report.evaluations)
+        self.reports.append(report)
+        transition = self._observe(report, step)
+        alert_tag = None
+        if transition is not None:
+            alert_tag = "firing" if transition.kind in ("firing", "repeat") else "resolved"
+        elif self.tracker.state.ever_fired:
+            alert_tag = "firing" if self.tracker.state.state == "firing" else "resolved"
+        self._record(report, step, timestamp_ms, alert_tag)
+        if transition is not None:
+            self._announce(report, transition)
+            if transition.kind == "firing":
+                if self.on_alert == "stop":
+                    self.should_stop = True
+                elif self.on_alert == "raise":
+                    raise GradientAlertError(
+                        f"gradwatch: gradient check alert at step {step}.\n{report.summary()}"
+                    )
+        return report
+
+    def _observe(self, report: CheckReport, step: int) -> Any:
+        """Feed the alert tracker. A check that errored, or that (rotating through tensors)
+        did not look again at the tensors that alerted, is no evidence of resolution."""
+        alerting = report.verdict == "alert"
+        if report.verdict == "error":
+            return None
+        if not alerting and not self._alerting_tensors <= set(report.layers):
+            return None
+        if alerting:
+            self._alerting_tensors = {
+                name for name, layer in report.layers.items() if layer.verdict == "alert"
+            } or set(report.layers)
+        else:
+            self._alerting_tensors = set()
+        return self.tracker.observe(alerting, step=step)
+
+    def _check(self, model: Any, batch: Any, step: int, loss_fn: Any, since: int) -> CheckReport:
+        from gradwatch._torch_check import check_module, select_parameters, unwrap_model
+
+        source = "batch given to step()"
+        default_loss = None
+        if batch is None and self.probe is not None:
+            batch, source = self.probe, "probe= batch"
+        if batch is None:
+            batch, default_loss = self.capture.batch()
+            source = "inputs of the latest training forward"
+        if batch is None:
+            raise ConfigError(
+                "gradwatch has no batch to check on: pass one to step(model, batch, step=...), "
+                "give GradWatch(probe=batch), or let one training forward run first."
+            )
+        include, exclude = self.include, self.exclude
+        budget = self.settings.budget
+        rotation = None
+        if self.adaptive is not None:
+            budget = self.adaptive.next_budget(since)
+            live = unwrap_model(model)
+            names = select_parameters(live, include, exclude)
+            parameters = dict(live.named_parameters())
+            rotation = self.rotation.pick({n: parameters[n].numel() for n in names}, budget)
+            if rotation is not None:
+                include, exclude = [glob.escape(name) for name in rotation], None
+        report = check_module(
+            model, batch, loss_fn or self.loss_fn or default_loss, mode=self.settings.mode,
+            eps=self.settings.eps, budget=budget or 2000,
+            thresholds=self.settings.thresholds, seed=self.settings.seed + step,
+            include=include, exclude=exclude,
+        )
+        report.probe.update({"step": step, "from": source, "budget": budget})
+        if rotation is not None:
+            report.probe["rotation"] = "this check covers part of the tensors; the next "  \
+                "checks cover the rest"
+        return report
+
+    def _record(self, report: CheckReport, step: int, timestamp_ms: int, alert: str | None) -> None:
+        if self._spool is None or self.run_id is None:
+            return
+        try:
+            self._spool.append(check_payload(
+                report, step=step, timestamp_ms=timestamp_ms, run_id=self.run_id,
+                tracking_uri=self._resolved_uri, alert=alert,
+            ))
+        except Exception as exc:
+            if self.strict:
+                raise
+            logger.error("gradwatch: could not spool the check at step %d: %s", step, exc)
+
+    def _announce(self, report: CheckReport, transition: Any) -> None:
+        notification = make_notification(report, transition, run_id=self.run_id)
+        level = logging.INFO if transition.kind == "resolved" else logging.WARNING
+        logger.log(level, "%s\n%s", notification.title, notification.body)
+        if self._dispatcher is not None:
+            self._dispatcher.submit(notification)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_checked": self.last_checked, "alert": self.tracker.state_dict(),
+                "run_id": self.run_id, "rotation": self.rotation.state_dict(),
+                "budget": self.adaptive.state_dict() if self.adaptive else {}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.last_checked = state.get("last_checked", self.last_checked)
+        if state.get("alert"):
+            self.tracker.load_state_dict(state["alert"])
+        self.run_id = self.run_id or state.get("run_id")
+        self.rotation.load_state_dict(state.get("rotation", {}))
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(state.get("budget", {}))
+
+    # ------------------------------------------------------------------ Hugging Face events
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        import mlflow
+
+        active = mlflow.active_run()  # HF's MLflowCallback opened it just before us
+        if _is_world_zero(state):
+            self.setup(kwargs.get("model"), active_run_id=active.info.run_id if active else None)
+        return None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if not _is_world_zero(state) or not self._ready:
+            return None
+        self._training_step_ended()
+        step = int(state.global_step)
+        if not self.schedule.due(step, self.last_checked):
+            return None
+        try:
+            self.run_check(kwargs.get("model"), None, step=step)
+        finally:
+            self._step_ended = time.perf_counter()
+        if self.should_stop:
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.close()
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        # Answer every other Trainer event (16 in transformers 5.x, fewer in 4.4x, and any
+        # added later) with a no-op, as TrainerCallback's defaults do.
+        if name.startswith("on_"):
+            return _no_event
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+def _no_event(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _is_world_zero(state: Any) -> bool:
+    return bool(getattr(state, "is_world_process_zero", True))
+
+
+def error_report(exc: BaseException, settings: Any, seconds: float, step: int) -> CheckReport:
+    """The record of a check that could not run: verdict "error" with the reason."""
+    return CheckReport(
+        rel_distance=math.nan, verdict="error", mode=settings.mode, eps=settings.eps,
+        thresholds=settings.thresholds, coordinates=0, evaluations=0, seconds=seconds,
+        loss=math.nan, reasons=[f"error: the check failed: {type(exc).__name__}: {exc}"],
+        probe={"step": step},
+    )
+
+
+def make_notification(report: CheckReport, transition: Any, *, run_id: str | None) -> Notification:
+    """Title and body naming the worst layers and elements."""
+    word = {"firing": "ALERT", "repeat": "ALERT (still firing)", "resolved": "resolved"}
+    title = (f"gradwatch {word[transition.kind]}: gradient check at step {transition.step}"
+             + (f" in run {run_id}" if run_id else ""))
+    lines = [f"verdict {report.verdict}, rel_distance {report.rel_distance:.3g}"]
+    lines += [f"- {reason}" for reason in report.reasons[:5]]
+    for name, layer in report.worst_layers(3):
+        if layer.verdict in ("warn", "alert"):
+            element = layer.worst[0] if layer.worst else None
+            where = (f"; worst element {list(element.index)}: analytic {element.analytic:.6g} "
+                     f"vs numeric {element.numeric:.6g}" if element else "")
+            lines.append(f"layer {name}: rel_distance {layer.rel_distance:.3g}{where}")
+    return Notification.from_transition(
+        transition, title=title, body="\n".join(lines), run_id=run_id,
+        details={"rel_distance": report.rel_distance, "verdict": report.verdict,
+                 "worst_layers": [name for name, _ in report.worst_layers(3)]},
+    )
