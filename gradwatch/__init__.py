@@ -1,21 +1,26 @@
 """gradwatch: numerical gradient checks you can run during real training.
 
     >>> import gradwatch
-    >>> sorted(gradwatch.__all__)[:3]
-    ['CheckReport', 'ConfigError', 'ElementReport']
+    >>> gradwatch.__all__[:3]
+    ['AlertPolicy', 'CheckReport', 'ConfigError']
 
 The public surface is what `__all__` lists; every other module is private.
 """
 
 from __future__ import annotations
 
+from gradwatch._alerts import AlertPolicy
+from gradwatch._callback import GradWatch
 from gradwatch._check import check
 from gradwatch._exceptions import (
     ConfigError,
+    DeliveryError,
+    GradientAlertError,
     GradwatchError,
     InputError,
     LossError,
     MissingDependencyError,
+    SpoolLockedError,
 )
 from gradwatch._numerics import rel_distance
 from gradwatch._report import CheckReport, ElementReport, LayerReport, Thresholds
@@ -23,14 +28,19 @@ from gradwatch._torch_check import check_module
 from gradwatch._version import __version__
 
 __all__ = [
+    "AlertPolicy",
     "CheckReport",
     "ConfigError",
+    "DeliveryError",
     "ElementReport",
+    "GradWatch",
+    "GradientAlertError",
     "GradwatchError",
     "InputError",
     "LayerReport",
     "LossError",
     "MissingDependencyError",
+    "SpoolLockedError",
     "Thresholds",
     "__version__",
     "check",

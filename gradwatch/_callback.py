@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, Literal
 from gradwatch._alerts import AlertPolicy, AlertTracker
 from gradwatch._budget import AdaptiveBudget, Rotation
 from gradwatch._engine import make_settings
-from gradwatch._exceptions import ConfigError, GradientAlertError
+from gradwatch._exceptions import ConfigError, GradientAlertError, SpoolLockedError
 from gradwatch._notify import Dispatcher, Notification, Notifier, make_notifier
 from gradwatch._probe import ProbeCapture
 from gradwatch._record import (
@@ -37,7 +38,7 @@ from gradwatch._record import (
 )
 from gradwatch._report import CheckReport, Mode, Thresholds
 from gradwatch._schedule import Schedule, parse_every
-from gradwatch._spool import Spool, default_spool_dir
+from gradwatch._spool import Spool, default_spool_dir, replay
 from gradwatch._version import __version__
 
 __all__ = ["GradWatch"]
@@ -193,6 +194,7 @@ class GradWatch:
 
         self._spool = Spool(root / str(self.run_id), deliver=deliver)
         self._spool.start()
+        replay_leftovers(root, skip=root / str(self.run_id))
         self._spool.append(params_payload(self.params(), run_id=str(self.run_id),
                                           tracking_uri=uri))
 
@@ -423,6 +425,31 @@ class GradWatch:
         if name.startswith("on_"):
             return _no_event
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+def replay_leftovers(root: Path, *, skip: Path) -> threading.Thread | None:
+    """Deliver, in a daemon thread, what earlier runs left in their spools (a crash, a dead
+    server at train end). Spools another live process owns are left to it."""
+    others = [p for p in root.iterdir() if p.is_dir() and p != skip] if root.exists() else []
+    if not others:
+        return None
+
+    def work() -> None:
+        for directory in others:
+            try:
+                result = replay(directory, deliver_payload, timeout=FLUSH_TIMEOUT)
+            except SpoolLockedError:
+                continue
+            except Exception as exc:
+                logger.warning("gradwatch: could not replay %s: %s", directory, exc)
+                continue
+            if result.delivered:
+                logger.info("gradwatch: delivered %d record(s) left in %s", result.delivered,
+                            directory)
+
+    thread = threading.Thread(target=work, name="gradwatch-replay", daemon=True)
+    thread.start()
+    return thread
 
 
 def _no_event(*args: Any, **kwargs: Any) -> None:

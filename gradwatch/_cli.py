@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gradwatch._exceptions import GradwatchError, InputError
+from gradwatch._exceptions import GradwatchError, InputError, SpoolLockedError
 from gradwatch._version import __version__
 
 __all__ = ["main"]
@@ -141,7 +141,11 @@ def _flush(args: argparse.Namespace) -> int:
     directories = sorted(p for p in root.iterdir() if p.is_dir())
     left = 0
     for directory in directories:
-        result = replay(directory, deliver_payload, timeout=args.timeout)
+        try:
+            result = replay(directory, deliver_payload, timeout=args.timeout)
+        except SpoolLockedError as exc:  # a training run still owns it: it delivers itself
+            print(json.dumps({"spool": str(directory), "skipped": str(exc)}))
+            continue
         left += result.pending
         print(json.dumps({"spool": str(directory), "delivered": result.delivered,
                           "pending": result.pending, "last_error": result.last_error}))

@@ -8,20 +8,27 @@ Catch at the level you need::
     │   └── LossError              the loss could not be computed or is not a scalar
     ├── MissingDependencyError (ImportError)
     │                              an optional extra (torch, ...) is not installed
-    └── GradientAlertError         a check alerted and GradWatch(on_alert="raise") was asked
+    ├── GradientAlertError         a check alerted and GradWatch(on_alert="raise") was asked
+    ├── DeliveryError              a notifier could not deliver (never carries a secret)
+    └── SpoolLockedError           another process owns the local spool directory
 
 Every message says what was expected, what was got, and how to fix it.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 __all__ = [
     "ConfigError",
+    "DeliveryError",
     "GradientAlertError",
     "GradwatchError",
     "InputError",
     "LossError",
     "MissingDependencyError",
+    "SpoolLockedError",
 ]
 
 
@@ -55,3 +62,43 @@ def missing_dependency(feature: str, package: str, extra: str) -> MissingDepende
 
 class GradientAlertError(GradwatchError):
     """A gradient check alerted and `GradWatch(on_alert="raise")` asked to stop training."""
+
+
+class DeliveryError(GradwatchError):
+    """A notifier could not deliver a notification. The message never contains a secret.
+
+    `retryable` is False when trying again cannot help (HTTP 400, 401, 403, 404, ...);
+    `retry_after` is the wait in seconds the receiver asked for (HTTP ``Retry-After``).
+    """
+
+    def __init__(
+        self, message: str, *, retryable: bool = True, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+# ---------------------------------------------------------------------------- the message
+
+
+LOCKED_HELP = (
+    "Only one process may own a spool at a time. Wait for that process to end (it delivers "
+    "what it can on exit), then run `gradwatch flush` to deliver anything it left; or give "
+    "this process its own spool directory (set GRADWATCH_SPOOL_DIR)."
+)
+
+
+class SpoolLockedError(GradwatchError):
+    """Another process (or another `Spool` in this one) owns the spool directory."""
+
+    def __init__(self, directory: Path, pid: int | None) -> None:
+        self.directory = directory
+        self.pid = pid
+        if pid is None:
+            holder = "another process (PID unknown)"
+        elif pid == os.getpid():
+            holder = f"another Spool in this process (PID {pid}); close that one first"
+        else:
+            holder = f"process PID {pid}"
+        super().__init__(f"The gradwatch spool {directory} is in use by {holder}. {LOCKED_HELP}")

@@ -101,7 +101,7 @@ def check_module(
             f"parameters use gradwatch.check(cost, params, grads)."
         )
     live = unwrap_model(model)
-    names = _select_parameters(live, include, exclude)
+    names = select_parameters(live, include, exclude)
     with preserved_global_state(torch):
         shadow = _float64_shadow(torch, live)
         shadow_batch = to_float64(torch, batch)
@@ -157,7 +157,7 @@ def unwrap_model(model: Any) -> Any:
     return model
 
 
-def _select_parameters(
+def select_parameters(
     model: Any, include: str | Sequence[str] | None, exclude: str | Sequence[str] | None
 ) -> list[str]:
     def globs(value: str | Sequence[str] | None, name: str) -> list[str]:

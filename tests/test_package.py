@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_all_is_sorted_and_complete() -> None:
-    public = {name for name in vars(gradwatch) if not name.startswith("_")} - {"annotations"}
+    public = {
+        name for name, value in vars(gradwatch).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    } - {"annotations"}
     assert gradwatch.__all__ == sorted(gradwatch.__all__)
     assert public | {"__version__"} == set(gradwatch.__all__)
 
 
 def test_every_error_is_a_gradwatch_error() -> None:
-    for name in ("ConfigError", "InputError", "LossError", "MissingDependencyError"):
+    for name in ("ConfigError", "InputError", "LossError", "MissingDependencyError",
+                 "GradientAlertError", "DeliveryError", "SpoolLockedError"):
         assert issubclass(getattr(gradwatch, name), gradwatch.GradwatchError)
     assert issubclass(gradwatch.ConfigError, ValueError)
     assert issubclass(gradwatch.LossError, gradwatch.InputError)
@@ -29,7 +34,8 @@ def test_every_error_is_a_gradwatch_error() -> None:
 
 
 def test_private_modules_stay_private() -> None:
-    modules = [p.stem for p in (ROOT / "gradwatch").glob("*.py") if p.stem != "__init__"]
+    public = {"__init__", "testing"}  # gradwatch.testing is public, like numpy.testing
+    modules = [p.stem for p in (ROOT / "gradwatch").glob("*.py") if p.stem not in public]
     assert modules and all(m.startswith("_") for m in modules)
 
 

@@ -1,0 +1,632 @@
+"""A durable local spool between gradwatch and a slow or dead tracking server.
+
+Each check's record is appended to a journal on local disk (one fsync'd JSON line) before
+training goes on; a background thread hands it to `deliver` (which logs it to MLflow) and marks
+it delivered. Nothing in training waits on the network and nothing is lost when the process
+dies: what is left is delivered by the next `Spool` on the same directory, or by hand with
+`gradwatch flush` (`replay`).
+
+Files in the spool directory::
+
+    journal.jsonl   one envelope per line, UTF-8, appended and fsync'd by `append`:
+                    {"id": "<uuid4 hex>", "created": <unix seconds>, "payload": {...}}
+    delivered       one record id per line, appended and fsync'd after `deliver` returned
+    .lock           flock'd by the one process that owns the spool; holds that process's PID
+
+A record is pending iff its id is in the journal and not in `delivered`. A torn line (a crash
+in the middle of a write) is skipped with a warning. `compact` rewrites both files (temporary
+file + `os.replace`) so that only pending records remain.
+
+Delivery is at least once: a crash between `deliver` returning and its mark reaching the disk
+delivers that record again, so `deliver` must be idempotent. MLflow's SQL store ignores a metric
+identical in key, timestamp, step and value; it accepts a param again with the same value; tags
+and artifacts are overwritten with the same content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple
+
+from gradwatch._exceptions import ConfigError, InputError, SpoolLockedError
+
+__all__ = [
+    "Deliver",
+    "FlushResult",
+    "Spool",
+    "SpoolLockedError",
+    "default_spool_dir",
+    "replay",
+]
+
+Payload = dict[str, Any]
+"""The caller's record: any JSON-able dict (NaN and ±inf allowed, as Python's json writes)."""
+Envelope = dict[str, Any]
+"""A spooled record: {"id", "created", "payload"}; `Spool.pending` adds "attempts"."""
+Deliver = Callable[[Payload], None]
+"""Sends one payload (to MLflow, ...); returns normally once it is stored, raises otherwise."""
+
+JOURNAL = "journal.jsonl"
+DELIVERED = "delivered"
+LOCK = ".lock"
+
+_ID_LENGTH = 32  # uuid4().hex
+_LOGGER = logging.getLogger("gradwatch")
+
+class FlushResult(NamedTuple):
+    """What `Spool.flush` / `replay` achieved.
+
+    `last_error` is the error of the delivery that stopped the flush ("TypeName: message"),
+    None when nothing failed (`pending` > 0 then means the timeout ran out).
+    """
+
+    delivered: int
+    pending: int
+    last_error: str | None
+
+
+class _Slot(NamedTuple):
+    """Where a pending record's line lies in the journal."""
+
+    offset: int
+    length: int
+
+
+class _Attempt(NamedTuple):
+    """One go at the oldest pending record. No id and no error: nothing was pending, the
+    spool is closing, or the wait for the delivery lock ran out."""
+
+    record_id: str | None
+    error: Exception | None = None
+
+
+def default_spool_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """`$GRADWATCH_SPOOL_DIR`, else `$XDG_CACHE_HOME/gradwatch/spool`, else
+    `~/.cache/gradwatch/spool` (`environ` defaults to `os.environ`).
+
+    >>> default_spool_dir({"GRADWATCH_SPOOL_DIR": "/data/spool"}).as_posix()
+    '/data/spool'
+    >>> default_spool_dir({"XDG_CACHE_HOME": "/var/cache/me"}).as_posix()
+    '/var/cache/me/gradwatch/spool'
+    >>> default_spool_dir({"HOME": "/home/me"}).as_posix()
+    '/home/me/.cache/gradwatch/spool'
+    """
+    env = os.environ if environ is None else environ
+    explicit = env.get("GRADWATCH_SPOOL_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = env.get("XDG_CACHE_HOME")
+    if cache and os.path.isabs(cache):  # the XDG spec says to ignore a relative path
+        return Path(cache) / "gradwatch" / "spool"
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return home / ".cache" / "gradwatch" / "spool"
+
+
+class Spool:
+    """A journal of records on local disk, delivered in order, oldest first.
+
+    `append` returns once the record is on disk; `start` delivers in a daemon thread with
+    exponential backoff (`backoff_initial` · 2ⁿ seconds, at most `backoff_max`); `flush`
+    delivers on the caller's thread; `close` stops the thread and leaves what is pending on disk.
+    Opening a spool takes `<directory>/.lock`; a second owner gets `SpoolLockedError`.
+
+    >>> import tempfile
+    >>> received = []
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     with Spool(directory, deliver=received.append) as spool:
+    ...         record_id = spool.append({"run_id": "abc", "metrics": [["loss", 0.5, 0, 1]]})
+    ...         spool.flush(timeout=5.0)
+    FlushResult(delivered=1, pending=0, last_error=None)
+    >>> received
+    [{'run_id': 'abc', 'metrics': [['loss', 0.5, 0, 1]]}]
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        deliver: Deliver,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], object] | None = None,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 60.0,
+        compact_after_bytes: int = 1 << 20,
+        logger: logging.Logger = _LOGGER,
+    ) -> None:
+        _validate_settings(deliver, backoff_initial, backoff_max, compact_after_bytes)
+        self.directory = _make_directory(Path(directory))
+        self._deliver = deliver
+        self._clock = clock
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        # `sleep` waits between retries; by default a wait that `close` interrupts.
+        self._sleep = sleep if sleep is not None else self._stop.wait
+        self._backoff_initial = float(backoff_initial)
+        self._backoff_max = float(backoff_max)
+        self._compact_after_bytes = compact_after_bytes
+        self._logger = logger
+        # Lock order: _delivery_lock, then _lock. _lock guards the files and the fields below;
+        # _delivery_lock is held around "deliver one record and mark it", so that `flush` and
+        # the background thread never deliver the same record at once.
+        self._lock = threading.Lock()
+        self._delivery_lock = threading.Lock()
+        self._pending: dict[str, _Slot] = {}
+        self._attempts: dict[str, int] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False  # no new work; whoever ends the last delivery closes the files
+        self._released = False  # files closed, lock released
+        self._lock_fd = _acquire_lock(self.directory)
+        self._journal_fd = self._delivered_fd = -1
+        self._journal_size = self._delivered_size = 0  # bytes; the next append's offset
+        try:
+            self._journal_fd = _open_append(self.directory / JOURNAL)
+            self._delivered_fd = _open_append(self.directory / DELIVERED)
+            _fsync_directory(self.directory)  # the files' names are durable too
+            self._load()
+        except BaseException:
+            for fd in (self._journal_fd, self._delivered_fd, self._lock_fd):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running" if self._thread else "idle"
+        return f"Spool({str(self.directory)!r}, pending={len(self._pending)}, {state})"
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def append(self, payload: Payload) -> str:
+        """Write one record (one JSON line, fsync'd) and return its id; wakes the deliverer.
+
+        Thread-safe; costs one small write and one fsync, never a scan of the journal.
+        """
+        if not isinstance(payload, dict):
+            raise InputError(
+                f"payload must be a dict (the record to deliver), got {type(payload).__name__}."
+            )
+        record_id = uuid.uuid4().hex  # os.urandom: the user's RNG stays untouched
+        line = _encode({"id": record_id, "created": self._clock(), "payload": payload})
+        with self._lock:
+            self._check_open("append")
+            offset = self._journal_size
+            try:
+                _write_all(self._journal_fd, line)
+                os.fsync(self._journal_fd)
+            except OSError:
+                # Never leave half a line for the next append to be glued onto.
+                _truncate_quietly(self._journal_fd, offset)
+                raise
+            self._journal_size = offset + len(line)
+            self._pending[record_id] = _Slot(offset, len(line))
+        self._wake.set()
+        return record_id
+
+    def pending(self) -> list[Envelope]:
+        """The undelivered records, oldest first, each with "attempts" (failed deliveries
+        by this `Spool` object; not stored on disk)."""
+        with self._lock:
+            self._check_open("pending")
+            envelopes = [self._read(slot) for slot in self._pending.values()]
+            for envelope in envelopes:
+                envelope["attempts"] = self._attempts.get(envelope["id"], 0)
+        return envelopes
+
+    # -- delivering --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Deliver in a daemon thread from now on (idempotent). Failures are logged and
+        retried with backoff; nothing is raised into the caller."""
+        with self._lock:
+            self._check_open("start")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._run, name=f"gradwatch-spool:{self.directory.name}", daemon=True
+            )
+            self._thread.start()
+
+    def flush(self, timeout: float | None = None) -> FlushResult:
+        """Deliver pending records on this thread, oldest first, until none is left, one
+        fails, or `timeout` seconds have passed (None: no limit).
+
+        A delivery already running (in the background thread) is waited for, not repeated;
+        a single `deliver` call is never interrupted, so bound it in `deliver` itself.
+        """
+        if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
+            raise ConfigError(f"timeout must be a number of seconds ≥ 0 or None, got {timeout!r}.")
+        self._check_open("flush")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delivered, last_error = 0, None
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            attempt = self._deliver_oldest(remaining)
+            if attempt.error is not None:
+                last_error = _describe(attempt.error)
+            if attempt.record_id is None or attempt.error is not None:
+                break
+            delivered += 1
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        if delivered:
+            self._compact_if_due()
+        with self._lock:
+            return FlushResult(delivered, len(self._pending), last_error)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop the background thread, waiting up to `timeout` seconds for a delivery in
+        flight, and release the spool; pending records stay on disk for the next owner.
+
+        If the delivery outlasts `timeout`, the lock stays held until it returns (or the
+        process exits), so that no other process delivers the same record meanwhile.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True  # from now on, a delivery in flight releases when it ends
+        self._stop.set()
+        self._wake.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._thread is not None:
+            self._thread.join(timeout)
+        remaining = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if self._delivery_lock.acquire(timeout=remaining):
+            try:
+                self._release()
+            finally:
+                self._delivery_lock.release()
+        else:
+            self._logger.warning(
+                "gradwatch spool %s: a delivery is still running after %s s; the spool stays "
+                "locked until it returns. Pending records stay on disk.",
+                self.directory, timeout,
+            )
+
+    def compact(self) -> None:
+        """Rewrite the journal with only the pending records and empty `delivered`, so the
+        spool does not grow forever. Crash-safe: each file is replaced whole (journal first),
+        and any moment's pair of files means the same pending set. Waits for a running
+        delivery."""
+        with self._delivery_lock, self._lock:
+            self._check_open("compact")
+            lines = [os.pread(self._journal_fd, s.length, s.offset) for s in self._pending.values()]
+            _replace_file(self.directory / JOURNAL, b"".join(lines))
+            os.close(self._journal_fd)
+            self._journal_fd = _open_append(self.directory / JOURNAL)
+            offset = 0
+            for record_id, line in zip(self._pending, lines):
+                self._pending[record_id] = _Slot(offset, len(line))
+                offset += len(line)
+            self._journal_size = offset
+            _replace_file(self.directory / DELIVERED, b"")
+            os.close(self._delivered_fd)
+            self._delivered_fd = _open_append(self.directory / DELIVERED)
+            self._delivered_size = 0
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_open(self, action: str) -> None:
+        if self._closed:
+            raise InputError(
+                f"{action}() was called on the spool {self.directory} after close(). "
+                f"Open a new Spool on that directory (pending records are still there)."
+            )
+
+    def _run(self) -> None:
+        """The background loop: deliver, back off after failures, sleep when drained."""
+        failures = 0
+        while not self._stop.is_set():
+            self._wake.clear()  # before looking, so that an append from now on wakes us
+            try:
+                attempt = self._deliver_oldest(None)
+            except Exception as error:  # never let the thread die
+                attempt = _Attempt(None, error)
+            if attempt.error is None:
+                if failures:
+                    self._logger.info(
+                        "gradwatch spool %s: delivering again after %d failed attempts",
+                        self.directory, failures,
+                    )
+                failures = 0
+                if attempt.record_id is None:
+                    self._compact_if_due()
+                    self._wake.wait()
+                continue
+            failures += 1
+            delay = self._backoff(failures)
+            self._log_failure(attempt, failures, delay)
+            self._sleep(delay)
+
+    def _deliver_oldest(self, timeout: float | None) -> _Attempt:
+        """Deliver the oldest pending record and mark it, holding the delivery lock."""
+        if not self._delivery_lock.acquire(timeout=-1 if timeout is None else timeout):
+            return _Attempt(None)
+        try:
+            with self._lock:
+                if self._closed or not self._pending:
+                    return _Attempt(None)
+                record_id, slot = next(iter(self._pending.items()))
+                payload = self._read(slot)["payload"]
+            try:
+                self._deliver(payload)
+            except Exception as error:
+                with self._lock:
+                    self._attempts[record_id] = self._attempts.get(record_id, 0) + 1
+                return _Attempt(record_id, error)
+            with self._lock:
+                mark = f"{record_id}\n".encode("ascii")
+                try:
+                    _write_all(self._delivered_fd, mark)
+                    os.fsync(self._delivered_fd)
+                except OSError as error:  # delivered, but it will be delivered again
+                    _truncate_quietly(self._delivered_fd, self._delivered_size)
+                    return _Attempt(record_id, error)
+                self._delivered_size += len(mark)
+                del self._pending[record_id]
+                self._attempts.pop(record_id, None)
+            return _Attempt(record_id)
+        finally:
+            if self._closed:  # close() gave up waiting for this delivery, or is waiting
+                self._release()
+            self._delivery_lock.release()
+
+    def _backoff(self, failures: int) -> float:
+        # delay = initial · 2^(failures − 1), capped; the exponent cap keeps floats finite.
+        return min(self._backoff_max, self._backoff_initial * 2.0 ** min(failures - 1, 62))
+
+    def _log_failure(self, attempt: _Attempt, failures: int, delay: float) -> None:
+        # The payload is never logged: it can be large and hold the user's params.
+        level = logging.WARNING if failures == 1 or failures % 10 == 0 else logging.DEBUG
+        self._logger.log(
+            level,
+            "gradwatch spool %s: delivery of record %s failed (%d in a row; next try in "
+            "%g s; the record stays on disk): %s",
+            self.directory, attempt.record_id or "(unknown)", failures, delay,
+            _describe(attempt.error) if attempt.error is not None else "",
+        )
+
+    def _compact_if_due(self) -> None:
+        with self._lock:
+            due = not self._pending and self._journal_size >= self._compact_after_bytes
+            due = due and not self._closed
+        if due:
+            try:
+                self.compact()
+            except Exception as error:  # opportunistic (closing? disk full?): next drain
+                self._logger.warning(
+                    "gradwatch spool %s: compaction failed: %s", self.directory, _describe(error)
+                )
+
+    def _read(self, slot: _Slot) -> Envelope:
+        envelope: Envelope = json.loads(os.pread(self._journal_fd, slot.length, slot.offset))
+        return envelope
+
+    def _release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            for fd in (self._journal_fd, self._delivered_fd, self._lock_fd):
+                os.close(fd)
+
+    def _load(self) -> None:
+        """Read both files once: the pending ids and where their lines lie."""
+        delivered = {
+            line.decode("ascii")
+            for _, line in self._scan(DELIVERED, self._delivered_fd)
+            if _is_record_id(line)
+        }
+        for offset, line in self._scan(JOURNAL, self._journal_fd):
+            record_id = _envelope_id(line)
+            if record_id is None:
+                self._logger.warning(
+                    "gradwatch spool %s: skipped a torn or corrupt line at byte %d of %s",
+                    self.directory, offset, JOURNAL,
+                )
+            elif record_id not in delivered and record_id not in self._pending:
+                self._pending[record_id] = _Slot(offset, len(line) + 1)
+        self._journal_size = os.fstat(self._journal_fd).st_size
+        self._delivered_size = os.fstat(self._delivered_fd).st_size
+
+    def _scan(self, name: str, fd: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, line without its newline) for each non-empty line of a file. A torn last
+        line gets its newline, so that the next append starts on a line of its own."""
+        offset = 0
+        with open(self.directory / name, "rb") as reader:
+            for line in reader:
+                if not line.endswith(b"\n"):
+                    self._logger.warning(
+                        "gradwatch spool %s: the last line of %s is torn (a crash mid-write?)",
+                        self.directory, name,
+                    )
+                    _write_all(fd, b"\n")
+                    os.fsync(fd)
+                    line += b"\n"
+                if len(line) > 1:
+                    yield offset, line[:-1]
+                offset += len(line)
+
+
+def replay(
+    directory: str | os.PathLike[str],
+    deliver: Deliver,
+    *,
+    timeout: float | None = None,
+    logger: logging.Logger = _LOGGER,
+) -> FlushResult:
+    """Deliver what a spool holds, now, on this thread (the `gradwatch flush` command).
+
+    Takes the spool's lock (`SpoolLockedError` if a training process still owns it), flushes,
+    compacts when everything is delivered, and releases it.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...     with Spool(directory, deliver=print) as spool:  # never started nor flushed
+    ...         record_id = spool.append({"step": 7})
+    ...     replay(directory, print, timeout=5.0)
+    {'step': 7}
+    FlushResult(delivered=1, pending=0, last_error=None)
+    """
+    if not Path(directory).is_dir():
+        return FlushResult(0, 0, None)
+    with Spool(directory, deliver=deliver, logger=logger) as spool:
+        result = spool.flush(timeout)
+        if result.pending == 0:
+            spool.compact()
+    return result
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def _validate_settings(
+    deliver: object, backoff_initial: float, backoff_max: float, compact_after_bytes: int
+) -> None:
+    if not callable(deliver):
+        raise ConfigError(
+            f"deliver must be a callable taking one payload dict, got {type(deliver).__name__}."
+        )
+    if not (isinstance(backoff_initial, (int, float)) and 0 < backoff_initial < math.inf):
+        raise ConfigError(
+            f"backoff_initial must be a finite number of seconds > 0 (default 1.0), "
+            f"got {backoff_initial!r}."
+        )
+    if not (isinstance(backoff_max, (int, float)) and backoff_initial <= backoff_max < math.inf):
+        raise ConfigError(
+            f"backoff_max must be finite and ≥ backoff_initial={backoff_initial!r} "
+            f"(default 60.0), got {backoff_max!r}."
+        )
+    if isinstance(compact_after_bytes, bool) or not isinstance(compact_after_bytes, int) or (
+        compact_after_bytes < 0
+    ):
+        raise ConfigError(
+            f"compact_after_bytes must be an int ≥ 0 (default 1 MiB), got {compact_after_bytes!r}."
+        )
+
+
+def _make_directory(directory: Path) -> Path:
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(
+            f"directory must be a directory for the spool, got {directory}, which is a file. "
+            f"Pass another path or set GRADWATCH_SPOOL_DIR."
+        )
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return directory
+
+
+def _acquire_lock(directory: Path) -> int:
+    """flock `<directory>/.lock` without waiting and write our PID into it."""
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = _read_pid(fd)
+        os.close(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise SpoolLockedError(directory, holder) from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode("ascii").strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _open_append(path: Path) -> int:
+    # O_RDWR so that the same descriptor serves `os.pread`; O_APPEND puts writes at the end.
+    return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _truncate_quietly(fd: int, size: int) -> None:
+    """Cut a half-written line off (best effort: the disk may be what failed)."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, size)
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: temporary file, fsync, os.replace, fsync directory."""
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode(envelope: Envelope) -> bytes:
+    try:
+        line = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except (TypeError, ValueError) as error:  # UnicodeEncodeError (lone surrogates) included
+        raise InputError(
+            f"payload must be JSON-serialisable (dicts with str keys, lists, str, int, float, "
+            f"bool, None), got {type(error).__name__}: {error}. Convert numpy values with "
+            f"float() or .tolist()."
+        ) from error
+    return line + b"\n"
+
+
+def _is_record_id(token: bytes) -> bool:
+    return len(token) == _ID_LENGTH and all(c in b"0123456789abcdef" for c in token)
+
+
+def _envelope_id(line: bytes) -> str | None:
+    """The id of a well-formed envelope line, None for a torn or corrupt one."""
+    try:
+        envelope = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), dict):
+        return None
+    record_id = envelope.get("id")
+    if not isinstance(record_id, str) or not _is_record_id(record_id.encode("ascii", "replace")):
+        return None
+    return record_id
+
+
+def _describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 500 else text[:497] + "..."

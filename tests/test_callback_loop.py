@@ -1,0 +1,255 @@
+"""GradWatch in a plain PyTorch loop: the MLflow record, alerts to a real HTTP receiver,
+spool/replay against a real tracking server that goes away mid-training, and schedules."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch import AlertPolicy, GradWatch
+from tests.mlflow_server import MlflowServer
+from tests.receivers import WebhookReceiver
+
+
+class SwitchableFn(torch.autograd.Function):
+    """Linear layer; while `wrong` is set its weight gradient is doubled (a planted bug)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                wrong: bool) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.wrong = wrong
+        return x @ weight.T + bias
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
+        x, weight = ctx.saved_tensors
+        grad_weight = grad_out.T @ x
+        return grad_out @ weight, grad_weight * (2 if ctx.wrong else 1), grad_out.sum(0), None
+
+
+class Switchable(nn.Linear):
+    wrong = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = SwitchableFn.apply(x, self.weight, self.bias, self.wrong)
+        return result
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.2), Switchable(16, 3))
+
+
+def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(12, 6, generator=generator), torch.randint(0, 3, (12,),
+                                                                     generator=generator))
+            for _ in range(n)]
+
+
+def train(watch: GradWatch | None, steps: int, *, wrong_between: tuple[int, int] = (0, 0),
+          on_step: Any = None) -> tuple[nn.Module, list[Any]]:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reports = []
+    for step, batch in enumerate(batches(steps), start=1):
+        planted: Any = model[3]
+        planted.wrong = wrong_between[0] <= step < wrong_between[1]
+        loss = loss_fn(model.train(), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(step)
+        if watch is not None:
+            report = watch.step(model, batch, step=step)
+            if report is not None:
+                reports.append(report)
+    if watch is not None:
+        watch.close()
+    return model, reports
+
+
+def test_settings_are_validated_at_construction() -> None:
+    with pytest.raises(gradwatch.ConfigError, match="every must be"):
+        GradWatch(every=0)
+    with pytest.raises(gradwatch.ConfigError, match="every must be"):
+        GradWatch(every="sometimes")
+    with pytest.raises(gradwatch.ConfigError, match="on_alert"):
+        GradWatch(on_alert="panic")  # type: ignore[arg-type]
+    with pytest.raises(gradwatch.ConfigError, match="overhead"):
+        GradWatch(overhead=5)
+    with pytest.raises(gradwatch.ConfigError, match="mode"):
+        GradWatch(mode="fast")  # type: ignore[arg-type]
+    assert "every='30s'" in repr(GradWatch(every="30s", mlflow=False))
+
+
+def test_plain_loop_record_in_a_run_gradwatch_creates(
+    mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "plain-loop")
+    watch = GradWatch(every=5, loss_fn=loss_fn, tracking_uri=mlflow_server.url,
+                      spool_dir=tmp_path / "spool", budget=500)
+    _, reports = train(watch, 20)
+    assert [r.probe["step"] for r in reports] == [1, 5, 10, 15, 20]
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(str(watch.run_id))
+    assert run.info.status == "FINISHED"  # gradwatch created it, gradwatch ends it
+    assert client.get_experiment(run.info.experiment_id).name == "plain-loop"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "gradwatch/verdict")]
+    assert steps == [1, 5, 10, 15, 20]
+    assert run.data.tags["gradwatch.last_step"] == "20"
+    assert run.data.params["gradwatch.budget"] == "500"
+    # measurement-time timestamps, not delivery time
+    history = client.get_metric_history(run.info.run_id, "gradwatch/rel_distance")
+    assert all(a.timestamp <= b.timestamp for a, b in itertools.pairwise(history))
+
+
+def test_the_training_is_bit_identical_with_and_without_gradwatch() -> None:
+    with_watch, reports = train(GradWatch(every=2, loss_fn=loss_fn, mlflow=False), 12)
+    without, _ = train(None, 12)
+    assert len(reports) == 7
+    for (name, a), (_, b) in zip(with_watch.state_dict().items(), without.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_alert_fires_once_stays_quiet_then_resolves_to_a_webhook(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret_url_token = "s3cr3t-T0KEN"
+    with WebhookReceiver() as receiver:
+        hook = receiver.url(f"/hooks/{secret_url_token}?token={secret_url_token}")
+        watch = GradWatch(every=2, loss_fn=loss_fn, mlflow=False, notify=[hook], budget=400)
+        with caplog.at_level(logging.INFO, logger="gradwatch"):
+            _, reports = train(watch, 16, wrong_between=(5, 11))
+        verdicts = [(r.probe["step"], r.verdict) for r in reports]
+        assert verdicts == [(1, "ok"), (2, "ok"), (4, "ok"), (6, "alert"), (8, "alert"),
+                            (10, "alert"), (12, "ok"), (14, "ok"), (16, "ok")]
+        assert receiver.wait_for(2)
+        time.sleep(0.2)  # nothing else may arrive
+        sent = [request.json() for request in receiver.requests]
+    assert [(n["kind"], n["step"]) for n in sent] == [("firing", 6), ("resolved", 12)]
+    assert receiver.requests[0].header("Idempotency-Key") == sent[0]["id"]
+    assert "3.weight" in sent[0]["body"] and "worst element" in sent[0]["body"]
+    assert "ALERT" in sent[0]["title"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("3.weight" in r.getMessage() for r in warnings)  # the log names the layer
+    assert all(secret_url_token not in r.getMessage() for r in caplog.records)
+    assert secret_url_token not in str(watch.params())
+
+
+def test_repeat_interval_and_pending_are_counted_in_checks() -> None:
+    with WebhookReceiver() as receiver:
+        policy = AlertPolicy(fire_after=2, repeat_every=2)
+        watch = GradWatch(every=1, loss_fn=loss_fn, mlflow=False, notify=[receiver.url()],
+                          alert_policy=policy, budget=400)
+        train(watch, 9, wrong_between=(3, 9))
+        assert receiver.wait_for(3)
+        time.sleep(0.2)
+        kinds = [(r.json()["kind"], r.json()["step"]) for r in receiver.requests]
+    # alerting checks at 3..8: pending at 3, firing at 4, repeats at 6 and 8; resolved at 9
+    assert kinds == [("firing", 4), ("repeat", 6), ("repeat", 8), ("resolved", 9)]
+
+
+def test_on_alert_raise_and_stop() -> None:
+    watch = GradWatch(every=1, loss_fn=loss_fn, mlflow=False, on_alert="raise", budget=300)
+    with pytest.raises(gradwatch.GradientAlertError, match=r"(?s)step 2.*3\.weight"):
+        train(watch, 4, wrong_between=(2, 4))
+    stopper = GradWatch(every=1, loss_fn=loss_fn, mlflow=False, on_alert="stop", budget=300)
+    train(stopper, 4, wrong_between=(3, 4))
+    assert stopper.should_stop
+
+
+def test_a_failing_check_is_recorded_and_training_goes_on() -> None:
+    def broken(model: nn.Module, batch: Any) -> torch.Tensor:
+        raise RuntimeError("the loss exploded on purpose")
+
+    watch = GradWatch(every=2, loss_fn=broken, mlflow=False)
+    model, reports = train(watch, 6)
+    reference, _ = train(None, 6)
+    assert [r.verdict for r in reports] == ["error"] * 4
+    assert "the loss exploded on purpose" in reports[0].reasons[0]
+    assert torch.equal(model[0].weight, reference[0].weight)
+    strict = GradWatch(every=2, loss_fn=broken, mlflow=False, strict=True)
+    with pytest.raises(RuntimeError, match="exploded"):
+        train(strict, 2)
+
+
+def _scheduler_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "APScheduler" in t.name or
+            "apscheduler" in type(t).__module__]
+
+
+def test_wall_clock_schedule_marks_checks_due_and_shuts_down() -> None:
+    watch = GradWatch(every="1s", loss_fn=loss_fn, mlflow=False, first_step=False, budget=200)
+    model = make_model()
+    batch = batches(1)[0]
+    deadline = time.monotonic() + 20
+    report = None
+    step = 0
+    while report is None and time.monotonic() < deadline:  # the job fires after ~1 s
+        step += 1
+        report = watch.step(model, batch, step=step)
+        time.sleep(0.02)
+    assert report is not None and report.probe["step"] == step
+    assert watch.schedule.running
+    watch.close()
+    assert not watch.schedule.running
+    assert watch.step(model, batch, step=step + 1) is None  # not due again at once
+    watch.close()
+
+
+def test_spooled_checks_survive_a_tracking_server_that_goes_away(
+    restartable_mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    server = restartable_mlflow_server
+    watch = GradWatch(every=3, loss_fn=loss_fn, tracking_uri=server.url,
+                      spool_dir=tmp_path / "spool", budget=300)
+    step_seconds: list[float] = []
+    last = [time.perf_counter()]
+
+    def outage(step: int) -> None:
+        now = time.perf_counter()
+        step_seconds.append(now - last[0])
+        last[0] = now
+        if step == 8:
+            server.stop()
+        if step == 20:
+            server.start()
+
+    _, reports = train(watch, 27, on_step=outage)
+    assert max(step_seconds) < 30  # the dead server never blocked the loop for long
+    client = MlflowClient(server.url)
+    history = client.get_metric_history(str(watch.run_id), "gradwatch/rel_distance")
+    expected = [1, 3, 6, 9, 12, 15, 18, 21, 24, 27]
+    assert sorted(m.step for m in history) == expected  # nothing lost, nothing twice
+    artifacts = client.list_artifacts(str(watch.run_id), "gradwatch/checks")
+    assert len(artifacts) == len(expected)
+    # replaying everything again (as after a crash that lost the delivery marks) adds nothing
+    from gradwatch._record import deliver_payload
+    from gradwatch._spool import replay
+
+    spool_dir = tmp_path / "spool" / str(watch.run_id)
+    (spool_dir / "delivered").unlink(missing_ok=True)
+    replay(spool_dir, deliver_payload, timeout=60)
+    again = client.get_metric_history(str(watch.run_id), "gradwatch/rel_distance")
+    assert sorted(m.step for m in again) == expected
+    assert len(reports) == len(expected)
