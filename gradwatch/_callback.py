@@ -63,6 +63,10 @@ class GradWatch:
         probe: a fixed batch to check on. Default: the batch given to `step()`, else the inputs
             of the most recent training forward pass (captured by a forward pre-hook).
         first_step: also check at the first step boundary (bugs are usually there from the start).
+        probe_rows: check on the first `probe_rows` examples of the probe batch (every tensor
+            whose first dimension is the batch size is sliced), None for the whole batch. A
+            backward bug shows on a handful of examples; float64 evaluations of a full batch
+            are what makes a check expensive.
         budget: loss evaluations per check. None (default) sizes each check from the measured
             cost of a training step and of a loss evaluation so checks take about `overhead`
             (1%) of training time, covering the tensors across successive checks when one
@@ -87,6 +91,7 @@ class GradWatch:
         loss_fn: Callable[[Any, Any], Any] | None = None,
         probe: Any = None,
         first_step: bool = True,
+        probe_rows: int | None = 16,
         mode: Mode = "auto",
         budget: int | None = None,
         overhead: float = 0.01,
@@ -121,6 +126,10 @@ class GradWatch:
             raise ConfigError(f"loss_fn must be callable(model, batch), got {loss_fn!r}.")
         if isinstance(notify, (str, bytes)):
             notify = [notify]
+        if probe_rows is not None and (isinstance(probe_rows, bool) or not isinstance(
+                probe_rows, int) or probe_rows < 1):
+            raise ConfigError(f"probe_rows must be an int ≥ 1 or None, got {probe_rows!r}.")
+        self.probe_rows = probe_rows
         self.loss_fn = loss_fn
         self.probe = probe
         self.include, self.exclude = include, exclude
@@ -189,8 +198,13 @@ class GradWatch:
         root = self.spool_root or default_spool_dir()
         uri = self._resolved_uri
 
+        clients: dict[str, Any] = {}  # one client per store: a new one re-opens the database
+
         def deliver(payload: dict[str, Any]) -> None:
-            deliver_payload(payload, MlflowClient(tracking_uri=payload.get("tracking_uri") or uri))
+            target = str(payload.get("tracking_uri") or uri)
+            if target not in clients:
+                clients[target] = MlflowClient(tracking_uri=target)
+            deliver_payload(payload, clients[target])
 
         self._spool = Spool(root / str(self.run_id), deliver=deliver)
         self._spool.start()
@@ -209,6 +223,7 @@ class GradWatch:
             if self.adaptive else self.settings.budget,
             "gradwatch.threshold.warn": self.settings.thresholds.warn,
             "gradwatch.threshold.alert": self.settings.thresholds.alert,
+            "gradwatch.probe_rows": self.probe_rows,
         }
 
     def close(self, timeout: float = FLUSH_TIMEOUT) -> None:
@@ -333,6 +348,8 @@ class GradWatch:
                 "gradwatch has no batch to check on: pass one to step(model, batch, step=...), "
                 "give GradWatch(probe=batch), or let one training forward run first."
             )
+        if self.probe_rows is not None:
+            batch = first_rows(batch, self.probe_rows)
         include, exclude = self.include, self.exclude
         budget = self.settings.budget
         rotation = None
@@ -450,6 +467,45 @@ def replay_leftovers(root: Path, *, skip: Path) -> threading.Thread | None:
     thread = threading.Thread(target=work, name="gradwatch-replay", daemon=True)
     thread.start()
     return thread
+
+
+def first_rows(batch: Any, rows: int) -> Any:
+    """The first `rows` examples of a (nested) batch: every tensor whose first dimension is the
+    batch size (the most common first dimension among the batch's tensors) is sliced; other
+    tensors and values are kept as they are. Views, no copies."""
+    sizes: dict[int, int] = {}
+
+    def collect(value: Any) -> None:
+        shape = getattr(value, "shape", None)
+        if shape is not None and len(shape) > 0 and hasattr(value, "__getitem__"):
+            sizes[int(shape[0])] = sizes.get(int(shape[0]), 0) + 1
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+
+    collect(batch)
+    if not sizes:
+        return batch
+    size = max(sizes, key=lambda s: (sizes[s], s))
+    if size <= rows:
+        return batch
+
+    def cut(value: Any) -> Any:
+        shape = getattr(value, "shape", None)
+        if shape is not None and len(shape) > 0 and int(shape[0]) == size:
+            return value[:rows]
+        if isinstance(value, Mapping):
+            return {key: cut(item) for key, item in value.items()}
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*(cut(item) for item in value))
+        if isinstance(value, (list, tuple)):
+            return type(value)(cut(item) for item in value)
+        return value
+
+    return cut(batch)
 
 
 def _no_event(*args: Any, **kwargs: Any) -> None:
