@@ -101,6 +101,7 @@ class Trainer:
         self.seconds = 0.0  # wall time of all steps, checks included
         self.in_gradwatch = 0.0  # the part spent inside watch.step()
         self.first_check = 0.0  # of which the check at the first step
+        self.closing = 0.0  # and close(): delivering what is still spooled
 
     def advance(self, n: int) -> None:
         started = time.perf_counter()
@@ -127,6 +128,7 @@ class Trainer:
             elapsed = time.perf_counter() - started
             self.seconds += elapsed
             self.in_gradwatch += elapsed
+            self.closing = elapsed
 
 
 def train(steps: int, watch: GradWatch | None, batches: list[Any],
@@ -181,18 +183,18 @@ def overhead_table(steps: int, block: int, root: Path) -> str:
         f"Adam, {steps} steps, runs interleaved in blocks of {block} steps; MLflow: {uri}",
         "",
         f"{'configuration':<24} {'seconds':>8} {'overhead':>9} {'in gradwatch':>13} "
-        f"{'w/o 1st check':>14} {'checks':>7}  evaluations per check",
-        f"{'-' * 24} {'-' * 8} {'-' * 9} {'-' * 13} {'-' * 14} {'-' * 7}  {'-' * 21}",
+        f"{'steady state':>13} {'checks':>7}  evaluations per check",
+        f"{'-' * 24} {'-' * 8} {'-' * 9} {'-' * 13} {'-' * 13} {'-' * 7}  {'-' * 21}",
     ]
     ratios = {}
     for name, trainer in trainers.items():
         ratio = (trainer.seconds - base) / base
         inside = trainer.in_gradwatch / base
-        steady = (trainer.in_gradwatch - trainer.first_check) / base
+        steady = (trainer.in_gradwatch - trainer.first_check - trainer.closing) / base
         ratios[name] = (ratio, inside, steady)
         reports = trainer.watch.reports if trainer.watch is not None else []
         lines.append(
-            f"{name:<24} {trainer.seconds:8.3f} {ratio:+9.2%} {inside:13.2%} {steady:14.2%} "
+            f"{name:<24} {trainer.seconds:8.3f} {ratio:+9.2%} {inside:13.2%} {steady:13.2%} "
             f"{len(reports):7d}  {[r.evaluations for r in reports] if reports else '-'}"
         )
     ratio, inside, steady = ratios["GradWatch(every=1000)"]
@@ -204,9 +206,10 @@ def overhead_table(steps: int, block: int, root: Path) -> str:
         "in gradwatch  = time inside watch.step() and close() / no-gradwatch seconds: the checks",
         "                and their spooling, measured directly (the background delivery thread",
         "                is not in it)",
-        "w/o 1st check = the same without the one-off check at step 1 (first_step=True)",
+        "steady state  = the same without the two one-offs: the check at step 1",
+        "                (first_step=True, a larger first budget) and close()",
         f"target: overhead <= 1% at every=1000 with default settings: measured {ratio:+.2%} "
-        f"overall, {steady:.2%} in gradwatch without the first-step check "
+        f"overall, {steady:.2%} in gradwatch in the steady state "
         f"-> {'PASS' if worst <= 0.01 else 'MISS'}",
     ]
     return "\n".join(lines)
@@ -215,8 +218,8 @@ def overhead_table(steps: int, block: int, root: Path) -> str:
 def coverage_table(steps: int) -> str:
     batches = make_batches(64)
     lines = [
-        f"Table 2 - a bug in one layer (dW x1.5 from step 1), GradWatch(every=100) default "
-        f"settings, {steps} steps",
+        f"Table 2 - a bug in one layer (dW x1.5) planted at step 150, after the first checks, "
+        f"GradWatch(every=100) default settings, {steps} steps",
         "",
         f"{'buggy layer':<12} {'checks':>7} {'first alert at step':>20} {'checks until alert':>19}"
         f"  worst layer",
@@ -228,9 +231,13 @@ def coverage_table(steps: int) -> str:
         progress(f"coverage: bug in layer {index}")
         buggy = make_model()
         planted: Any = buggy[index]
-        planted.scale = 1.5
         watch = GradWatch(every=100, loss_fn=loss_fn, mlflow=False)
-        train(steps, watch, batches, model=buggy)
+        trainer = Trainer(batches, watch, buggy)
+        trainer.advance(150)
+        planted.scale = 1.5
+        trainer.advance(steps - 150)
+        trainer.finish()
+        watch.reports = [r for r in watch.reports if r.probe["step"] > 150]
         alerts = [r for r in watch.reports if r.verdict == "alert"]
         first = alerts[0].probe["step"] if alerts else None
         until = watch.reports.index(alerts[0]) + 1 if alerts else None
