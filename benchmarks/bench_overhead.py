@@ -6,7 +6,7 @@
 A ~269k-parameter MLP (784-256-256-10, ReLU, dropout, Adam, batch 64, float32) trains on
 synthetic data three ways, interleaved in blocks of steps so that a slow spell of the shared
 machine hits all alike: without gradwatch, with `GradWatch(every=1000)` and with
-`GradWatch(every=100)`, default settings otherwise (adaptive budget, 16 probe rows, records
+`GradWatch(every=100)`, default settings otherwise (adaptive budget, 8 probe rows, records
 spooled and delivered to MLflow). The MLflow run is created before training, as a training
 script with MLflow logging would have it, so what is measured is the cost of the checks and
 their record, not of creating a tracking store.

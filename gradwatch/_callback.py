@@ -91,7 +91,7 @@ class GradWatch:
         loss_fn: Callable[[Any, Any], Any] | None = None,
         probe: Any = None,
         first_step: bool = True,
-        probe_rows: int | None = 16,
+        probe_rows: int | None = 8,
         mode: Mode = "auto",
         budget: int | None = None,
         overhead: float = 0.01,

@@ -217,6 +217,24 @@ def preserved_global_state(torch: Any) -> Iterator[None]:
         torch.set_grad_enabled(grad_enabled)
 
 
+@contextmanager
+def single_thread(torch: Any) -> Iterator[None]:
+    """Run one-evaluation-at-a-time loops on one intra-op thread, then restore the setting.
+
+    Each loop evaluation is a handful of small ops: waking a second thread for each costs more
+    than it saves, and on a shared machine it is where the occasional multi-millisecond stall
+    comes from. (The setting is the same afterwards, so training's own ops are unaffected.)
+    """
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
 def _float64_shadow(torch: Any, model: Any) -> Any:
     try:
         shadow = copy.deepcopy(model)
@@ -502,15 +520,16 @@ class _ModuleObjective:
                     vmap_cost = (time.perf_counter() - started) / (2 * (timed - warmed))
                     choice, done = self._measure_loop(vmap_cost, in_place, plus, minus, done)
             self.choice[layer] = choice
-        while done < count:
-            if choice == "vmap":
-                reached = vmap_rows(done)
-                if reached is not None:
-                    done = reached
-                    continue
+        while done < count and choice == "vmap":
+            reached = vmap_rows(done)
+            if reached is None:
                 choice = "loop"
-            plus[done], minus[done] = in_place(done)
-            done += 1
+                break
+            done = reached
+        if done < count:
+            with single_thread(self.torch):
+                for k in range(done, count):
+                    plus[k], minus[k] = in_place(k)
         self.used.setdefault(layer, set()).add(choice)
         return plus, minus
 
