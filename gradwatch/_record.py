@@ -196,12 +196,29 @@ def deliver_payload(payload: Mapping[str, Any], client: Any | None = None) -> No
     timestamp, step and value; a param logged again with the same value is accepted; tags and
     artifacts are overwritten with the same content.
     """
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    from gradwatch._spool import RejectedRecord
 
     if client is None:
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=payload.get("tracking_uri"))
+    try:
+        _write(client, payload)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", None) in PERMANENT_ERRORS:
+            raise RejectedRecord(f"MLflow refused it: {exc.error_code}: {exc.message}") from exc
+        raise
+
+
+#: MLflow error codes that no retry can fix (a changed param value, a deleted run, ...).
+PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
+
+
+def _write(client: Any, payload: Mapping[str, Any]) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
     run_id = payload["run_id"]
     metrics = [Metric(key, float(value), int(ts), int(step))
                for key, value, ts, step in payload.get("metrics", [])]

@@ -45,6 +45,7 @@ from gradwatch._exceptions import ConfigError, InputError, SpoolLockedError
 __all__ = [
     "Deliver",
     "FlushResult",
+    "RejectedRecord",
     "Spool",
     "SpoolLockedError",
     "default_spool_dir",
@@ -60,10 +61,18 @@ Deliver = Callable[[Payload], None]
 
 JOURNAL = "journal.jsonl"
 DELIVERED = "delivered"
+REJECTED = "rejected.jsonl"
 LOCK = ".lock"
 
 _ID_LENGTH = 32  # uuid4().hex
 _LOGGER = logging.getLogger("gradwatch")
+
+class RejectedRecord(Exception):
+    """Raised by a `deliver` function when the receiver will never accept this record (it is
+    malformed for it, or refers to something that no longer exists). The spool moves the record
+    to `rejected.jsonl` — kept, not lost — instead of retrying it forever in front of the
+    others."""
+
 
 class FlushResult(NamedTuple):
     """What `Spool.flush` / `replay` achieved.
@@ -371,6 +380,8 @@ class Spool:
                 payload = self._read(slot)["payload"]
             try:
                 self._deliver(payload)
+            except RejectedRecord as error:
+                self._reject(record_id, slot, error)
             except Exception as error:
                 with self._lock:
                     self._attempts[record_id] = self._attempts.get(record_id, 0) + 1
@@ -391,6 +402,21 @@ class Spool:
             if self._closed:  # close() gave up waiting for this delivery, or is waiting
                 self._release()
             self._delivery_lock.release()
+
+    def _reject(self, record_id: str, slot: _Slot, error: RejectedRecord) -> None:
+        """Keep a record the receiver refuses for good in rejected.jsonl; it then counts as
+        handled, so the records behind it are delivered."""
+        with self._lock:
+            envelope = self._read(slot)
+        line = json.dumps({**envelope, "rejected": str(error)}, separators=(",", ":")) + "\n"
+        with open(self.directory / REJECTED, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._logger.error(
+            "gradwatch spool %s: the receiver refuses record %s for good (%s); it is kept in %s "
+            "and the records after it go on", self.directory, record_id, error, REJECTED,
+        )
 
     def _backoff(self, failures: int) -> float:
         # delay = initial · 2^(failures − 1), capped; the exponent cap keeps floats finite.

@@ -135,3 +135,13 @@ def test_on_alert_stop_ends_the_trainer_early(tmp_path: Path) -> None:
     trainer = _train_pair(tmp_path, watch)
     assert trainer.state.global_step == 3
     assert watch.reports[-1].verdict == "alert"
+
+
+def test_gradient_accumulation_checks_once_per_optimizer_step(tmp_path: Path) -> None:
+    watch = GradWatch(every=2, mlflow=False, first_step=False)
+    trainer = _train_pair(tmp_path, watch, gradient_accumulation_steps=2,
+                          per_device_train_batch_size=4)
+    assert trainer.state.global_step == 6
+    assert [r.probe["step"] for r in watch.reports] == [2, 4, 6]
+    # the probe is the latest micro-batch the model saw in training mode
+    assert all(r.probe["batch"]["input_ids"] == "int64[4, 12]" for r in watch.reports)

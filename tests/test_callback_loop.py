@@ -253,3 +253,45 @@ def test_spooled_checks_survive_a_tracking_server_that_goes_away(
     again = client.get_metric_history(str(watch.run_id), "gradwatch/rel_distance")
     assert sorted(m.step for m in again) == expected
     assert len(reports) == len(expected)
+
+
+def test_state_dict_round_trip_keeps_the_schedule_and_the_alert() -> None:
+    watch = GradWatch(every=2, loss_fn=loss_fn, mlflow=False, budget=300)
+    train(watch, 7, wrong_between=(5, 8))
+    state = watch.state_dict()
+    assert state["last_checked"] == 6 and state["alert"]["state"] == "firing"
+    resumed = GradWatch(every=2, loss_fn=loss_fn, mlflow=False, budget=300)
+    resumed.load_state_dict(state)
+    assert resumed.tracker.state.state == "firing"
+    model = make_model()
+    assert resumed.step(model, batches(1)[0], step=6) is None  # step 6 was checked already
+    assert resumed.step(model, batches(1)[0], step=7) is None  # not due
+    assert resumed.step(model, batches(1)[0], step=8) is not None
+    resumed.load_state_dict({})  # an old checkpoint without gradwatch state still loads
+    resumed.close()
+
+
+def test_a_record_mlflow_refuses_for_good_is_set_aside_not_retried_forever(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from gradwatch._record import deliver_payload, params_payload
+    from gradwatch._spool import REJECTED, Spool
+
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment(f"refused-{tmp_path.name}")).info.run_id
+    client.log_param(run_id, "gradwatch.every", "5")
+    with Spool(tmp_path / "spool", deliver=deliver_payload) as spool:
+        # a changed param value: MLflow answers INVALID_PARAMETER_VALUE, whatever the retries
+        spool.append(params_payload({"gradwatch.every": 7}, run_id=run_id,
+                                    tracking_uri=mlflow_server.url))
+        spool.append(params_payload({"gradwatch.mode": "auto"}, run_id=run_id,
+                                    tracking_uri=mlflow_server.url))
+        result = spool.flush(timeout=30)
+    assert result.pending == 0, result
+    params = client.get_run(run_id).data.params
+    assert params["gradwatch.every"] == "5" and params["gradwatch.mode"] == "auto"
+    rejected = (tmp_path / "spool" / REJECTED).read_text().splitlines()
+    assert len(rejected) == 1 and "INVALID_PARAMETER_VALUE" in rejected[0]
+    assert '"gradwatch.every":"7"' in rejected[0]  # kept, not lost
