@@ -178,22 +178,27 @@ class GradWatch:
             self._setup_mlflow(active_run_id)
 
     def _setup_mlflow(self, active_run_id: str | None) -> None:
-        from mlflow import MlflowClient
-
         try:
-            self._resolved_uri = resolve_tracking_uri(self.tracking_uri)
-            client = MlflowClient(tracking_uri=self._resolved_uri)
-            self.run_id, self.created_run = resolve_run(
-                client, run_id=self.run_id, active_run_id=active_run_id,
-                experiment_name=self.experiment_name,
-            )
-        except Exception as exc:
+            self._open_record(active_run_id)
+        except Exception as exc:  # never crash training over its record
             if self.strict:
                 raise
-            logger.error("gradwatch: no MLflow run to log into (%s: %s); checks and alerts "
-                         "go on without MLflow", type(exc).__name__, exc)
+            logger.error("gradwatch: cannot record to MLflow (%s: %s); checks and alerts go on "
+                         "without it", type(exc).__name__, exc)
             self.use_mlflow = False
-            return
+            if self._spool is not None:
+                self._spool.close(timeout=1.0)
+                self._spool = None
+
+    def _open_record(self, active_run_id: str | None) -> None:
+        from mlflow import MlflowClient
+
+        self._resolved_uri = resolve_tracking_uri(self.tracking_uri)
+        client = MlflowClient(tracking_uri=self._resolved_uri)
+        self.run_id, self.created_run = resolve_run(
+            client, run_id=self.run_id, active_run_id=active_run_id,
+            experiment_name=self.experiment_name,
+        )
         self.tracker.key = str(self.run_id)
         root = self.spool_root or default_spool_dir()
         uri = self._resolved_uri
@@ -219,8 +224,8 @@ class GradWatch:
             "gradwatch.every": self.every.describe(),
             "gradwatch.mode": self.settings.mode,
             "gradwatch.eps": self.settings.eps,
-            "gradwatch.budget": self.settings.budget or f"adaptive ({self.adaptive.overhead:g})"
-            if self.adaptive else self.settings.budget,
+            "gradwatch.budget": (f"adaptive ({self.adaptive.overhead:g})" if self.adaptive
+                                 else self.settings.budget),
             "gradwatch.threshold.warn": self.settings.thresholds.warn,
             "gradwatch.threshold.alert": self.settings.thresholds.alert,
             "gradwatch.probe_rows": self.probe_rows,
@@ -447,7 +452,10 @@ class GradWatch:
 def replay_leftovers(root: Path, *, skip: Path) -> threading.Thread | None:
     """Deliver, in a daemon thread, what earlier runs left in their spools (a crash, a dead
     server at train end). Spools another live process owns are left to it."""
-    others = [p for p in root.iterdir() if p.is_dir() and p != skip] if root.exists() else []
+    try:
+        others = [p for p in root.iterdir() if p.is_dir() and p != skip]
+    except OSError:
+        return None
     if not others:
         return None
 

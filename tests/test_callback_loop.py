@@ -295,3 +295,22 @@ def test_a_record_mlflow_refuses_for_good_is_set_aside_not_retried_forever(
     rejected = (tmp_path / "spool" / REJECTED).read_text().splitlines()
     assert len(rejected) == 1 and "INVALID_PARAMETER_VALUE" in rejected[0]
     assert '"gradwatch.every":"7"' in rejected[0]  # kept, not lost
+
+
+def test_a_spool_another_process_owns_does_not_stop_training(
+    mlflow_server: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mlflow import MlflowClient
+
+    from gradwatch._spool import Spool
+
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment(f"locked-{tmp_path.name}")).info.run_id
+    with Spool(tmp_path / "spool" / run_id, deliver=lambda payload: None):  # holds the lock
+        watch = GradWatch(every=2, loss_fn=loss_fn, tracking_uri=mlflow_server.url,
+                          run_id=run_id, spool_dir=tmp_path / "spool", budget=200)
+        with caplog.at_level(logging.ERROR, logger="gradwatch"):
+            _, reports = train(watch, 4)
+    assert [r.verdict for r in reports] == ["ok", "ok", "ok"]
+    assert not watch.use_mlflow
+    assert any("in use by" in r.getMessage() for r in caplog.records)
