@@ -26,11 +26,13 @@ def _losses(trainer: Any) -> list[float]:
 
 
 def test_gradwatch_answers_every_trainer_event() -> None:
+    import transformers
     from transformers import TrainerCallback
 
     watch = GradWatch(every=5, mlflow=False)
     events = [name for name in dir(TrainerCallback) if name.startswith("on_")]
-    assert len(events) >= 16
+    major = int(transformers.__version__.split(".")[0])
+    assert len(events) >= (16 if major >= 5 else 14)  # 16 in 5.x, 15 in 4.57
     for name in events:
         assert callable(getattr(watch, name))
     assert watch.on_some_event_added_in_2030(None, None, None) is None
