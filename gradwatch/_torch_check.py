@@ -107,7 +107,8 @@ def check_module(
         shadow_batch = to_float64(torch, batch)
         resolved_loss = loss_fn if loss_fn is not None else default_loss
         objective = _ModuleObjective(torch, shadow, shadow_batch, resolved_loss, names, batching)
-        analytic = objective.analytic_gradients()
+        with single_thread(torch):  # one backward on a probe batch: small ops
+            analytic = objective.analytic_gradients()
         probe = {
             "source": "check_module",
             "model": type(live).__name__,
