@@ -55,8 +55,9 @@ def run_auto(engine: _Engine) -> None:
     engine.strategy.append(f"screen {k} directions × {len(rest)} tensors")
 
     noise = engine.noise()
-    suspects = [t for t in rest if _screen_distance(engine, t) >= engine.settings.thresholds.warn]
-    suspects.sort(key=lambda t: -_screen_distance(engine, t))
+    screened = {t.name: _screen_distance(t, noise) for t in rest}
+    suspects = [t for t in rest if screened[t.name] >= engine.settings.thresholds.warn]
+    suspects.sort(key=lambda t: -screened[t.name])
     locate_budget = int(budget * LOCATE_SHARE)
     for tensor in suspects:
         share = locate_budget // max(len(suspects), 1)
@@ -85,7 +86,7 @@ def _exact_small(engine: _Engine, tensors: list[_Tensor], allowance: int) -> lis
     return [t for t in tensors if t.name not in exact]
 
 
-def _screen_distance(engine: _Engine, tensor: _Tensor) -> float:
+def _screen_distance(tensor: _Tensor, noise: float) -> float:
     """Sketch estimate of the tensor's distance: sqrt(mean (vᵀ(n − a))²) / (||a|| + ||n||)."""
     if not tensor.sketches:
         return 0.0
@@ -96,7 +97,7 @@ def _screen_distance(engine: _Engine, tensor: _Tensor) -> float:
     )
     if not math.isfinite(diff) or not math.isfinite(denominator):
         return math.inf
-    floor = 100 * engine.noise() * math.sqrt(tensor.numel)  # 100 × a projection's noise
+    floor = 100 * noise * math.sqrt(tensor.numel)  # 100 × a projection's noise
     return diff / denominator if diff > floor and denominator > 0 else 0.0
 
 

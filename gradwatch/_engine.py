@@ -29,7 +29,7 @@ from gradwatch._numerics import ROUNDING, noise_per_element
 from gradwatch._progress import Progress
 from gradwatch._report import CheckReport, Mode, Thresholds
 
-__all__ = ["CheckSettings", "Objective", "run_check"]
+__all__ = ["CheckSettings", "Directional", "Objective", "make_settings", "run_check"]
 
 Vector = NDArray[np.float64]
 Indices = NDArray[np.int64]

@@ -68,17 +68,7 @@ class ProbeCapture:
 
 
 def _loss_of_call(model: Any, batch: dict[str, Any]) -> Any:
-    from gradwatch._torch_check import LOSS_FN_HELP, _loss_attribute
+    from gradwatch._torch_check import loss_of_output
 
     output = model(*batch["args"], **batch["kwargs"])
-    loss = _loss_attribute(output)
-    if loss is None and getattr(output, "ndim", None) == 0:
-        loss = output
-    if loss is None:
-        from gradwatch._exceptions import LossError
-
-        raise LossError(
-            f"the model's output ({type(output).__name__}) carries no loss for the captured "
-            f"training inputs. {LOSS_FN_HELP}"
-        )
-    return loss
+    return loss_of_output(output, "model(*args, **kwargs) on the captured training inputs")

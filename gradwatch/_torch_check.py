@@ -300,22 +300,26 @@ def default_loss(model: Any, batch: Any) -> Any:
             )
         return loss
     if isinstance(batch, (tuple, list)):
-        output = _call_model(model, batch, star=1)
-        loss = _loss_attribute(output)
-        if loss is None and getattr(output, "ndim", None) == 0:
-            loss = output
-        if loss is None:
-            shape = list(getattr(output, "shape", []))
-            raise LossError(
-                f"model(*batch) returned {type(output).__name__}"
-                f"{' of shape ' + str(shape) if shape else ''}, not a scalar loss. {LOSS_FN_HELP}"
-            )
-        return loss
+        return loss_of_output(_call_model(model, batch, star=1), "model(*batch)")
     raise LossError(
         f"gradwatch cannot tell how to compute a loss from a batch of type "
         f"{type(batch).__name__} without loss_fn (dict batches call model(**batch), tuples "
         f"model(*batch)). {LOSS_FN_HELP}"
     )
+
+
+def loss_of_output(output: Any, call: str) -> Any:
+    """The loss in a model's output: its `.loss` / ["loss"], or the output if it is a scalar."""
+    loss = _loss_attribute(output)
+    if loss is None and getattr(output, "ndim", None) == 0:
+        loss = output
+    if loss is None:
+        shape = list(getattr(output, "shape", []))
+        raise LossError(
+            f"{call} returned {type(output).__name__}"
+            f"{' of shape ' + str(shape) if shape else ''}, not a scalar loss. {LOSS_FN_HELP}"
+        )
+    return loss
 
 
 def _call_model(model: Any, batch: Any, *, star: int) -> Any:

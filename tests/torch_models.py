@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -76,17 +76,7 @@ BugKind = Literal[
     "dropped_input_grad",
     "subtle",
 ]
-BUG_KINDS: tuple[BugKind, ...] = (
-    "scaled",
-    "transposed",
-    "sign",
-    "sign_input",
-    "mean_not_sum",
-    "one_row",
-    "one_element",
-    "dropped_input_grad",
-    "subtle",
-)
+BUG_KINDS: tuple[BugKind, ...] = tuple(k for k in get_args(BugKind) if k != "none")
 
 #: The weight row that the `one_row` bug scales by 1.5.
 BAD_ROW = 3
