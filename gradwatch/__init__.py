@@ -10,7 +10,7 @@ The public surface is what `__all__` lists; every other module is private.
 from __future__ import annotations
 
 from gradwatch._alerts import AlertPolicy
-from gradwatch._callback import GradWatch
+from gradwatch._callback import CheckPlan, GradWatch
 from gradwatch._check import check
 from gradwatch._exceptions import (
     ConfigError,
@@ -29,6 +29,7 @@ from gradwatch._version import __version__
 
 __all__ = [
     "AlertPolicy",
+    "CheckPlan",
     "CheckReport",
     "ConfigError",
     "DeliveryError",

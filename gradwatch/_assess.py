@@ -101,6 +101,7 @@ def assess(engine: _Engine, *, seconds: float, probe: dict[str, object]) -> Chec
         thresholds=thresholds,
         evaluations=engine.evaluations,
         seconds=seconds,
+        evaluation_seconds=engine.evaluation_seconds,
         loss=engine.loss,
         probe=probe,
     )

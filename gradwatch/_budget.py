@@ -1,20 +1,22 @@
 """Sizing each check so gradwatch costs a fixed share of training time.
 
-With `GradWatch(budget=None)` (the default) every check gets
+With `GradWatch(budget=None)` (the default) a check of n loss evaluations is modelled as
+costing  F + n·e  seconds: F the part that does not grow with n (the float64 copy, the backward,
+the report and its spooling) and e the seconds per loss evaluation, both taken from the
+previous checks (medians of the last few, robust to a slow spell). The next check gets
 
-    budget = overhead · (steps since the last check) · (seconds per training step)
-             / (seconds per loss evaluation of the last check)
+    n = (overhead · (steps since the last check) · (seconds per training step) − F) / e
 
-loss evaluations, clamped to [MINIMUM, MAXIMUM]. When that budget cannot cover every parameter
-tensor, the check covers the next tensors of a rotation and the following checks cover the
-rest, so a bug in any one layer is still found — within a few checks instead of one. Step
-time excludes the time spent in checks; the seconds per evaluation include the check's fixed
-costs (the float64 copy, the backward), so the estimate errs on the cheap side.
+evaluations, clamped to [MINIMUM, MAXIMUM]. When n cannot cover every parameter tensor, the
+check covers the next tensors of a rotation and the following checks cover the rest, so a bug
+in any one layer is still found — within a few checks instead of one. Step time excludes the
+time spent in checks.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +25,7 @@ __all__ = ["AdaptiveBudget", "Rotation"]
 
 #: First check (nothing measured yet): enough for a small model's full check.
 FIRST_BUDGET = 256
-MINIMUM = 24
+MINIMUM = 16
 MAXIMUM = 2000
 #: What auto mode needs to say something useful about one large tensor: a 4-direction screen
 #: and a few coordinates.
@@ -31,34 +33,63 @@ PER_TENSOR = 40
 
 
 class AdaptiveBudget:
-    """Measures training steps and checks; proposes the next check's evaluation budget."""
+    """Measures training steps and checks; proposes the next check's evaluation budget.
 
-    def __init__(self, overhead: float, *, window: int = 50) -> None:
+    Example:
+        >>> budget = AdaptiveBudget(0.01)
+        >>> for _ in range(10):
+        ...     budget.step_finished(0.005)  # 5 ms training steps
+        >>> budget.check_finished(0.030, evaluations=24, evaluation_seconds=0.012)
+        >>> budget.next_budget(1000)  # (0.01 · 1000 · 5 ms − 18 ms) / 0.5 ms
+        64
+    """
+
+    def __init__(self, overhead: float, *, window: int = 50, checks: int = 5) -> None:
         self.overhead = overhead
         self.step_seconds: deque[float] = deque(maxlen=window)
-        self.eval_seconds: float | None = None
+        self.fixed_seconds: deque[float] = deque(maxlen=checks)
+        self.eval_seconds: deque[float] = deque(maxlen=checks)  # per evaluation
 
     def step_finished(self, seconds: float) -> None:
         if seconds > 0 and math.isfinite(seconds):
             self.step_seconds.append(seconds)
 
-    def check_finished(self, seconds: float, evaluations: int) -> None:
-        if evaluations > 0 and seconds > 0:
-            self.eval_seconds = seconds / evaluations
+    def check_finished(
+        self, seconds: float, evaluations: int, evaluation_seconds: float = 0.0
+    ) -> None:
+        """Record a check that took `seconds` in all, `evaluation_seconds` of them in
+        `evaluations` loss evaluations (0: not measured, all of it counts per evaluation)."""
+        if not (evaluations > 0 and seconds > 0 and math.isfinite(seconds)):
+            return  # an errored check says nothing about the cost of evaluations
+        if 0 < evaluation_seconds <= seconds:
+            self.eval_seconds.append(evaluation_seconds / evaluations)
+            self.fixed_seconds.append(seconds - evaluation_seconds)
+        else:
+            self.eval_seconds.append(seconds / evaluations)
+            self.fixed_seconds.append(0.0)
 
     def next_budget(self, steps_since_last: int) -> int:
-        if self.eval_seconds is None or not self.step_seconds:
+        if not self.eval_seconds or not self.step_seconds:
             return FIRST_BUDGET
-        ordered = sorted(self.step_seconds)
-        step = ordered[len(ordered) // 2]  # median: robust to the odd slow step
+        step = statistics.median(self.step_seconds)
         allowed = self.overhead * max(steps_since_last, 1) * step
-        return int(min(MAXIMUM, max(MINIMUM, allowed / self.eval_seconds)))
+        spare = allowed - statistics.median(self.fixed_seconds)
+        per_evaluation = statistics.median(self.eval_seconds)
+        return int(min(MAXIMUM, max(MINIMUM, spare / per_evaluation)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"eval_seconds": self.eval_seconds}
+        return {"eval_seconds": list(self.eval_seconds),
+                "fixed_seconds": list(self.fixed_seconds)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.eval_seconds = state.get("eval_seconds", self.eval_seconds)
+        per_eval, fixed = state.get("eval_seconds"), state.get("fixed_seconds")
+        if isinstance(per_eval, (int, float)):  # written by gradwatch ≤ 0.1: one number
+            per_eval, fixed = [per_eval], [0.0]
+        if isinstance(per_eval, list) and isinstance(fixed, list) and len(per_eval) == len(fixed):
+            self.eval_seconds.clear()
+            self.fixed_seconds.clear()
+            self.eval_seconds.extend(float(v) for v in per_eval)
+            self.fixed_seconds.extend(float(v) for v in fixed)
 
 
 class Rotation:

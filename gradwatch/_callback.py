@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from gradwatch._alerts import AlertPolicy, AlertTracker
 from gradwatch._budget import AdaptiveBudget, Rotation
+from gradwatch._distributed import agree, world
 from gradwatch._engine import make_settings
 from gradwatch._exceptions import ConfigError, GradientAlertError, SpoolLockedError
 from gradwatch._notify import Dispatcher, Notification, Notifier, make_notifier
@@ -41,7 +42,7 @@ from gradwatch._schedule import Schedule, parse_every
 from gradwatch._spool import Spool, default_spool_dir, replay
 from gradwatch._version import __version__
 
-__all__ = ["GradWatch"]
+__all__ = ["CheckPlan", "GradWatch"]
 
 logger = logging.getLogger("gradwatch")
 
@@ -49,6 +50,43 @@ OnAlert = Literal["continue", "stop", "raise"]
 ON_ALERT = ("continue", "stop", "raise")
 #: How long train end waits for the spool to reach MLflow before leaving the rest on disk.
 FLUSH_TIMEOUT = 30.0
+#: Loss evaluations of a check when `budget=` is fixed but None reaches the engine.
+DEFAULT_BUDGET = 2000
+
+
+class CheckPlan:
+    """What one check should do: handed to the `run` of `GradWatch.check_with` (adapters).
+
+    Example:
+        >>> plan = CheckPlan(step=10, mode="auto", eps=1e-7, budget=30, thresholds=Thresholds(),
+        ...                  seed=10, rotation=Rotation())
+        >>> plan.tensors({"w": 1000, "b": 10})  # 30 evaluations cannot cover both
+        ['w']
+        >>> sorted(plan.check_kwargs())
+        ['budget', 'eps', 'mode', 'seed', 'thresholds']
+    """
+
+    def __init__(self, *, step: int, mode: Mode, eps: float, budget: int,
+                 thresholds: Thresholds, seed: int, rotation: Rotation | None) -> None:
+        self.step, self.mode, self.eps, self.budget = step, mode, eps, budget
+        self.thresholds, self.seed, self.rotation = thresholds, seed, rotation
+        self.rotating = False
+        self._chosen: tuple[list[str] | None] | None = None
+
+    def check_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `gradwatch.check` / `check_module` / `check_jax`."""
+        return {"mode": self.mode, "eps": self.eps, "budget": self.budget,
+                "thresholds": self.thresholds, "seed": self.seed}
+
+    def tensors(self, sizes: Mapping[str, int]) -> list[str] | None:
+        """The tensors (name → element count, in the model's order) this check covers: None
+        for all of them, or the next ones of the rotation when the budget cannot cover them
+        all (the following checks cover the rest). Decided once per check."""
+        if self._chosen is None:
+            chosen = self.rotation.pick(sizes, self.budget) if self.rotation else None
+            self._chosen = (chosen,)
+            self.rotating = chosen is not None
+        return self._chosen[0]
 
 
 class GradWatch:
@@ -68,9 +106,12 @@ class GradWatch:
             backward bug shows on a handful of examples; float64 evaluations of a full batch
             are what makes a check expensive.
         budget: loss evaluations per check. None (default) sizes each check from the measured
-            cost of a training step and of a loss evaluation so checks take about `overhead`
-            (1%) of training time, covering the tensors across successive checks when one
-            check cannot cover them all.
+            cost of a training step, of a loss evaluation and of a check's fixed part, so
+            checks take about `overhead` of training time, covering the tensors across
+            successive checks when one check cannot cover them all.
+        overhead: the share of training time the adaptive budget aims at. The default, 0.005,
+            is half of gradwatch's 1% goal: the rest is margin for the record's delivery in a
+            background thread and for a noisy machine.
         mode, eps, thresholds, include, exclude, seed: as in `gradwatch.check_module`.
         strict: re-raise exceptions from inside the check instead of recording an "error" check.
         on_alert: "continue", "stop" (ask the trainer to stop; HF `should_training_stop`) or
@@ -94,7 +135,7 @@ class GradWatch:
         probe_rows: int | None = 8,
         mode: Mode = "auto",
         budget: int | None = None,
-        overhead: float = 0.01,
+        overhead: float = 0.005,
         eps: float | None = None,
         thresholds: Thresholds | Mapping[str, float] | None = None,
         include: str | Sequence[str] | None = None,
@@ -118,7 +159,7 @@ class GradWatch:
         )
         if not (isinstance(overhead, (int, float)) and 0 < overhead < 1):
             raise ConfigError(
-                f"overhead must be a fraction in (0, 1), e.g. 0.01, got {overhead!r}."
+                f"overhead must be a fraction in (0, 1), e.g. 0.005, got {overhead!r}."
             )
         if on_alert not in ON_ALERT:
             raise ConfigError(f"on_alert must be one of {ON_ALERT}, got {on_alert!r}.")
@@ -268,16 +309,54 @@ class GradWatch:
     def step(
         self, model: Any, batch: Any = None, *, step: int, loss_fn: Callable[..., Any] | None = None
     ) -> CheckReport | None:
-        """Call once per optimizer step (after `optimizer.step()`); returns the report when a
-        check ran at this step, else None."""
-        self.setup(model)
-        self._training_step_ended()
-        if not self.schedule.due(step, self.last_checked):
+        """Call once per optimizer step (after `optimizer.step()`), on every rank; returns the
+        report when a check ran at this step (on global rank zero), else None.
+
+        Under torch.distributed only rank zero checks; at a checked step the ranks meet at a
+        barrier that also shares rank zero's `should_stop`, so they stop together.
+        """
+        return self._at_step(
+            step, model, lambda plan: self._check(model, batch, step, loss_fn, plan)
+        )
+
+    def check_with(
+        self, run: Callable[[CheckPlan], CheckReport], *, step: int, model: Any = None
+    ) -> CheckReport | None:
+        """`step()` for adapters that run the check themselves (Keras, JAX): call once per
+        optimizer step on every rank; when a check is due, `run(plan)` must return the
+        `CheckReport` of a check sized by `plan` (`plan.check_kwargs()`, `plan.tensors(...)`).
+        Recording, alerts, the adaptive budget and errors are handled here as for `step()`.
+        `model` is only used to capture probe batches from torch modules (None otherwise)."""
+        return self._at_step(step, model, run)
+
+    def _at_step(
+        self, step: int, model: Any, run: Callable[[CheckPlan], CheckReport]
+    ) -> CheckReport | None:
+        rank, size = world()
+        if rank == 0:
+            self.setup(model)
+            self._training_step_ended()
+        due = self.schedule.due(step, self.last_checked)
+        if size > 1 and self.every.steps is None:
+            due = agree(due)  # only rank zero runs the wall-clock scheduler
+        if not due:
             return None
+        report, failure = None, None
         try:
-            return self.run_check(model, batch, step=step, loss_fn=loss_fn)
+            if rank == 0:
+                report = self._run(step, run)
+            else:
+                self.last_checked = step
+        except BaseException as exc:  # strict=True or on_alert="raise": the others must stop too
+            failure = exc
         finally:
-            self._step_ended = time.perf_counter()  # the check is not training time
+            if rank == 0:
+                self._step_ended = time.perf_counter()  # the check is not training time
+        if size > 1:
+            self.should_stop = agree(self.should_stop or failure is not None)
+        if failure is not None:
+            raise failure
+        return report
 
     def _training_step_ended(self) -> None:
         now = time.perf_counter()
@@ -288,21 +367,42 @@ class GradWatch:
     def run_check(
         self, model: Any, batch: Any = None, *, step: int, loss_fn: Callable[..., Any] | None = None
     ) -> CheckReport:
-        """Check now (whatever the schedule), record, alert. Never raises unless strict=True or
-        on_alert="raise"."""
+        """Check now (whatever the schedule and the rank), record, alert. Never raises unless
+        strict=True or on_alert="raise"."""
+        return self._run(step, lambda plan: self._check(model, batch, step, loss_fn, plan))
+
+    def _plan(self, step: int) -> CheckPlan:
         since = step - self.last_checked if self.last_checked is not None else 1
+        budget = self.settings.budget
+        if self.adaptive is not None:
+            budget = self.adaptive.next_budget(since)
+        return CheckPlan(
+            step=step, mode=self.settings.mode, eps=self.settings.eps,
+            budget=budget or DEFAULT_BUDGET, thresholds=self.settings.thresholds,
+            seed=self.settings.seed + step,
+            rotation=self.rotation if self.adaptive is not None else None,
+        )
+
+    def _run(self, step: int, run: Callable[[CheckPlan], CheckReport]) -> CheckReport:
+        plan = self._plan(step)
         self.last_checked = step
         started = time.perf_counter()
         timestamp_ms = int(self.clock() * 1000)
         try:
-            report = self._check(model, batch, step, loss_fn, since)
+            report = run(plan)
+            if not isinstance(report, CheckReport):
+                raise TypeError(f"the check returned {type(report).__name__}, not a "
+                                f"CheckReport")
+            report.probe.setdefault("step", step)
+            report.probe["budget"] = plan.budget
+            if plan.rotating:
+                report.probe["rotation"] = "this check covers part of the tensors; the next "\
+                    "checks cover the rest"
         except Exception as exc:
             if self.strict:
                 raise
             logger.exception("gradwatch: the check at step %d failed; training goes on", step)
             report = error_report(exc, self.settings, time.perf_counter() - started, step)
-        if self.adaptive is not None:
-            self.adaptive.check_finished(time.perf_counter() - started, report.evaluations)
         self.reports.append(report)
         transition = self._observe(report, step)
         alert_tag = None
@@ -311,6 +411,9 @@ class GradWatch:
         elif self.tracker.state.ever_fired:
             alert_tag = "firing" if self.tracker.state.state == "firing" else "resolved"
         self._record(report, step, timestamp_ms, alert_tag)
+        if self.adaptive is not None:  # the check's cost includes spooling its record
+            self.adaptive.check_finished(time.perf_counter() - started, report.evaluations,
+                                         report.evaluation_seconds)
         if transition is not None:
             self._announce(report, transition)
             if transition.kind == "firing":
@@ -338,7 +441,9 @@ class GradWatch:
             self._alerting_tensors = set()
         return self.tracker.observe(alerting, step=step)
 
-    def _check(self, model: Any, batch: Any, step: int, loss_fn: Any, since: int) -> CheckReport:
+    def _check(
+        self, model: Any, batch: Any, step: int, loss_fn: Any, plan: CheckPlan
+    ) -> CheckReport:
         from gradwatch._torch_check import check_module, select_parameters, unwrap_model
 
         source = "batch given to step()"
@@ -356,26 +461,18 @@ class GradWatch:
         if self.probe_rows is not None:
             batch = first_rows(batch, self.probe_rows)
         include, exclude = self.include, self.exclude
-        budget = self.settings.budget
-        rotation = None
-        if self.adaptive is not None:
-            budget = self.adaptive.next_budget(since)
+        if plan.rotation is not None:
             live = unwrap_model(model)
-            names = select_parameters(live, include, exclude)
             parameters = dict(live.named_parameters())
-            rotation = self.rotation.pick({n: parameters[n].numel() for n in names}, budget)
-            if rotation is not None:
-                include, exclude = [glob.escape(name) for name in rotation], None
+            names = select_parameters(live, include, exclude)
+            chosen = plan.tensors({n: parameters[n].numel() for n in names})
+            if chosen is not None:
+                include, exclude = [glob.escape(name) for name in chosen], None
         report = check_module(
-            model, batch, loss_fn or self.loss_fn or default_loss, mode=self.settings.mode,
-            eps=self.settings.eps, budget=budget or 2000,
-            thresholds=self.settings.thresholds, seed=self.settings.seed + step,
-            include=include, exclude=exclude,
+            model, batch, loss_fn or self.loss_fn or default_loss, include=include,
+            exclude=exclude, **plan.check_kwargs(),
         )
-        report.probe.update({"step": step, "from": source, "budget": budget})
-        if rotation is not None:
-            report.probe["rotation"] = "this check covers part of the tensors; the next "  \
-                "checks cover the rest"
+        report.probe.update({"step": step, "from": source})
         return report
 
     def _record(self, report: CheckReport, step: int, timestamp_ms: int, alert: str | None) -> None:
@@ -423,19 +520,11 @@ class GradWatch:
         return None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if not _is_world_zero(state) or not self._ready:
-            return None
-        self._training_step_ended()
-        step = int(state.global_step)
-        if not self.schedule.due(step, self.last_checked):
-            return None
-        try:
-            self.run_check(kwargs.get("model"), None, step=step)
-        finally:
-            self._step_ended = time.perf_counter()
+        self.step(kwargs.get("model"), None, step=int(state.global_step))
         if self.should_stop:
             control.should_training_stop = True
-        return control
+            return control
+        return None
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self.close()

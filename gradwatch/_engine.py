@@ -201,6 +201,8 @@ class _Engine:
         self.loss = math.nan
         self.loss_repeat = math.nan
         self.direction_count = 0
+        #: Of the check's time, the part inside the objective (what scales with evaluations).
+        self.evaluation_seconds = 0.0
 
     # ------------------------------------------------------------------ probes
     def coordinates(self, tensor: _Tensor, indices: Indices) -> None:
@@ -209,7 +211,9 @@ class _Engine:
         indices = indices[~tensor.checked[indices]]
         if indices.size == 0:
             return
+        started = time.perf_counter()
         plus, minus = self.objective.coordinate_losses(tensor.name, indices, self.settings.eps)
+        self.evaluation_seconds += time.perf_counter() - started
         tensor.checked[indices] = True
         tensor.indices.append(indices)
         tensor.plus.append(np.asarray(plus, dtype=np.float64))
@@ -226,7 +230,9 @@ class _Engine:
         """
         support = np.count_nonzero(directions, axis=1).astype(np.float64)
         steps = self.settings.eps / np.sqrt(np.maximum(support, 1.0))
+        started = time.perf_counter()
         plus, minus, realised = self.objective.direction_losses(tensor.name, directions, steps)
+        self.evaluation_seconds += time.perf_counter() - started
         plus = np.asarray(plus, dtype=np.float64)
         minus = np.asarray(minus, dtype=np.float64)
         self._spent(2 * directions.shape[0])
@@ -244,7 +250,13 @@ class _Engine:
         tensor.sketches.append(self.directions(tensor, self.rademacher(k, tensor.numel)))
 
     def rademacher(self, k: int, m: int) -> Vector:
-        return self.rng.integers(0, 2, size=(k, m)).astype(np.float64) * 2.0 - 1.0
+        """k×m independent ±1 entries: one random bit each, eight from every random byte."""
+        bits = np.unpackbits(np.frombuffer(self.rng.bytes(-(-k * m // 8)), dtype=np.uint8),
+                             count=k * m)
+        signs = bits.astype(np.float64)
+        signs *= 2.0
+        signs -= 1.0
+        return signs.reshape(k, m)
 
     def _spent(self, n: int) -> None:
         self.evaluations += n
@@ -267,8 +279,10 @@ class _Engine:
             "sketch": 2 + 2 * sum(min(settings.directions, t.numel) for t in self.tensors.values()),
             "auto": min(2 * total + 2, settings.budget or 2 * total + 2),
         }[settings.mode]
+        started = time.perf_counter()
         self.loss = float(self.objective.loss())
         self.loss_repeat = float(self.objective.loss())
+        self.evaluation_seconds += time.perf_counter() - started
         self._spent(2)
         if not math.isfinite(self.loss) or not self.deterministic:
             return  # reported by finish(): non-finite or non-deterministic, nothing to measure
@@ -331,10 +345,12 @@ class _Engine:
             return pool
         top = k - k // 2
         magnitude = np.abs(tensor.analytic[pool])
-        largest = pool[np.argpartition(-magnitude, top - 1)[:top]]
-        rest = np.setdiff1d(pool, largest, assume_unique=True)
+        picked = np.argpartition(magnitude, pool.size - top)[pool.size - top:]
+        others = np.ones(pool.size, dtype=bool)
+        others[picked] = False
+        rest = pool[others]
         random = self.rng.choice(rest, size=min(k - top, rest.size), replace=False)
-        return np.concatenate([largest, random]).astype(np.int64)
+        return np.concatenate([pool[picked], random]).astype(np.int64)
 
     def run_sketch(self, k: int) -> None:
         self.strategy.append(f"sketch {k}/tensor")

@@ -222,12 +222,24 @@ def _write(client: Any, payload: Mapping[str, Any]) -> None:
     run_id = payload["run_id"]
     metrics = [Metric(key, float(value), int(ts), int(step))
                for key, value, ts, step in payload.get("metrics", [])]
-    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
     params = [Param(k, str(v)) for k, v in payload.get("params", {}).items()]
     tags = [RunTag(k, str(v)) for k, v in payload.get("tags", {}).items()]
+    # Metrics first, params and tags after (a reader who sees gradwatch.last_step finds its
+    # metrics); a typical check is one log_batch, which MLflow applies as one transaction.
+    batches: list[dict[str, list[Any]]] = [
+        {"metrics": metrics[start:start + MAX_METRICS_PER_BATCH], "params": [], "tags": []}
+        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH)
+    ]
     for start in range(0, max(len(params), len(tags)), MAX_PARAMS_TAGS_PER_BATCH):
         chunk = slice(start, start + MAX_PARAMS_TAGS_PER_BATCH)
-        client.log_batch(run_id, params=params[chunk], tags=tags[chunk])
+        last = batches[-1] if batches else None
+        extra = len(params[chunk]) + len(tags[chunk])
+        if last is not None and not last["params"] and not last["tags"] \
+                and len(last["metrics"]) + extra <= MAX_METRICS_PER_BATCH:
+            last["params"], last["tags"] = params[chunk], tags[chunk]
+        else:
+            batches.append({"metrics": [], "params": params[chunk], "tags": tags[chunk]})
+    for batch in batches:
+        client.log_batch(run_id, **batch)
     for path, text in payload.get("artifacts", {}).items():
         client.log_text(run_id, text, path)

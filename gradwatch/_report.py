@@ -161,6 +161,9 @@ class CheckReport(BaseModel):
     directions: int = Field(default=0, description="random directions checked (sketch)")
     evaluations: int = Field(description="loss evaluations spent")
     seconds: float
+    evaluation_seconds: float = Field(
+        default=0.0, description="of `seconds`, the part spent evaluating the loss"
+    )
     loss: float = Field(description="J(θ) at the checked point, in float64")
     noise_floor: float = Field(default=0.0, description="estimated rounding noise per element")
     kinks: int = 0

@@ -17,7 +17,7 @@ import fnmatch
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import numpy as np
@@ -237,8 +237,19 @@ def single_thread(torch: Any) -> Iterator[None]:
 
 
 def _float64_shadow(torch: Any, model: Any) -> Any:
+    # Parameters are copied straight to float64 (one pass over the weights instead of a
+    # copy and then a cast); deepcopy's memo keeps shared (tied) parameters shared.
+    memo: dict[int, Any] = {}
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and id(parameter) not in memo:
+            try:
+                memo[id(parameter)] = type(parameter)(
+                    parameter.detach().to(torch.float64, copy=True), parameter.requires_grad
+                )
+            except Exception:  # an exotic Parameter subclass: let deepcopy copy it
+                continue
     try:
-        shadow = copy.deepcopy(model)
+        shadow = copy.deepcopy(model, memo)
     except Exception as exc:
         raise InputError(
             f"gradwatch checks a float64 copy of the model and could not copy "
@@ -378,6 +389,11 @@ class _ModuleObjective:
         self.unused: list[str] = []
         self.calls = 0
         self.wrapper = _loss_module(torch, shadow, loss_fn, batch)
+        self.device_type = _device_type(shadow)
+        # The float64 shadow must not run under the trainer's autocast: when the check is
+        # called inside one, each evaluation leaves it (entering the context costs as much as
+        # a small op, so it is skipped when no autocast is active).
+        self.under_autocast = _autocast_enabled(torch, self.device_type)
 
     # -------------------------------------------------------------- evaluation
     def _scalar(self, value: Any, where: str) -> Any:
@@ -399,10 +415,13 @@ class _ModuleObjective:
         return value.reshape(())
 
     def _loss_tensor(self) -> Any:
-        torch = self.torch
-        device_type = _device_type(self.shadow)
-        with torch.autocast(device_type=device_type, enabled=False):
+        with self._full_precision():
             return self._scalar(self.loss_fn(self.shadow, self.batch), "loss_fn(model, batch)")
+
+    def _full_precision(self) -> Any:
+        if not self.under_autocast:
+            return nullcontext()
+        return self.torch.autocast(device_type=self.device_type, enabled=False)
 
     def loss(self) -> float:
         with self.torch.no_grad():
@@ -447,8 +466,8 @@ class _ModuleObjective:
 
         def in_place(k: int) -> tuple[float, float]:
             i = int(indices[k])
-            original = flat[i].clone()
-            flat[i] = original + eps
+            original = flat[i].item()  # float64 → Python float → float64: exact
+            flat[i] = original + eps  # one IEEE double rounding, as in float64 tensors
             plus = self.loss()
             flat[i] = original - eps
             minus = self.loss()
@@ -462,27 +481,35 @@ class _ModuleObjective:
     ) -> tuple[Vector, Vector, Vector]:
         torch = self.torch
         flat = self.parameters[layer].data.view(-1)
-        delta = torch.as_tensor(directions, dtype=flat.dtype, device=flat.device)
-        delta = delta * torch.as_tensor(steps, dtype=flat.dtype, device=flat.device)[:, None]
-        ups, downs = flat + delta, flat - delta
-        realised = ((ups - downs) / 2).to("cpu").numpy()  # exact: ups and downs are close
+        signs = torch.as_tensor(directions, dtype=flat.dtype, device=flat.device)
+        scale = torch.as_tensor(steps, dtype=flat.dtype, device=flat.device)[:, None]
+        # The step each direction realises, ((θ + s·v) − (θ − s·v)) / 2, enters the analytic
+        # projection; it is exact because the two points are close (Sterbenz).
+        realised = torch.empty(directions.shape, dtype=flat.dtype, device=flat.device)
+        original = flat.clone()
+        up = torch.empty_like(flat)  # reused: no fresh multi-megabyte buffers per evaluation
 
         def stacked(rows: slice) -> Any:
-            return torch.cat([ups[rows], downs[rows]])
+            delta = signs[rows] * scale[rows]
+            ups, downs = original + delta, original - delta
+            torch.sub(ups, downs, out=realised[rows]).div_(2)
+            return torch.cat([ups, downs])
 
         def in_place(k: int) -> tuple[float, float]:
-            original = flat.clone()
+            step = float(steps[k])  # s·(±1) is exact, so θ + s·v is rounded once, as above
             try:
-                flat.copy_(ups[k])
+                torch.add(original, signs[k], alpha=step, out=up)
+                flat.copy_(up)
                 plus = self.loss()
-                flat.copy_(downs[k])
+                torch.add(original, signs[k], alpha=-step, out=flat)
                 minus = self.loss()
+                torch.sub(up, flat, out=realised[k]).div_(2)
             finally:
                 flat.copy_(original)
             return plus, minus
 
         plus, minus = self._evaluate(layer, directions.shape[0], stacked, in_place)
-        return plus, minus, realised
+        return plus, minus, realised.to("cpu").numpy()
 
     def _evaluate(
         self,
@@ -567,7 +594,7 @@ class _ModuleObjective:
             return self._scalar(output, "loss_fn(model, batch)")
 
         try:
-            with torch.no_grad(), torch.autocast(_device_type(self.shadow), enabled=False):
+            with torch.no_grad(), self._full_precision():
                 losses = torch.func.vmap(one)(values)
         except Exception as exc:  # vmap cannot run every model: fall back to the loop
             self.vmap_broken = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -584,6 +611,15 @@ class _ModuleObjective:
         if self.vmap_broken is not None:
             used["vmap_unavailable"] = self.vmap_broken
         return used
+
+
+def _autocast_enabled(torch: Any, device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
 
 
 def _device_type(module: Any) -> str:
