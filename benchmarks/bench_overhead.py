@@ -139,13 +139,14 @@ def train(steps: int, watch: GradWatch | None, batches: list[Any],
     return trainer
 
 
-def new_run(tracking_uri: str) -> str:
+def new_run(tracking_uri: str, artifacts: Path) -> str:
+    """A run in experiment "overhead" whose artifacts stay under `artifacts` (not ./mlruns)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("overhead")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        "overhead")
+        "overhead", artifact_location=artifacts.as_uri())
     return str(client.create_run(experiment_id).info.run_id)
 
 
@@ -159,7 +160,8 @@ def overhead_table(steps: int, block: int, root: Path) -> str:
     train(50, None, batches)  # warm up torch and the allocator
 
     def watched(every: int) -> GradWatch:
-        return GradWatch(every=every, loss_fn=loss_fn, tracking_uri=uri, run_id=new_run(uri),
+        return GradWatch(every=every, loss_fn=loss_fn, tracking_uri=uri,
+                         run_id=new_run(uri, root / "artifacts"),
                          spool_dir=root / "spool")
 
     lines = [

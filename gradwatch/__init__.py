@@ -21,6 +21,7 @@ from gradwatch._exceptions import (
     LossError,
     MissingDependencyError,
     SpoolLockedError,
+    UnsupportedModelError,
 )
 from gradwatch._numerics import rel_distance
 from gradwatch._report import CheckReport, ElementReport, LayerReport, Thresholds
@@ -43,6 +44,7 @@ __all__ = [
     "MissingDependencyError",
     "SpoolLockedError",
     "Thresholds",
+    "UnsupportedModelError",
     "__version__",
     "check",
     "check_module",

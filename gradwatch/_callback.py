@@ -27,7 +27,12 @@ from gradwatch._alerts import AlertPolicy, AlertTracker
 from gradwatch._budget import AdaptiveBudget, Rotation
 from gradwatch._distributed import agree, world
 from gradwatch._engine import make_settings
-from gradwatch._exceptions import ConfigError, GradientAlertError, SpoolLockedError
+from gradwatch._exceptions import (
+    ConfigError,
+    GradientAlertError,
+    SpoolLockedError,
+    UnsupportedModelError,
+)
 from gradwatch._notify import Dispatcher, Notification, Notifier, make_notifier
 from gradwatch._probe import ProbeCapture
 from gradwatch._record import (
@@ -194,6 +199,8 @@ class GradWatch:
         self.reports: list[CheckReport] = []
         self.last_checked: int | None = None
         self.should_stop = False
+        #: Why this model cannot be checked at all (sharded); no more checks run once set.
+        self.unsupported: str | None = None
         self.created_run = False
         self._resolved_uri: str | None = None
         self._spool: Spool | None = None
@@ -343,7 +350,7 @@ class GradWatch:
             return None
         report, failure = None, None
         try:
-            if rank == 0:
+            if rank == 0 and self.unsupported is None:
                 report = self._run(step, run)
             else:
                 self.last_checked = step
@@ -369,7 +376,13 @@ class GradWatch:
     ) -> CheckReport:
         """Check now (whatever the schedule and the rank), record, alert. Never raises unless
         strict=True or on_alert="raise"."""
-        return self._run(step, lambda plan: self._check(model, batch, step, loss_fn, plan))
+        report = self._run(step, lambda plan: self._check(model, batch, step, loss_fn, plan))
+        if report is None:  # nothing captured yet: say so as a check error
+            report = error_report(ConfigError(
+                "gradwatch has no batch to check on: pass one to run_check(model, batch, "
+                "step=...), give GradWatch(probe=batch), or let one training forward run first."
+            ), self.settings, 0.0, step)
+        return report
 
     def _plan(self, step: int) -> CheckPlan:
         since = step - self.last_checked if self.last_checked is not None else 1
@@ -383,7 +396,7 @@ class GradWatch:
             rotation=self.rotation if self.adaptive is not None else None,
         )
 
-    def _run(self, step: int, run: Callable[[CheckPlan], CheckReport]) -> CheckReport:
+    def _run(self, step: int, run: Callable[[CheckPlan], CheckReport]) -> CheckReport | None:
         plan = self._plan(step)
         self.last_checked = step
         started = time.perf_counter()
@@ -398,6 +411,18 @@ class GradWatch:
             if plan.rotating:
                 report.probe["rotation"] = "this check covers part of the tensors; the next "\
                     "checks cover the rest"
+        except _NoProbeYet:
+            logger.info("gradwatch: no training forward captured before step %d (call "
+                        "watch.setup(model) before the loop to capture from the first step); "
+                        "the first check runs at the next scheduled step", step)
+            return None
+        except UnsupportedModelError as exc:
+            if self.strict:
+                raise
+            self.unsupported = str(exc)
+            logger.warning("gradwatch: %s gradwatch stops checking this run; training goes on.",
+                           exc)
+            report = error_report(exc, self.settings, time.perf_counter() - started, step)
         except Exception as exc:
             if self.strict:
                 raise
@@ -453,6 +478,8 @@ class GradWatch:
         if batch is None:
             batch, default_loss = self.capture.batch()
             source = "inputs of the latest training forward"
+        if batch is None and not self.reports:
+            raise _NoProbeYet  # set up after the first forward (plain loop): no error record
         if batch is None:
             raise ConfigError(
                 "gradwatch has no batch to check on: pass one to step(model, batch, step=...), "
@@ -603,6 +630,10 @@ def first_rows(batch: Any, rows: int) -> Any:
         return value
 
     return cut(batch)
+
+
+class _NoProbeYet(Exception):
+    """No probe batch at the first check: the capture hook was attached after the forward."""
 
 
 def _no_event(*args: Any, **kwargs: Any) -> None:

@@ -5,7 +5,8 @@ Catch at the level you need::
     GradwatchError                 base of everything gradwatch raises on purpose
     ├── ConfigError (ValueError)   a setting is invalid: eps, mode, thresholds, budget, globs
     ├── InputError (ValueError)    params, grads, model or batch do not fit together
-    │   └── LossError              the loss could not be computed or is not a scalar
+    │   ├── LossError              the loss could not be computed or is not a scalar
+    │   └── UnsupportedModelError  the model cannot be checked at all (sharded: FSDP, ZeRO-3)
     ├── MissingDependencyError (ImportError)
     │                              an optional extra (torch, ...) is not installed
     ├── GradientAlertError         a check alerted and GradWatch(on_alert="raise") was asked
@@ -29,6 +30,7 @@ __all__ = [
     "LossError",
     "MissingDependencyError",
     "SpoolLockedError",
+    "UnsupportedModelError",
 ]
 
 
@@ -46,6 +48,11 @@ class InputError(GradwatchError, ValueError):
 
 class LossError(InputError):
     """The loss could not be computed from the inputs, or is not a real scalar."""
+
+
+class UnsupportedModelError(InputError):
+    """The model cannot be checked by gradwatch at all (e.g. its parameters are sharded across
+    ranks); `GradWatch` logs the reason once, records one "error" check and stops checking."""
 
 
 class MissingDependencyError(GradwatchError, ImportError):

@@ -24,7 +24,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gradwatch._engine import make_settings, run_check
-from gradwatch._exceptions import ConfigError, InputError, LossError, missing_dependency
+from gradwatch._exceptions import (
+    ConfigError,
+    InputError,
+    LossError,
+    UnsupportedModelError,
+    missing_dependency,
+)
 from gradwatch._progress import resolve_progress
 from gradwatch._report import CheckReport, Mode, Thresholds
 
@@ -101,6 +107,7 @@ def check_module(
             f"parameters use gradwatch.check(cost, params, grads)."
         )
     live = unwrap_model(model)
+    refuse_sharded(live)
     names = select_parameters(live, include, exclude)
     with preserved_global_state(torch):
         shadow = _float64_shadow(torch, live)
@@ -156,6 +163,37 @@ def unwrap_model(model: Any) -> Any:
         ):
             model = model.module
     return model
+
+
+def refuse_sharded(model: Any) -> None:
+    """Raise UnsupportedModelError when no process holds the whole model (FSDP, ZeRO-3).
+
+    A check needs every parameter's full value on one rank; gathering them would take
+    collectives that the other ranks are not making at that moment (they would hang).
+    """
+    reason = None
+    for module in model.modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            reason = "FSDP (FullyShardedDataParallel) shards its parameters across the ranks"
+            break
+    if reason is None:
+        for name, parameter in model.named_parameters():
+            if type(parameter).__name__ == "DTensor" or type(
+                    getattr(parameter, "data", None)).__name__ == "DTensor":
+                reason = (f"parameter {name!r} is a DTensor (FSDP2 fully_shard or tensor "
+                          f"parallelism): its values are spread across the ranks")
+                break
+            if hasattr(parameter, "ds_id") or hasattr(parameter, "ds_status"):
+                reason = (f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3; only a "
+                          f"shard of it lives on this rank")
+                break
+    if reason is not None:
+        raise UnsupportedModelError(
+            f"gradwatch cannot check {type(model).__name__}: {reason}. Supported: single "
+            f"process, DDP, DataParallel, Accelerate without FSDP/ZeRO-3, torch.compile. To "
+            f"check this model's backward, run gradwatch.check_module on an unsharded copy of "
+            f"a small configuration (e.g. in a test), or train a small configuration with DDP."
+        )
 
 
 def select_parameters(

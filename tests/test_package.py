@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,12 @@ def test_all_is_sorted_and_complete() -> None:
 
 def test_every_error_is_a_gradwatch_error() -> None:
     for name in ("ConfigError", "InputError", "LossError", "MissingDependencyError",
-                 "GradientAlertError", "DeliveryError", "SpoolLockedError"):
+                 "GradientAlertError", "DeliveryError", "SpoolLockedError",
+                 "UnsupportedModelError"):
         assert issubclass(getattr(gradwatch, name), gradwatch.GradwatchError)
     assert issubclass(gradwatch.ConfigError, ValueError)
     assert issubclass(gradwatch.LossError, gradwatch.InputError)
+    assert issubclass(gradwatch.UnsupportedModelError, gradwatch.InputError)
     assert issubclass(gradwatch.MissingDependencyError, ImportError)
 
 
@@ -49,3 +53,41 @@ def test_lint_and_types_are_clean(command: list[str]) -> None:
         command = [sys.executable, "-m", "ruff", *command[1:]]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_integrations_install_from_a_wheel(tmp_path: Path) -> None:
+    """integrations/ ships in the wheel as gradwatch.integrations and imports from there."""
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "w")]
+    try:
+        import setuptools  # noqa: F401  (then no isolated build env needs downloading)
+
+        build.append("--no-build-isolation")
+    except ImportError:
+        pass
+    result = subprocess.run([*build, str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [wheel] = (tmp_path / "w").glob("gradwatch-*.whl")
+    adapters = sorted(p.stem for p in (ROOT / "integrations").glob("*.py"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for adapter in adapters:
+        assert f"gradwatch/integrations/{adapter}.py" in names
+    assert not any(n.startswith("integrations/") or n.startswith("tests/") for n in names)
+
+    target = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+         str(wheel)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    modules = [f"gradwatch.integrations.{a}" for a in adapters if a != "__init__"]
+    script = (
+        "import importlib, gradwatch, gradwatch.integrations\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(gradwatch.__file__)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target), "KERAS_BACKEND": "torch"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().startswith(str(target))  # the wheel's copy, not the checkout
