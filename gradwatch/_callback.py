@@ -203,13 +203,15 @@ class GradWatch:
         self.unsupported: str | None = None
         self.created_run = False
         self._resolved_uri: str | None = None
+        self._restored_run_id: str | None = None  # from load_state_dict (a resumed training)
         self._spool: Spool | None = None
         self._dispatcher: Dispatcher | None = None
         self._ready = False
 
     def __repr__(self) -> str:
         return (f"GradWatch(every={self.every.describe()!r}, mode={self.settings.mode!r}, "
-                f"budget={self.settings.budget}, on_alert={self.on_alert!r})")
+                f"budget={self.settings.budget if self.adaptive is None else 'adaptive'!r}, "
+                f"on_alert={self.on_alert!r})")
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, model: Any = None, *, active_run_id: str | None = None) -> None:
@@ -245,7 +247,7 @@ class GradWatch:
         client = MlflowClient(tracking_uri=self._resolved_uri)
         self.run_id, self.created_run = resolve_run(
             client, run_id=self.run_id, active_run_id=active_run_id,
-            experiment_name=self.experiment_name,
+            experiment_name=self.experiment_name, restored_run_id=self._restored_run_id,
         )
         self.tracker.key = str(self.run_id)
         root = self.spool_root or default_spool_dir()
@@ -532,7 +534,7 @@ class GradWatch:
         self.last_checked = state.get("last_checked", self.last_checked)
         if state.get("alert"):
             self.tracker.load_state_dict(state["alert"])
-        self.run_id = self.run_id or state.get("run_id")
+        self._restored_run_id = state.get("run_id") or self._restored_run_id
         self.rotation.load_state_dict(state.get("rotation", {}))
         if self.adaptive is not None:
             self.adaptive.load_state_dict(state.get("budget", {}))

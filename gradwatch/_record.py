@@ -170,14 +170,18 @@ def resolve_run(
     active_run_id: str | None,
     experiment_name: str | None,
     run_name: str | None = None,
+    restored_run_id: str | None = None,
 ) -> tuple[str, bool]:
     """Which run to log into, and whether gradwatch created it.
 
     Order: an explicit `run_id`; the run already active when training began (HF's
-    MLflowCallback opens one when `report_to` includes mlflow); `MLFLOW_RUN_ID`; else a new
-    run in `experiment_name`, `MLFLOW_EXPERIMENT_NAME` or "gradwatch".
+    MLflowCallback opens one when `report_to` includes mlflow); the run of a checkpoint this
+    training resumed from; `MLFLOW_RUN_ID`; else a new run in `experiment_name`,
+    `MLFLOW_EXPERIMENT_NAME` or "gradwatch". (A resumed training whose framework logs into a
+    new run gets gradwatch's record in that run too.)
     """
-    for candidate in (run_id, active_run_id, os.environ.get("MLFLOW_RUN_ID")):
+    candidates = (run_id, active_run_id, restored_run_id, os.environ.get("MLFLOW_RUN_ID"))
+    for candidate in candidates:
         if candidate:
             client.get_run(candidate)  # fails loudly on a wrong id, before training starts
             return candidate, False

@@ -108,6 +108,21 @@ class Schedule:
         scheduler.start()
         self._scheduler = scheduler
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable (Lightning's ddp_spawn, notebooks): a pending mark and the scheduler
+        # thread belong to this process; the copy starts its own scheduler.
+        state = dict(self.__dict__)
+        state["_marked"] = self._marked.is_set()
+        state["_scheduler"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        marked = state.pop("_marked")
+        self.__dict__.update(state)
+        self._marked = threading.Event()
+        if marked:
+            self._marked.set()
+
     def shutdown(self) -> None:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
@@ -124,7 +139,10 @@ class Schedule:
         if self.first_step and last_checked is None:
             return True
         if self.every.steps is not None:
-            return step % self.every.steps == 0
+            # A multiple of `every` reached or jumped over (a global step may advance by more
+            # than one, e.g. two optimizers stepping per batch).
+            previous = last_checked if last_checked is not None else 0
+            return step // self.every.steps > previous // self.every.steps
         if self._marked.is_set():
             self._marked.clear()
             return True

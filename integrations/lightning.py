@@ -35,15 +35,17 @@ are installed, so the same instance goes to a `lightning.Trainer` or a
 
 Not supported: manual optimization (`automatic_optimization = False`) and `training_step(self,
 dataloader_iter)` unless you pass `loss_fn=` (their `training_step` steps optimizers or consumes
-the iterator itself); sharded parameters (FSDP, DeepSpeed ZeRO-3), which the float64 copy cannot
-gather; a `training_step` that calls collectives (`self.all_gather`, `sync_dist` outside
-`self.log`) would wait for the other ranks while rank zero checks.
+the iterator itself); sharded parameters (FSDP, DeepSpeed ZeRO-3): `GradWatch` records one
+"error" check saying so and stops checking; a `training_step` that calls collectives itself
+(`self.all_gather`, a `dist` call; `self.log(..., sync_dist=True)` is silenced, so fine) would
+wait for the other ranks while rank zero checks.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +56,8 @@ from gradwatch._report import CheckReport
 
 __all__ = ["GradWatchCallback"]
 
+logger = logging.getLogger("gradwatch")
+
 #: The Lightning 2.x package names, in the order their `Callback` classes come in the MRO.
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -63,8 +67,9 @@ def _import_packages() -> tuple[Any, ...]:
     for name in PACKAGES:
         try:
             found.append(importlib.import_module(name))
-        except ImportError:
-            continue
+        except ModuleNotFoundError as exc:
+            if exc.name not in (name, name.split(".")[0]):
+                raise  # installed, but something it needs is missing: say that, not this
     if not found:
         raise missing_dependency("gradwatch.integrations.lightning", "lightning", "lightning")
     return tuple(found)
@@ -78,9 +83,7 @@ _is_param_in_hook_signature = importlib.import_module(
     f"{_PACKAGES[0].__name__}.utilities.signature_utils"
 ).is_param_in_hook_signature
 #: The base of `GradWatchCallback`: the `Callback` of every installed Lightning package.
-_CallbackBase: Any = type(
-    "_CallbackBase", tuple(package.Callback for package in _PACKAGES), {}
-)
+_CallbackBase: Any = type("_CallbackBase", tuple(package.Callback for package in _PACKAGES), {})
 
 
 class GradWatchCallback(_CallbackBase):
@@ -141,8 +144,16 @@ class GradWatchCallback(_CallbackBase):
         self._last_global_step = int(trainer.global_step)
         if trainer.global_rank != 0:
             return  # GradWatch.step checks on global rank zero only; no record elsewhere
-        # No model: the probe is the batch given to step(), nothing to capture.
-        self.watch.setup(None, active_run_id=self._mlflow_run(trainer))
+        try:
+            run_id = self._mlflow_run(trainer)
+        except Exception as exc:  # never crash training over its record
+            if self.watch.strict:
+                raise
+            logger.error("gradwatch: cannot tell which MLflow run the trainer logs into (%s: "
+                         "%s); GradWatch resolves its own", type(exc).__name__, exc)
+            run_id = None
+        # No model: the probe is the batch given to step(), there is nothing to capture.
+        self.watch.setup(None, active_run_id=run_id)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -189,12 +200,14 @@ class GradWatchCallback(_CallbackBase):
         watch = self.watch
         if not watch.use_mlflow or self._chosen_run_id is not None:
             return None
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, _MLFLOW_LOGGERS)), None)
-        if logger is not None:
-            uri = str(logger.experiment.tracking_uri)
+        mlflow_logger = next(
+            (lg for lg in trainer.loggers if isinstance(lg, _MLFLOW_LOGGERS)), None
+        )
+        if mlflow_logger is not None:
+            uri = str(mlflow_logger.experiment.tracking_uri)
             if self._chosen_tracking_uri is None or _same_store(self._chosen_tracking_uri, uri):
                 watch.tracking_uri, watch.run_id = uri, None
-                return str(logger.run_id)
+                return str(mlflow_logger.run_id)
             return None
         import mlflow
 
@@ -251,6 +264,10 @@ class _TrainingStepLoss:
         self.trainer = trainer
         self.live = live
         self.batch_idx = batch_idx
+        # Lightning passes batch_idx when training_step takes a second argument
+        self.takes_batch_idx = _is_param_in_hook_signature(
+            live.training_step, "batch_idx", min_args=2
+        )
 
     def __call__(self, shadow: Any, batch: Any) -> Any:
         if shadow is self.live:  # never silence the user's own module
@@ -258,7 +275,7 @@ class _TrainingStepLoss:
                                "module, not on the module being trained")
         if shadow.__dict__.get("log") is not _no_logging:
             _prepare_shadow(shadow, self.trainer)
-        if _is_param_in_hook_signature(shadow.training_step, "batch_idx", min_args=2):
+        if self.takes_batch_idx:
             output = shadow.training_step(batch, self.batch_idx)
         else:
             output = shadow.training_step(batch)
@@ -266,13 +283,14 @@ class _TrainingStepLoss:
 
 
 def _prepare_shadow(shadow: Any, trainer: Any) -> None:
-    # deepcopy went through LightningModule.__getstate__, which drops the trainer reference:
-    # give it back so training_step reads self.trainer / self.global_step as in training.
     for module in shadow.modules():
         if isinstance(module, _LIGHTNING_MODULES):
             module.log = _no_logging  # instance attributes on the copy only
             module.log_dict = _no_logging
-    shadow.trainer = trainer  # the setter reaches nested LightningModules too
+    # deepcopy went through LightningModule.__getstate__, which drops the trainer reference:
+    # give it back so training_step reads self.trainer / self.global_step as in training (the
+    # setter reaches nested LightningModules too).
+    shadow.trainer = trainer
 
 
 def _loss_of(output: Any, name: str) -> Any:

@@ -314,3 +314,47 @@ def test_a_spool_another_process_owns_does_not_stop_training(
     assert [r.verdict for r in reports] == ["ok", "ok", "ok"]
     assert not watch.use_mlflow
     assert any("in use by" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unstarted_gradwatch_pickles_with_its_schedule() -> None:
+    # Lightning's ddp_spawn and notebooks pickle callbacks before training starts.
+    import pickle
+
+    watch = GradWatch(every="30min", loss_fn=loss_fn, mlflow=False)
+    watch.schedule.mark_due()
+    copy = pickle.loads(pickle.dumps(watch))
+    assert copy.schedule.due(5, 1)  # the pending mark travelled
+    assert not copy.schedule.due(6, 5)
+    assert repr(copy) == repr(watch) and "'adaptive'" in repr(watch)
+
+
+def test_a_step_count_that_jumps_over_a_multiple_still_checks() -> None:
+    # e.g. two optimizers stepping per batch: global steps 2, 4, 6, ... with every=3
+    watch = GradWatch(every=3, loss_fn=loss_fn, mlflow=False, first_step=False, budget=300)
+    model = make_model()
+    checked = [s for s in range(2, 20, 2)
+               if watch.step(model, batches(1)[0], step=s) is not None]
+    watch.close()
+    assert checked == [4, 6, 10, 12, 16, 18]  # once per multiple of 3 reached or passed
+
+
+def test_a_resumed_training_records_into_the_framework_run_not_the_checkpoint_run(
+    mlflow_server: MlflowServer, tmp_path: Path,
+) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.create_experiment(f"resume-{tmp_path.name}")
+    old_run, new_run = (client.create_run(experiment).info.run_id for _ in range(2))
+    watch = GradWatch(every=2, loss_fn=loss_fn, tracking_uri=mlflow_server.url,
+                      spool_dir=tmp_path / "spool", budget=300)
+    watch.load_state_dict({"run_id": old_run, "last_checked": 4})
+    watch.setup(make_model(), active_run_id=new_run)  # e.g. HF's or Lightning's new run
+    assert watch.run_id == new_run
+    watch.close()
+    alone = GradWatch(every=2, loss_fn=loss_fn, tracking_uri=mlflow_server.url,
+                      spool_dir=tmp_path / "spool2", budget=300)
+    alone.load_state_dict({"run_id": old_run})
+    alone.setup(make_model())  # no framework run: continue the checkpoint's run
+    assert alone.run_id == old_run and not alone.created_run
+    alone.close()

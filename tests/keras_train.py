@@ -1,0 +1,255 @@
+"""Keras training runs for tests/test_integration_keras.py, in a process of their own.
+
+Keras fixes its backend when it is imported (KERAS_BACKEND), so each backend runs here, in a
+subprocess, and reports what the tests assert on as JSON:
+
+    KERAS_BACKEND=torch python tests/keras_train.py SPEC.json RESULT.json
+
+SPEC is {"scenarios": [names], "spool_dir": path, "tracking_uri": url or null}; RESULT maps
+each scenario name to its findings. Every scenario builds its own seeded model and data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+import gradwatch
+from gradwatch.integrations.keras import GradWatchCallback
+
+ROWS, FEATURES = 64, 4
+
+
+def data(seed: int = 0, rows: int = ROWS) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, FEATURES)).astype("float32")
+    y = (np.tanh(x @ rng.normal(size=(FEATURES, 1))) + 0.1 * rng.normal(size=(rows, 1)))
+    return x, y.astype("float32")
+
+
+class BuggyDense(keras.layers.Layer):
+    """A dense layer whose backward scales dkernel by `scale` (1.0: a correct layer)."""
+
+    def __init__(self, units: int, scale: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.units, self.scale = units, scale
+
+    def build(self, input_shape: Any) -> None:
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel",
+                                      initializer="glorot_uniform")
+        self.bias = self.add_weight(shape=(self.units,), name="bias", initializer="zeros")
+
+    def call(self, inputs: Any) -> Any:
+        scale = self.scale
+
+        @keras.ops.custom_gradient
+        def matmul(x: Any, kernel: Any) -> Any:
+            def grad(*args: Any, upstream: Any = None) -> Any:
+                if upstream is None:  # jax passes upstream positionally, torch by keyword
+                    (upstream,) = args
+                dx = keras.ops.matmul(upstream, keras.ops.transpose(kernel))
+                dkernel = keras.ops.matmul(keras.ops.transpose(x), upstream) * scale  # the bug
+                return dx, dkernel
+
+            return keras.ops.matmul(x, kernel), grad
+
+        # a tensor, not the Variable: torch.autograd.Function only tracks tensor arguments
+        return matmul(inputs, keras.ops.convert_to_tensor(self.kernel)) + self.bias
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "units": self.units, "scale": self.scale}
+
+
+def small_model(*, l2: float = 1e-2, bug: float | None = None) -> Any:
+    """Dense(tanh, L2) - Dropout - Dense: dropout on, so training consumes Keras' RNG. Layers
+    are named, so variable names do not depend on how many models the process built."""
+    first = (BuggyDense(16, scale=bug, name="buggy") if bug is not None else
+             keras.layers.Dense(16, activation="tanh", name="hidden",
+                                kernel_regularizer=keras.regularizers.L2(l2)))
+    return keras.Sequential([keras.Input((FEATURES,)), first,
+                             keras.layers.Dropout(0.25, name="dropout"),
+                             keras.layers.Dense(1, name="output")], name="small")
+
+
+def host(variable: Any) -> np.ndarray:
+    """A variable's value as numpy (not through torch's `__array__`, which warns)."""
+    value = variable.value
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+
+def digest(model: Any) -> list[str]:
+    return [hashlib.sha256(np.ascontiguousarray(host(v)).tobytes()).hexdigest()
+            for v in model.weights]
+
+
+def iterations(model: Any) -> int:
+    return int(host(model.optimizer.iterations))
+
+
+def losses(history: Any) -> list[float]:
+    return [float(value) for value in history.history["loss"]]
+
+
+def summary(callback: GradWatchCallback) -> list[dict[str, Any]]:
+    return [{"step": r.probe.get("step"), "verdict": r.verdict, "rel_distance": r.rel_distance,
+             "layers": {name: layer.verdict for name, layer in r.layers.items()},
+             "worst": [name for name, _ in r.worst_layers(1)], "loss": r.loss,
+             "evaluations": r.evaluations, "reasons": r.reasons, "probe": r.probe,
+             "summary": r.summary()} for r in callback.reports]
+
+
+def train(callbacks: list[Any], *, epochs: int = 2, **model_args: Any) -> Any:
+    keras.utils.set_random_seed(0)
+    model = small_model(**model_args)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    x, y = data()
+    history = model.fit(x, y, batch_size=16, epochs=epochs, callbacks=callbacks, verbose=0)
+    return model, history
+
+
+def probe() -> tuple[np.ndarray, np.ndarray]:
+    x, y = data(seed=1, rows=8)
+    return x, y
+
+
+# ---------------------------------------------------------------------- scenarios
+def scenario_pair(spec: dict[str, Any]) -> dict[str, Any]:
+    """The same seeded fit with and without the callback (every=3, 8 steps)."""
+    callback = GradWatchCallback(probe=probe(), every=3, budget=2000, mlflow=False,
+                                 spool_dir=spec["spool_dir"])
+    watched, watched_history = train([callback])
+    plain, plain_history = train([])
+    return {
+        "watched": {"digest": digest(watched), "loss": losses(watched_history)},
+        "plain": {"digest": digest(plain), "loss": losses(plain_history)},
+        "iterations": iterations(watched),
+        "callback_step": callback.step,
+        "reports": summary(callback),
+    }
+
+
+def scenario_bug(spec: dict[str, Any]) -> dict[str, Any]:
+    """dkernel of the first layer scaled by 1.5; on_alert="stop" at the first check (step 3)."""
+    callback = GradWatchCallback(probe=probe(), every=3, first_step=False, budget=2000,
+                                 on_alert="stop", mlflow=False, spool_dir=spec["spool_dir"])
+    model, history = train([callback], epochs=5, bug=1.5)
+    return {"iterations": iterations(model), "epochs": len(history.history["loss"]),
+            "reports": summary(callback)}
+
+
+def scenario_correct_custom_gradient(spec: dict[str, Any]) -> dict[str, Any]:
+    """The same custom-gradient layer without the bug: the check is ok."""
+    callback = GradWatchCallback(probe=probe(), every=3, first_step=False, budget=2000,
+                                 mlflow=False, spool_dir=spec["spool_dir"])
+    model, _ = train([callback], epochs=1, bug=1.0)
+    return {"iterations": iterations(model), "reports": summary(callback)}
+
+
+def scenario_regulariser(spec: dict[str, Any]) -> dict[str, Any]:
+    """A linear model with a strong L2 on its kernel, weights fixed (learning rate 0): the
+    check's objective and dθ against the closed forms with and without the L2 term."""
+    strength = 5.0
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(
+        1, kernel_regularizer=keras.regularizers.L2(strength), name="linear")], name="linear")
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    x, y = data()
+    px, py = probe()
+    callback = GradWatchCallback(probe=(px, py), every=1000, budget=2000, mlflow=False,
+                                 spool_dir=spec["spool_dir"])
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[callback], verbose=0)
+    kernel, bias = (host(w).astype(np.float64) for w in model.weights)
+    residual = px.astype(np.float64) @ kernel + bias - py
+    data_grad = 2 / residual.size * px.astype(np.float64).T @ residual  # d mean(r²) / dW
+    full_grad = data_grad + 2 * strength * kernel  # + d λ·ΣW² / dW
+    mse = float(np.mean(residual**2))
+    full = mse + strength * float(np.sum(kernel**2))
+    # What a check whose analytic side omitted model.losses would conclude:
+    omitted = gradwatch.check(
+        lambda p: np.mean((px @ p["kernel"] + p["bias"] - py) ** 2)
+        + strength * np.sum(p["kernel"] ** 2),
+        {"kernel": kernel, "bias": bias}, {"kernel": data_grad, "bias": 2 * residual.mean(0)},
+    )
+    report = callback.reports[0]
+    return {
+        "report": summary(callback)[0], "mse": mse, "full": full,
+        "grad_norm": report.layers["linear/kernel"].grad_norm,
+        "full_grad_norm": float(np.linalg.norm(full_grad)),
+        "data_grad_norm": float(np.linalg.norm(data_grad)),
+        "omitted_verdict": omitted.verdict,
+    }
+
+
+def scenario_second_fit(spec: dict[str, Any]) -> dict[str, Any]:
+    """Two fits of 4 steps: the step continues from optimizer.iterations."""
+    callback = GradWatchCallback(probe=probe(), every=3, budget=2000, mlflow=False,
+                                 spool_dir=spec["spool_dir"])
+    model, _ = train([callback], epochs=1)
+    first = [r.probe["step"] for r in callback.reports]
+    x, y = data()
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[callback], verbose=0)
+    return {"first": first, "all": [r.probe["step"] for r in callback.reports],
+            "iterations": iterations(model), "callback_step": callback.step}
+
+
+def scenario_record(spec: dict[str, Any]) -> dict[str, Any]:
+    """A fit inside `mlflow.start_run()`: the record goes into that run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(spec["tracking_uri"])
+    experiment = mlflow.set_experiment("keras-gradwatch")
+    callback = GradWatchCallback(probe=probe(), every=2, budget=2000,
+                                 tracking_uri=spec["tracking_uri"], spool_dir=spec["spool_dir"])
+    with mlflow.start_run() as run:
+        mlflow.log_param("script", "keras_train")
+        keras.utils.set_random_seed(0)
+        model = small_model()
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        x, y = data(rows=48)
+        model.fit(x, y, batch_size=16, epochs=2, callbacks=[callback], verbose=0)
+    return {"run_id": run.info.run_id, "watch_run_id": callback.watch.run_id,
+            "experiment_id": experiment.experiment_id, "reports": summary(callback)}
+
+
+def scenario_errors(spec: dict[str, Any]) -> dict[str, Any]:
+    """The messages of the errors raised when the callback is built wrongly."""
+    attempts = {
+        "no_probe": lambda: GradWatchCallback(every=10, mlflow=False),
+        "list_probe": lambda: GradWatchCallback(probe=list(probe()), mlflow=False),
+        "loss_fn": lambda: GradWatchCallback(probe=probe(), loss_fn=print, mlflow=False),
+        "unknown": lambda: GradWatchCallback(probe=probe(), evry=10, mlflow=False),
+        "both": lambda: GradWatchCallback(probe=probe(), every=5,
+                                          watch=gradwatch.GradWatch(mlflow=False)),
+        "strings": lambda: GradWatchCallback(probe=(np.array(["a"]), np.ones(1)), mlflow=False),
+    }
+    found: dict[str, dict[str, str | None]] = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+        except gradwatch.GradwatchError as exc:
+            found[name] = {"type": type(exc).__name__, "message": str(exc)}
+        else:
+            found[name] = {"type": None, "message": ""}
+    return found
+
+
+SCENARIOS = {name[len("scenario_"):]: function for name, function in globals().items()
+             if name.startswith("scenario_")}
+
+
+def main(spec_path: str, result_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    results = {"backend": keras.backend.backend()}
+    for name in spec["scenarios"]:
+        results[name] = SCENARIOS[name](spec)
+    Path(result_path).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
