@@ -10,7 +10,9 @@
 `on_alert=`, `notify=`, `tracking_uri=`, `spool_dir=`, ...), or a ready `GradWatch` with `watch=`.
 
 - **Backends**: torch and jax (`KERAS_BACKEND`). The tensorflow backend is not supported yet:
-  the callback raises `ConfigError` when it is built there.
+  building the callback there raises `ConfigError` (and where TensorFlow is not installed,
+  Keras cannot import on it at all: importing this module raises `MissingDependencyError`
+  naming `KERAS_BACKEND`).
 - **Probe batch**: Keras hands no data to batch hooks, so the batch to check on is given:
   `probe=(x, y)` or `(x, y, sample_weight)` (`x` may be a dict or list for several inputs; `(x,)`
   when `compute_loss` needs no targets), arrays or tensors. It is copied once, to float64 where
@@ -21,7 +23,7 @@
   batches). It is read once at `on_train_begin` (so a second `fit` continues the count) and then
   counted on the host in `on_train_batch_end`, so non-check steps never read device state nor,
   with JAX, make Keras sync its state. With `steps_per_execution=k` (JAX) the hook runs every
-  k steps, so choose `every` as a multiple of k.
+  k steps: a check runs at the end of the execution in which a multiple of `every` fell.
 - **Loss**: the model's own `compute_loss` (compiled loss, `loss_weights`, and `model.losses`:
   `kernel_regularizer`s, `activity_regularizer`s, `add_loss`) of the probe batch, with the
   forward pass in inference mode (`training=False`: dropout off, BatchNorm on its moving
@@ -54,9 +56,7 @@ weights cannot be matched one to one with a rebuilt copy; multi-device distribut
 
 from __future__ import annotations
 
-import copy
 import fnmatch
-import glob
 import inspect
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -200,7 +200,12 @@ probe=['float64[8, 3]', 'float64[8, 1]'])
         # `batch` is the index in the epoch of the last step this call covers (several with
         # steps_per_execution > 1), so the optimizer has made epoch start + batch + 1 steps.
         self.step = self._epoch_start + int(batch) + 1
-        self.watch.check_with(self._check, step=self.step)
+        try:
+            self.watch.check_with(self._check, step=self.step)
+        except BaseException:  # on_alert="raise" or strict=True: Keras calls no hook when fit
+            self.watch.close()  # raises, so deliver the record and end the run here
+            self._copy = None
+            raise
         if self.watch.should_stop:
             self.model.stop_training = True
 
@@ -223,7 +228,7 @@ probe=['float64[8, 3]', 'float64[8, 1]'])
             names = _select(self._copy.names, self.watch.include, self.watch.exclude)
             chosen = plan.tensors({name: self._copy.sizes[name] for name in names})
             if chosen is not None:  # the rotation's turn: exactly these tensors
-                names = _select(self._copy.names, [glob.escape(n) for n in chosen], None)
+                names = [name for name in names if name in chosen]
             report = self._copy.check(model, names, plan)
         report.probe.update({"step": plan.step, "from": "probe= batch"})
         return report
@@ -352,9 +357,11 @@ def _float64_keras(backend: str) -> Iterator[None]:
     x64 mode (thread-local), and Keras' type promotion, which on the torch and jax backends
     maps float64 to float32 (`dtypes.BIT64_TO_BIT32_DTYPE`, "aligned with JAX's default") so
     that e.g. `ops.mean` of a float64 tensor is computed in float32. Restored on exit."""
-    from keras.src.backend.common import dtypes
+    from keras.src.backend.common import dtypes, global_state
 
-    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    # the policy as stored (None until Keras first needs one), not keras.config.dtype_policy(),
+    # which would store a float32 policy that no longer follows set_floatx()
+    floatx, policy = keras.config.floatx(), global_state.get_global_attribute("dtype_policy")
     demotions = getattr(dtypes, "BIT64_TO_BIT32_DTYPE", None)
     demoted = demotions.get("float64") if isinstance(demotions, dict) else None
     with ExitStack() as stack:
@@ -369,7 +376,7 @@ def _float64_keras(backend: str) -> Iterator[None]:
         finally:
             if demoted is not None:
                 demotions["float64"] = demoted  # type: ignore[index]
-            keras.config.set_dtype_policy(policy)
+            global_state.set_global_attribute("dtype_policy", policy)
             keras.config.set_floatx(floatx)
 
 
@@ -524,9 +531,8 @@ class _Float64Copy:
         training = {"training": True} if self.loss_has_training else {}
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
             y_pred = clone(x, training=False)  # dropout off, BatchNorm on moving statistics
-            # `training` of compute_loss says which objective: the training one
-            loss = clone.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                      **training)
+            # positional, as Keras' train_step calls it; `training` asks for the training loss
+            loss = clone.compute_loss(x, y, y_pred, sample_weight, **training)
         if loss is None:
             raise LossError(
                 "model.compute_loss returned None for the probe batch: the model was compiled "
@@ -600,7 +606,13 @@ def _variable_names(model: Any) -> list[str]:
 
 def _rebuild(model: Any) -> Any:
     """A new model of the same class from `get_config()`, every floating dtype float64."""
+    from keras.src.backend.common import global_state
+
     classes = {type(layer).__name__: type(layer) for layer in model._flatten_layers()}
+    # Building layers takes automatic names from Keras' global counters ("dense_3"); they are
+    # put back afterwards, so layers the user creates later are named as without gradwatch.
+    counters = global_state.get_global_attribute("object_name_uids")
+    saved = dict(counters) if counters is not None else None
     try:
         config = _float64_config(model.get_config())
         with keras.saving.custom_object_scope(classes):
@@ -612,6 +624,13 @@ def _rebuild(model: Any) -> Any:
             f"or functional model, or give your Model subclass (and custom layers) get_config() "
             f"and from_config() so that type(model).from_config(model.get_config()) works."
         ) from exc
+    finally:
+        if saved is None:
+            global_state.set_global_attribute("object_name_uids", None)
+        else:
+            current = global_state.get_global_attribute("object_name_uids")
+            current.clear()
+            current.update(saved)
 
 
 def _float64_config(config: Any) -> Any:
@@ -647,7 +666,10 @@ def _float64_losses(losses: Any) -> Any:
         except Exception:
             fresh = None
         if getattr(fresh, "dtype", None) != "float64":
-            fresh = copy.copy(loss)  # e.g. a subclass whose config does not rebuild it
+            # e.g. a subclass whose config does not rebuild it: a shallow copy by hand
+            # (copy.copy would pickle it, i.e. serialise it through its config again)
+            fresh = object.__new__(type(loss))
+            fresh.__dict__.update(loss.__dict__)
             fresh._dtype_policy = keras.dtype_policies.DTypePolicy("float64")
             fresh._dtype = "float64"
         if fresh.dtype != "float64":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,36 @@ class BuggyDense(keras.layers.Layer):
         return {**super().get_config(), "units": self.units, "scale": self.scale}
 
 
+class WeightedSquares(keras.losses.Loss):
+    """A custom loss whose config does not rebuild it (no get_config for `weight`)."""
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        return keras.ops.mean(self.weight * keras.ops.square(y_true - y_pred), axis=-1)
+
+
+class TwoInputs(keras.Model):
+    """A subclassed model (Keras' automatic config) on a dict of int token ids and floats:
+    Embedding, an activity regulariser (add_loss during the forward), BatchNormalization."""
+
+    def __init__(self, units: int = 8, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.units = units
+        self.embed = keras.layers.Embedding(12, 3, name="embed")
+        self.hidden = keras.layers.Dense(units, activation="tanh", name="hidden",
+                                         activity_regularizer=keras.regularizers.L2(0.1))
+        self.norm = keras.layers.BatchNormalization(name="norm")
+        self.out = keras.layers.Dense(1, name="out")
+
+    def call(self, inputs: dict[str, Any], training: bool = False) -> Any:
+        tokens = keras.ops.mean(self.embed(inputs["tokens"]), axis=1)
+        features = keras.ops.concatenate([tokens, inputs["features"]], axis=-1)
+        return self.out(self.norm(self.hidden(features), training=training))
+
+
 def small_model(*, l2: float = 1e-2, bug: float | None = None) -> Any:
     """Dense(tanh, L2) - Dropout - Dense: dropout on, so training consumes Keras' RNG. Layers
     are named, so variable names do not depend on how many models the process built."""
@@ -88,8 +119,36 @@ def digest(model: Any) -> list[str]:
             for v in model.weights]
 
 
+def name_counters() -> dict[str, int]:
+    """Keras' automatic-name counters ("dense" → 3 means "dense_3" comes next)."""
+    from keras.src.backend.common import global_state
+
+    return dict(global_state.get_global_attribute("object_name_uids") or {})
+
+
+def taken(before: dict[str, int]) -> dict[str, int]:
+    """How many automatic names of each kind were used since `before`."""
+    now = name_counters()
+    return {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)}
+
+
 def iterations(model: Any) -> int:
     return int(host(model.optimizer.iterations))
+
+
+def global_state() -> dict[str, Any]:
+    """What a check must leave as it was: the next random numbers, Keras' float settings."""
+    from keras.src.backend.common import dtypes
+
+    state = {"random": random.random(), "numpy": float(np.random.random()),
+             "floatx": keras.config.floatx(), "policy": keras.config.dtype_policy().name,
+             "float64_promotes_to": dtypes.BIT64_TO_BIT32_DTYPE.get("float64"),
+             "new_float_array": str(keras.ops.convert_to_tensor([0.5]).dtype)}
+    if keras.backend.backend() == "torch":
+        import torch
+
+        state["torch"] = float(torch.rand(1))
+    return state
 
 
 def losses(history: Any) -> list[float]:
@@ -123,11 +182,18 @@ def scenario_pair(spec: dict[str, Any]) -> dict[str, Any]:
     """The same seeded fit with and without the callback (every=3, 8 steps)."""
     callback = GradWatchCallback(probe=probe(), every=3, budget=2000, mlflow=False,
                                  spool_dir=spec["spool_dir"])
+    before = name_counters()
     watched, watched_history = train([callback])
+    watched_after = global_state()
+    watched_after["names_taken"] = taken(before)
+    before = name_counters()
     plain, plain_history = train([])
+    plain_after = global_state()
+    plain_after["names_taken"] = taken(before)
     return {
-        "watched": {"digest": digest(watched), "loss": losses(watched_history)},
-        "plain": {"digest": digest(plain), "loss": losses(plain_history)},
+        "watched": {"digest": digest(watched), "loss": losses(watched_history),
+                    "after": watched_after},
+        "plain": {"digest": digest(plain), "loss": losses(plain_history), "after": plain_after},
         "iterations": iterations(watched),
         "callback_step": callback.step,
         "reports": summary(callback),
@@ -141,6 +207,48 @@ def scenario_bug(spec: dict[str, Any]) -> dict[str, Any]:
     model, history = train([callback], epochs=5, bug=1.5)
     return {"iterations": iterations(model), "epochs": len(history.history["loss"]),
             "reports": summary(callback)}
+
+
+def scenario_raise(spec: dict[str, Any]) -> dict[str, Any]:
+    """The same bug with on_alert="raise": GradientAlertError out of fit, the record closed."""
+    callback = GradWatchCallback(probe=probe(), every=3, first_step=False, budget=2000,
+                                 on_alert="raise", mlflow=False, spool_dir=spec["spool_dir"])
+    try:
+        train([callback], epochs=5, bug=1.5)
+    except gradwatch.GradientAlertError as exc:
+        return {"raised": str(exc).splitlines()[0], "step": callback.step,
+                "closed": not callback.watch.schedule.running}
+    return {"raised": None, "step": callback.step, "closed": None}
+
+
+def scenario_selection(spec: dict[str, Any]) -> dict[str, Any]:
+    """include= globs over the variable names, and the adaptive budget's rotation."""
+    only_hidden = GradWatchCallback(probe=probe(), every=4, include="hidden/*", budget=2000,
+                                    mlflow=False, spool_dir=spec["spool_dir"])
+    train([only_hidden], epochs=1)
+    # budget=None: sized from measured times, tiny here, so successive checks rotate
+    adaptive = GradWatchCallback(probe=probe(), every=1, mlflow=False, overhead=0.01,
+                                 spool_dir=spec["spool_dir"])
+    train([adaptive], epochs=3)
+    return {"only_hidden": [sorted(r.layers) for r in only_hidden.reports],
+            "adaptive": [{"layers": sorted(r.layers), "verdict": r.verdict,
+                          "budget": r.probe["budget"], "rotation": "rotation" in r.probe}
+                         for r in adaptive.reports]}
+
+
+def scenario_subclassed(spec: dict[str, Any]) -> dict[str, Any]:
+    """TwoInputs with WeightedSquares: rebuilt from its automatic config, int inputs kept."""
+    rng = np.random.default_rng(2)
+    x = {"tokens": rng.integers(0, 12, size=(32, 5)).astype("int32"),
+         "features": rng.normal(size=(32, FEATURES)).astype("float32")}
+    y = rng.normal(size=(32, 1)).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = TwoInputs()
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=WeightedSquares(2.0))
+    callback = GradWatchCallback(probe=({k: v[:8] for k, v in x.items()}, y[:8]), every=2,
+                                 budget=2000, mlflow=False, spool_dir=spec["spool_dir"])
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[callback], verbose=0)
+    return {"reports": summary(callback)}
 
 
 def scenario_correct_custom_gradient(spec: dict[str, Any]) -> dict[str, Any]:
@@ -196,6 +304,22 @@ def scenario_second_fit(spec: dict[str, Any]) -> dict[str, Any]:
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[callback], verbose=0)
     return {"first": first, "all": [r.probe["step"] for r in callback.reports],
             "iterations": iterations(model), "callback_step": callback.step}
+
+
+def scenario_steps_per_execution(spec: dict[str, Any]) -> dict[str, Any]:
+    """steps_per_execution=2 where the backend has it (JAX; torch only takes 1): the hook runs
+    every 2 steps, and checks land at the end of the execution a multiple of every fell in."""
+    per_execution = 2 if keras.backend.backend() == "jax" else 1
+    callback = GradWatchCallback(probe=probe(), every=3, budget=2000, mlflow=False,
+                                 spool_dir=spec["spool_dir"])
+    keras.utils.set_random_seed(0)
+    model = small_model()
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse",
+                  steps_per_execution=per_execution)
+    x, y = data()
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[callback], verbose=0)
+    return {"per_execution": per_execution, "iterations": iterations(model),
+            "steps": [r.probe["step"] for r in callback.reports]}
 
 
 def scenario_record(spec: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,8 @@ if importlib.util.find_spec("keras") is None:
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "keras_train.py"
-SCENARIOS = ["pair", "bug", "correct_custom_gradient", "regulariser", "second_fit", "errors"]
+SCENARIOS = ["pair", "second_fit", "steps_per_execution", "selection", "subclassed", "bug",
+             "raise", "correct_custom_gradient", "regulariser", "errors"]
 #: The small model's trainable variables, as the checks name them.
 VARIABLES = {"hidden/kernel", "hidden/bias", "output/kernel", "output/bias"}
 
@@ -76,6 +77,12 @@ def test_training_is_bit_identical_with_and_without_the_callback(
     # numbers, so any RNG the checks consumed would show in the weights.
     assert pair["watched"]["loss"] == pair["plain"]["loss"]
     assert pair["watched"]["digest"] == pair["plain"]["digest"]
+    # the global RNGs (Python, numpy, torch), Keras' float settings and its automatic layer
+    # names (the float64 copy's layers take none) are as they were
+    assert pair["watched"]["after"] == pair["plain"]["after"]
+    assert pair["watched"]["after"]["names_taken"]  # the model itself took some
+    assert pair["watched"]["after"]["floatx"] == "float32"
+    assert pair["watched"]["after"]["new_float_array"].endswith("float32")
     reports = pair["reports"]
     assert [r["step"] for r in reports] == [1, 3, 6]  # first_step, then every=3
     for report in reports:
@@ -98,6 +105,42 @@ def test_a_second_fit_continues_the_optimizer_step(keras_run: dict[str, Any]) ->
     assert second["iterations"] == second["callback_step"] == 8
 
 
+def test_with_steps_per_execution_checks_land_after_the_execution_of_each_multiple(
+    keras_run: dict[str, Any]
+) -> None:
+    found = keras_run["steps_per_execution"]  # 2 on JAX; the torch backend only takes 1
+    expected = [2, 4, 6] if found["per_execution"] == 2 else [1, 3, 6]
+    assert found["steps"] == expected  # hooks at 2, 4, 6, 8: the first, 3 in 4, 6
+    assert found["iterations"] == 8
+
+
+def test_include_globs_and_the_adaptive_rotation_pick_the_variables(
+    keras_run: dict[str, Any]
+) -> None:
+    selection = keras_run["selection"]
+    assert selection["only_hidden"] == [["hidden/bias", "hidden/kernel"]] * 2  # steps 1, 4
+    adaptive = selection["adaptive"]  # budget=None, a check at every one of 12 steps
+    assert len(adaptive) == 12 and all(r["verdict"] == "ok" for r in adaptive)
+    assert adaptive[0]["layers"] == sorted(VARIABLES)  # the first budget covers everything
+    rotating = [r for r in adaptive if r["rotation"]]
+    assert rotating, "sized from 0.01 of a few-ms step, later checks cannot cover all tensors"
+    assert {name for r in rotating[:4] for name in r["layers"]} == VARIABLES
+
+
+def test_a_subclassed_model_with_int_inputs_and_a_custom_loss_is_checked(
+    keras_run: dict[str, Any]
+) -> None:
+    reports = keras_run["subclassed"]["reports"]  # rebuilt from Keras' automatic config
+    assert [r["step"] for r in reports] == [1, 2, 4]
+    for report in reports:
+        assert report["verdict"] == "ok", report["summary"]
+        assert set(report["layers"]) == {"embed/embeddings", "hidden/kernel", "hidden/bias",
+                                         "norm/gamma", "norm/beta", "out/kernel", "out/bias"}
+        # token ids stay integers; the floating features are checked in float64
+        assert report["probe"]["batch"] == [{"tokens": "int32[8, 5]",
+                                             "features": "float64[8, 4]"}, "float64[8, 1]"]
+
+
 # ---------------------------------------------------------------------- verdicts
 def test_a_planted_backward_bug_alerts_blames_its_layer_and_stops_fit(
     keras_run: dict[str, Any]
@@ -109,6 +152,14 @@ def test_a_planted_backward_bug_alerts_blames_its_layer_and_stops_fit(
     assert report["layers"] == {"buggy/kernel": "alert", "buggy/bias": "ok",
                                 "output/kernel": "ok", "output/bias": "ok"}
     assert bug["iterations"] == 3 and bug["epochs"] == 1  # of 5 epochs × 4 steps
+
+
+def test_on_alert_raise_ends_fit_with_the_alert_and_closes_the_record(
+    keras_run: dict[str, Any]
+) -> None:
+    raised = keras_run["raise"]
+    assert raised["raised"] == "gradwatch: gradient check alert at step 3."
+    assert raised["step"] == 3 and raised["closed"] is True
 
 
 def test_the_same_custom_gradient_without_the_bug_is_ok(keras_run: dict[str, Any]) -> None:
