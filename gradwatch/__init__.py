@@ -2,7 +2,7 @@
 
     >>> import gradwatch
     >>> gradwatch.__all__[:3]
-    ['AlertPolicy', 'CheckReport', 'ConfigError']
+    ['AlertPolicy', 'CheckPlan', 'CheckReport']
 
 The public surface is what `__all__` lists; every other module is private.
 """

@@ -6,6 +6,7 @@ outside autocast; sharded models are refused with the reason instead of hanging.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -82,9 +83,21 @@ def test_compiled_model_with_a_backward_bug_is_caught() -> None:
     assert report.worst_layers(1)[0][0] == "2.weight"
 
 
-def test_accelerate_mixed_precision_forward_is_bypassed() -> None:
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[Any]:
+    """Accelerate keeps one process-wide state (the HF Trainer tests set it up in fp32)."""
     accelerate = pytest.importorskip("accelerate")
-    accelerator = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield accelerate
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_accelerate_mixed_precision_forward_is_bypassed(fresh_accelerate_state: Any) -> None:
+    accelerator = fresh_accelerate_state.Accelerator(mixed_precision="bf16", cpu=True)
     model = accelerator.prepare(small_model())
     assert hasattr(model, "_original_forward")  # the autocast wrapper is in place
     batch = regression_batch(8, 4, 3)
