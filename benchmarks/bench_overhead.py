@@ -33,6 +33,9 @@ from torch import nn
 from gradwatch import GradWatch
 
 WIDTHS = (784, 256, 256, 10)
+#: Where the record goes: MLflow's embedded default (a sqlite file written by this process),
+#: a local `mlflow server` over HTTP (the store's work happens in the server process), none.
+TRACKING = {"sqlite": "sqlite store", "http": "mlflow server", "off": "mlflow=False"}
 BATCH = 64
 
 
@@ -159,10 +162,25 @@ def overhead_table(steps: int, block: int, root: Path) -> str:
     batches = make_batches(64)
     train(50, None, batches)  # warm up torch and the allocator
 
-    def watched(every: int) -> GradWatch:
-        return GradWatch(every=every, loss_fn=loss_fn, tracking_uri=uri,
-                         run_id=new_run(uri, root / "artifacts"),
-                         spool_dir=root / "spool")
+    server = None
+
+    def watched(every: int, tracking: str) -> GradWatch:
+        nonlocal server
+        if tracking == "off":
+            return GradWatch(every=every, loss_fn=loss_fn, mlflow=False)
+        target = uri
+        if tracking == "http":
+            if server is None:
+                sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+                from tests.mlflow_server import MlflowServer
+
+                progress("starting a local mlflow server")
+                (root / "server").mkdir()
+                server = MlflowServer(root / "server")
+                server.start()
+            target = server.url
+        return GradWatch(every=every, loss_fn=loss_fn, tracking_uri=target,
+                         run_id=new_run(target, root / "artifacts"), spool_dir=root / "spool")
 
     lines = [
         f"Table 1 - overhead: MLP {'-'.join(map(str, WIDTHS))} "
@@ -177,12 +195,13 @@ def overhead_table(steps: int, block: int, root: Path) -> str:
         f"{'-' * 21}",
     ]
     ratios = {}
-    for every in (1000, 100):
-        name = f"GradWatch(every={every})"
+    configurations = [(1000, "sqlite"), (1000, "http"), (1000, "off"), (100, "sqlite")]
+    for every, tracking in configurations:
+        name = f"every={every}, {TRACKING[tracking]}"
         # The pair alternates blocks (twin, watched, twin, watched, ...) so that the machine's
         # slow and fast spells are shared; each keeps its own model and optimizer. Pairs run one
         # after the other so no other run's background delivery competes for the cores.
-        twin, watched_run = Trainer(batches), Trainer(batches, watched(every))
+        twin, watched_run = Trainer(batches), Trainer(batches, watched(every, tracking))
         for done in range(0, steps, block):
             if done % (10 * block) == 0:
                 progress(f"{name}: step {done}/{steps}")
@@ -203,22 +222,26 @@ def overhead_table(steps: int, block: int, root: Path) -> str:
             f"{steady:13.2%} {len(reports):7d} {1000 * per_check:9.1f}  "
             f"{_runs([r.evaluations for r in reports])}"
         )
-    ratio, inside, steady = ratios["GradWatch(every=1000)"]
-    worst = max(ratio, steady)
+    if server is not None:
+        server.kill()
     lines += [
         "",
         "overhead      = (run seconds - twin seconds) / twin seconds, the twin being the same",
         "                training without gradwatch; its noise here is several percent",
-        "in gradwatch  = time inside watch.step() and close() / twin seconds: the checks",
-        "                and their spooling, measured directly (the background delivery thread",
-        "                is not in it)",
+        "in gradwatch  = time inside watch.step() and close() / twin seconds: the checks and",
+        "                their spooling on the training thread, plus the time the training",
+        "                thread waits there for the GIL while the background thread delivers",
+        "                the record (MLflow's sqlite store costs ~20 ms of Python per record)",
         "steady state  = the same without the two one-offs: the check at step 1",
         "                (first_step=True, a larger first budget) and close(); what a long",
         "                run pays. ms/check: steady-state time inside gradwatch per check",
-        f"target: overhead <= 1% at every=1000 with default settings: measured {ratio:+.2%} "
-        f"overall, {steady:.2%} in gradwatch in the steady state "
-        f"-> {'PASS' if worst <= 0.01 else 'MISS'}",
+        "target: <= 1% at every=1000 with default settings, steady state:",
     ]
+    for every, tracking in configurations:
+        name = f"every={every}, {TRACKING[tracking]}"
+        if every == 1000:
+            steady = ratios[name][2]
+            lines.append(f"  {name}: {steady:.2%} -> {'PASS' if steady <= 0.01 else 'MISS'}")
     return "\n".join(lines)
 
 
@@ -250,7 +273,8 @@ def coverage_table(steps: int) -> str:
         planted.scale = 1.5
         trainer.advance(steps - 150)
         trainer.finish()
-        watch.reports = [r for r in watch.reports if r.probe["step"] > 150]
+        watch.reports = [r for r in watch.reports
+                         if isinstance(step := r.probe["step"], int) and step > 150]
         alerts = [r for r in watch.reports if r.verdict == "alert"]
         first = alerts[0].probe["step"] if alerts else None
         until = watch.reports.index(alerts[0]) + 1 if alerts else None

@@ -20,6 +20,7 @@ from gradwatch._exceptions import (
     InputError,
     LossError,
     MissingDependencyError,
+    MonitorLockedError,
     SpoolLockedError,
     UnsupportedModelError,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "LayerReport",
     "LossError",
     "MissingDependencyError",
+    "MonitorLockedError",
     "SpoolLockedError",
     "Thresholds",
     "UnsupportedModelError",

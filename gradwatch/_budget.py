@@ -9,8 +9,9 @@ previous checks (medians of the last few, robust to a slow spell). The next chec
 
 evaluations, clamped to [MINIMUM, MAXIMUM]. When n cannot cover every parameter tensor, the
 check covers the next tensors of a rotation and the following checks cover the rest, so a bug
-in any one layer is still found — within a few checks instead of one. Step time excludes the
-time spent in checks.
+in any one layer is still found — within a few checks instead of one. The seconds per
+training step are the wall time of the loop between two checks divided by the steps between
+them (nothing is timed on the steps in between).
 """
 
 from __future__ import annotations

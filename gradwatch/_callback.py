@@ -194,7 +194,11 @@ class GradWatch:
         self.capture = ProbeCapture()
         self.adaptive = AdaptiveBudget(overhead) if budget is None else None
         self.rotation = Rotation()
-        self._step_ended: float | None = None
+        #: (time, step) where the training time being measured began: the end of the last
+        #: check, or the first step seen.
+        self._interval: tuple[float, int] | None = None
+        #: No check can be due before this step (step schedules); 0: ask the schedule.
+        self._quiet_until = 0
         self._alerting_tensors: set[str] = set()
         self.reports: list[CheckReport] = []
         self.last_checked: int | None = None
@@ -324,6 +328,8 @@ class GradWatch:
         Under torch.distributed only rank zero checks; at a checked step the ranks meet at a
         barrier that also shares rank zero's `should_stop`, so they stop together.
         """
+        if step < self._quiet_until:
+            return None  # the fast path of the ~999 steps in 1000 where nothing can be due
         return self._at_step(
             step, model, lambda plan: self._check(model, batch, step, loss_fn, plan)
         )
@@ -336,6 +342,8 @@ class GradWatch:
         `CheckReport` of a check sized by `plan` (`plan.check_kwargs()`, `plan.tensors(...)`).
         Recording, alerts, the adaptive budget and errors are handled here as for `step()`.
         `model` is only used to capture probe batches from torch modules (None otherwise)."""
+        if step < self._quiet_until:
+            return None
         return self._at_step(step, model, run)
 
     def _at_step(
@@ -344,12 +352,16 @@ class GradWatch:
         rank, size = world()
         if rank == 0:
             self.setup(model)
-            self._training_step_ended()
         due = self.schedule.due(step, self.last_checked)
         if size > 1 and self.every.steps is None:
             due = agree(due)  # only rank zero runs the wall-clock scheduler
         if not due:
+            self._quiet_until = self.schedule.next_due(self.last_checked)
+            if self._interval is None:
+                self._interval = (time.perf_counter(), step)
             return None
+        if rank == 0:
+            self._training_steps_until(step)
         report, failure = None, None
         try:
             if rank == 0 and self.unsupported is None:
@@ -359,19 +371,21 @@ class GradWatch:
         except BaseException as exc:  # strict=True or on_alert="raise": the others must stop too
             failure = exc
         finally:
-            if rank == 0:
-                self._step_ended = time.perf_counter()  # the check is not training time
+            self._interval = (time.perf_counter(), step)  # the check is not training time
+            self._quiet_until = self.schedule.next_due(self.last_checked)
         if size > 1:
             self.should_stop = agree(self.should_stop or failure is not None)
         if failure is not None:
             raise failure
         return report
 
-    def _training_step_ended(self) -> None:
-        now = time.perf_counter()
-        if self._step_ended is not None and self.adaptive is not None:
-            self.adaptive.step_finished(now - self._step_ended)
-        self._step_ended = now
+    def _training_steps_until(self, step: int) -> None:
+        """Feed the adaptive budget the training time per step since the last check: the
+        wall time of the loop between the two, so nothing is timed on the steps between."""
+        if self._interval is not None and self.adaptive is not None:
+            started, first = self._interval
+            if step > first:
+                self.adaptive.step_finished((time.perf_counter() - started) / (step - first))
 
     def run_check(
         self, model: Any, batch: Any = None, *, step: int, loss_fn: Callable[..., Any] | None = None
@@ -532,6 +546,7 @@ class GradWatch:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.last_checked = state.get("last_checked", self.last_checked)
+        self._quiet_until = 0  # the schedule decides again from the restored step
         if state.get("alert"):
             self.tracker.load_state_dict(state["alert"])
         self._restored_run_id = state.get("run_id") or self._restored_run_id

@@ -11,7 +11,8 @@ Catch at the level you need::
     │                              an optional extra (torch, ...) is not installed
     ├── GradientAlertError         a check alerted and GradWatch(on_alert="raise") was asked
     ├── DeliveryError              a notifier could not deliver (never carries a secret)
-    └── SpoolLockedError           another process owns the local spool directory
+    ├── SpoolLockedError           another process owns the local spool directory
+    └── MonitorLockedError         another monitor holds the monitor's state lock
 
 Every message says what was expected, what was got, and how to fix it.
 """
@@ -29,6 +30,7 @@ __all__ = [
     "InputError",
     "LossError",
     "MissingDependencyError",
+    "MonitorLockedError",
     "SpoolLockedError",
     "UnsupportedModelError",
 ]
@@ -109,3 +111,28 @@ class SpoolLockedError(GradwatchError):
         else:
             holder = f"process PID {pid}"
         super().__init__(f"The gradwatch spool {directory} is in use by {holder}. {LOCKED_HELP}")
+
+
+MONITOR_LOCKED_HELP = (
+    "Only one `gradwatch monitor` may use a state file at a time. Stop the other monitor, or "
+    "give this one its own state file; to read the state while a monitor runs (e.g. "
+    "`gradwatch monitor status`), open it with lock=False."
+)
+
+
+class MonitorLockedError(GradwatchError):
+    """Another monitor (or another `MonitorState` in this process) holds the state file's lock."""
+
+    def __init__(self, lock_path: Path, pid: int | None) -> None:
+        self.lock_path = lock_path
+        self.pid = pid
+        if pid is None:
+            holder = "another process (PID unknown)"
+        elif pid == os.getpid():
+            holder = f"another MonitorState in this process (PID {pid}); close that one first"
+        else:
+            holder = f"process PID {pid}"
+        super().__init__(
+            f"The gradwatch monitor state locked by {lock_path} is in use by {holder}. "
+            f"{MONITOR_LOCKED_HELP}"
+        )

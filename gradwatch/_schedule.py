@@ -148,6 +148,19 @@ class Schedule:
             return True
         return False
 
+    def next_due(self, last_checked: int | None) -> int:
+        """The first step at which `due` can be True (0: any step, ask `due` each time).
+
+        Example:
+            >>> schedule = Schedule(parse_every(1000), first_step=False)
+            >>> schedule.next_due(None), schedule.next_due(1), schedule.next_due(2000)
+            (1000, 1000, 3000)
+        """
+        if self.every.steps is None or (self.first_step and last_checked is None):
+            return 0
+        previous = last_checked if last_checked is not None else 0
+        return (previous // self.every.steps + 1) * self.every.steps
+
     @property
     def running(self) -> bool:
         return self._scheduler is not None

@@ -29,7 +29,7 @@ def test_all_is_sorted_and_complete() -> None:
 def test_every_error_is_a_gradwatch_error() -> None:
     for name in ("ConfigError", "InputError", "LossError", "MissingDependencyError",
                  "GradientAlertError", "DeliveryError", "SpoolLockedError",
-                 "UnsupportedModelError"):
+                 "UnsupportedModelError", "MonitorLockedError"):
         assert issubclass(getattr(gradwatch, name), gradwatch.GradwatchError)
     assert issubclass(gradwatch.ConfigError, ValueError)
     assert issubclass(gradwatch.LossError, gradwatch.InputError)

@@ -141,3 +141,10 @@ def test_first_check_waits_for_a_captured_forward_without_an_error_record(
     assert [(r.probe["step"], r.verdict) for r in reports] == [(3, "ok"), (6, "ok")]
     assert "no training forward captured before step 1" in caplog.text
     assert watch.run_check(Doubled(), step=9).verdict == "error"  # explicit call: an error
+
+
+def test_data_parallel_is_unwrapped() -> None:
+    model = nn.DataParallel(small_model())  # on CPU it calls the module itself
+    report = gradwatch.check_module(model, regression_batch(8, 4, 3), mse_loss)
+    assert report.verdict == "ok"
+    assert set(report.layers) == {"0.weight", "0.bias", "3.weight", "3.bias"}  # no "module."
