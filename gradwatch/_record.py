@@ -29,6 +29,7 @@ from typing import Any
 from gradwatch._report import CheckReport
 
 __all__ = [
+    "LAYER_PREFIX",
     "METRIC_PREFIX",
     "VERDICT_CODES",
     "artifact_path",
