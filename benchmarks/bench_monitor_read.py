@@ -1,0 +1,129 @@
+"""Load benchmark of the monitor's MLflow reader: one poll over many gradwatch runs.
+
+    python benchmarks/bench_monitor_read.py                 # 1,000 runs x 20 layers (~2 min)
+    python benchmarks/bench_monitor_read.py --runs 100      # a quick look
+
+Starts a real `mlflow server` on 127.0.0.1 (sqlite backend), writes N runs in gradwatch's
+record layout (one check each: the metrics, the `gradwatch.every` param, the
+`gradwatch.status` / `gradwatch.last_step` tags), then times polls of the reader: find the
+runs (paged search) and read each run's new checks since its cursor. With nothing new the
+cursors make every run free after the search; the issue's target is <= 5 s for such a poll
+over 1,000 runs, with a steady memory footprint over repeated polls. (The reader only: the
+alert rules and the outbox of the full monitor come on top.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import resource
+import sys
+import tempfile
+import time
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+
+from gradwatch._monitor_read import find_runs, read_new_checks  # noqa: E402
+from gradwatch._monitor_state import Cursor  # noqa: E402
+from tests.mlflow_server import MlflowServer  # noqa: E402
+
+STEP = 10
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def write_runs(client: MlflowClient, experiment: str, runs: int, layers: int) -> None:
+    def one(_: int) -> None:
+        run_id = client.create_run(experiment).info.run_id
+        metrics = [Metric("gradwatch/rel_distance", 1e-9, 1, STEP),
+                   Metric("gradwatch/verdict", 0, 1, STEP),
+                   Metric("gradwatch/max_element_error", 1e-9, 1, STEP)]
+        metrics += [Metric(f"gradwatch/layer/layer{j}.weight", 1e-9, 1, STEP)
+                    for j in range(layers)]
+        client.log_batch(run_id, metrics=metrics, params=[Param("gradwatch.every", str(STEP))],
+                         tags=[RunTag("gradwatch.status", "ok"),
+                               RunTag("gradwatch.last_step", str(STEP))])
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(runs)))
+
+
+def poll(client: MlflowClient, cursors: dict[str, Cursor]) -> tuple[float, int, int]:
+    """One reader poll: (seconds, runs found, new checks read)."""
+    started = time.perf_counter()
+    runs = find_runs(client, ["load"])
+    new = 0
+    for run in runs:
+        checks, cursors[run.run_id] = read_new_checks(client, run, cursors.get(run.run_id))
+        new += len(checks)
+    return time.perf_counter() - started, len(runs), new
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--layers", type=int, default=20)
+    parser.add_argument("--polls", type=int, default=5, help="idle polls to time")
+    parser.add_argument("--first-poll", action="store_true",
+                        help="also time the first poll, which reads every run's history")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as directory:
+        server = MlflowServer(Path(directory))
+        progress("starting a local mlflow server")
+        server.start()
+        try:
+            client = MlflowClient(server.url)
+            experiment = client.create_experiment("load")
+            progress(f"writing {args.runs} runs x {args.layers} layers")
+            started = time.perf_counter()
+            write_runs(client, experiment, args.runs, args.layers)
+            written = time.perf_counter() - started
+            cursors: dict[str, Cursor] = {}
+            if args.first_poll:  # reads every run's history: one call per metric key per run
+                first, found, read = poll(client, cursors)
+            else:  # a monitor that has read them already
+                first, found, read = math.nan, 0, 0
+                cursors = {run.run_id: Cursor(run.run_id, last_step=STEP)
+                           for run in find_runs(client, ["load"])}
+            idle = []
+            for _ in range(args.polls):
+                seconds, found, new = poll(client, cursors)
+                assert new == 0, "an idle poll read checks"
+                idle.append(seconds)
+            tracemalloc.start()  # memory on its own polls: tracing slows Python down
+            peaks = []
+            for _ in range(3):
+                gc.collect()
+                poll(client, cursors)
+                peaks.append(tracemalloc.get_traced_memory()[0] / 2**20)
+            tracemalloc.stop()
+        finally:
+            server.kill()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worst = max(idle)
+    print(f"monitor reader load benchmark - {args.runs} runs x {args.layers} layers, real "
+          f"mlflow server on 127.0.0.1 (sqlite), written in {written:.1f} s\n")
+    if args.first_poll:
+        print(f"first poll (reads {read} checks of {found} runs): {first:.2f} s")
+    print(f"idle polls (nothing new), seconds: {', '.join(f'{s:.2f}' for s in idle)}")
+    print(f"traced Python memory after idle polls, MiB: "
+          f"{', '.join(f'{m:.1f}' for m in peaks)}  (max RSS {rss:.0f} MiB)")
+    growth = peaks[-1] - peaks[0] if len(peaks) > 1 else 0.0
+    print(f"target: idle poll over {args.runs} runs <= 5 s -> worst {worst:.2f} s "
+          f"{'PASS' if worst <= 5 else 'MISS'}; memory growth over the idle polls "
+          f"{growth:+.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
