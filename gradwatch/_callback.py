@@ -15,6 +15,7 @@ caught, recorded as an "error" check and training goes on (`strict=True` re-rais
 from __future__ import annotations
 
 import glob
+import inspect
 import logging
 import math
 import threading
@@ -647,6 +648,44 @@ def first_rows(batch: Any, rows: int) -> Any:
         return value
 
     return cut(batch)
+
+
+def adapter_watch(
+    every: int | str | None,
+    watch: GradWatch | None,
+    settings: dict[str, Any],
+    *,
+    excluded: tuple[str, ...] = (),
+    also: str = "",
+) -> GradWatch:
+    """The `GradWatch` a framework callback drives: `watch=` as given, or one built from
+    `every` and GradWatch's keyword `settings` (minus `excluded`, which the adapter supplies);
+    a clear ConfigError for both at once, a non-GradWatch, or an unknown setting."""
+    if watch is not None:
+        if every is not None or settings:
+            given = ["every"] * (every is not None) + sorted(settings)
+            raise ConfigError(
+                f"GradWatchCallback takes either a GradWatch (watch=) or GradWatch's "
+                f"settings, not both; got watch= and {', '.join(given)}. Put the settings "
+                f"in the GradWatch you pass."
+            )
+        if not isinstance(watch, GradWatch):
+            raise ConfigError(f"watch must be a gradwatch.GradWatch, got {watch!r}.")
+        return watch
+    if every is not None:
+        settings = {"every": every, **settings}
+    try:
+        return GradWatch(**settings)
+    except TypeError as exc:
+        valid = [name for name in inspect.signature(GradWatch).parameters
+                 if name != "self" and name not in excluded]
+        unknown = sorted(set(settings) - set(valid))
+        if not unknown:
+            raise
+        raise ConfigError(
+            f"GradWatchCallback got unknown setting(s) {', '.join(unknown)}; it takes {also}"
+            f"GradWatch's settings: {', '.join(valid)}, or watch=GradWatch(...)."
+        ) from exc
 
 
 class _NoProbeYet(Exception):

@@ -14,10 +14,11 @@ Modes (one signature, the dispatcher in `run_check` picks the strategy):
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,7 +30,15 @@ from gradwatch._numerics import ROUNDING, noise_per_element
 from gradwatch._progress import Progress
 from gradwatch._report import CheckReport, Mode, Thresholds
 
-__all__ = ["CheckSettings", "Directional", "Objective", "make_settings", "run_check"]
+__all__ = [
+    "CheckSettings",
+    "Directional",
+    "Objective",
+    "glob_list",
+    "make_settings",
+    "run_check",
+    "select_names",
+]
 
 Vector = NDArray[np.float64]
 Indices = NDArray[np.int64]
@@ -67,6 +76,45 @@ class CheckSettings:
     samples: int = 16
     directions: int = 8
     top_k: int = 5
+
+
+def glob_list(value: str | Sequence[str] | None, argument: str) -> list[str]:
+    """`include=` / `exclude=` as a list of fnmatch globs (None: none)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"{argument} must be a glob string or a list of them, got {value!r}.")
+
+
+def select_names(
+    names: Sequence[str],
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    *,
+    what: str,
+) -> list[str]:
+    """The tensors to check, in order: matching an `include` glob (all without one) and no
+    `exclude` glob. `what` names them in the error when nothing is left ("parameter", ...).
+
+    Example:
+        >>> select_names(["0.weight", "0.bias"], "*.weight", None, what="parameter")
+        ['0.weight']
+    """
+    includes, excludes = glob_list(include, "include"), glob_list(exclude, "exclude")
+    selected = [
+        name for name in names
+        if (not includes or any(fnmatch.fnmatchcase(name, g) for g in includes))
+        and not any(fnmatch.fnmatchcase(name, g) for g in excludes)
+    ]
+    if not selected:
+        raise ConfigError(
+            f"include={include!r} / exclude={exclude!r} leave no {what} to check. They are: "
+            f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''}."
+        )
+    return selected
 
 
 def make_settings(

@@ -49,8 +49,6 @@ on the same state refuses to start (`MonitorLockedError`); the lock goes with `c
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import math
 import os
@@ -69,6 +67,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from gradwatch._alerts import AlertState, Transition, TransitionKind
 from gradwatch._exceptions import ConfigError, GradwatchError, InputError, MonitorLockedError
 from gradwatch._notify import Notification, _scrub_urls
+from gradwatch._spool import acquire_pid_lock
 
 __all__ = [
     "Clock",
@@ -373,7 +372,10 @@ class MonitorState:
         if database is not None:
             database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if lock and database is not None:
-            self._lock_fd = _acquire_lock(database.with_name(database.name + ".lock"))
+            lock_path = database.with_name(database.name + ".lock")
+            self._lock_fd = acquire_pid_lock(
+                lock_path, lambda pid: MonitorLockedError(lock_path, pid)
+            )
         try:
             self._engine = _make_engine(self._url)
             self._open_schema(is_sqlite_file=database is not None)
@@ -935,26 +937,3 @@ def _make_engine(url: URL) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
-
-
-def _acquire_lock(path: Path) -> int:
-    """flock `path` without waiting and write our PID into it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        holder = _read_pid(fd)
-        os.close(fd)
-        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise MonitorLockedError(path, holder) from None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    return fd
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 32, 0).decode("ascii").strip())
-    except (OSError, ValueError):
-        return None

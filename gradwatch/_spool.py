@@ -48,6 +48,7 @@ __all__ = [
     "RejectedRecord",
     "Spool",
     "SpoolLockedError",
+    "acquire_pid_lock",
     "default_spool_dir",
     "replay",
 ]
@@ -176,7 +177,9 @@ class Spool:
         self._thread: threading.Thread | None = None
         self._closed = False  # no new work; whoever ends the last delivery closes the files
         self._released = False  # files closed, lock released
-        self._lock_fd = _acquire_lock(self.directory)
+        self._lock_fd = acquire_pid_lock(
+            self.directory / LOCK, lambda pid: SpoolLockedError(self.directory, pid)
+        )
         self._journal_fd = self._delivered_fd = -1
         self._journal_size = self._delivered_size = 0  # bytes; the next append's offset
         try:
@@ -562,16 +565,17 @@ def _make_directory(directory: Path) -> Path:
     return directory
 
 
-def _acquire_lock(directory: Path) -> int:
-    """flock `<directory>/.lock` without waiting and write our PID into it."""
-    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+def acquire_pid_lock(path: Path, locked: Callable[[int | None], Exception]) -> int:
+    """flock `path` without waiting and write our PID into it; closing the returned descriptor
+    releases it. When another process (or descriptor) holds it, raise `locked(its PID)`."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         holder = _read_pid(fd)
         os.close(fd)
         if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise SpoolLockedError(directory, holder) from None
+            raise locked(holder) from None
         raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from gradwatch._engine import make_settings, run_check
+from gradwatch._engine import glob_list, make_settings, run_check, select_names
 from gradwatch._exceptions import (
     ConfigError,
     InputError,
@@ -199,16 +199,7 @@ def refuse_sharded(model: Any) -> None:
 def select_parameters(
     model: Any, include: str | Sequence[str] | None, exclude: str | Sequence[str] | None
 ) -> list[str]:
-    def globs(value: str | Sequence[str] | None, name: str) -> list[str]:
-        if value is None:
-            return []
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise ConfigError(f"{name} must be a glob string or a list of them, got {value!r}.")
-
-    includes, excludes = globs(include, "include"), globs(exclude, "exclude")
+    includes = glob_list(include, "include")
     named = list(model.named_parameters())
     available = [n for n, p in named if p.requires_grad]
     for name, parameter in named:
@@ -224,17 +215,7 @@ def select_parameters(
             f"True among {len(named)}); there is no gradient to check. Unfreeze the "
             f"parameters you train, or check the module that has them."
         )
-    selected = [
-        n for n in available
-        if (not includes or any(fnmatch.fnmatchcase(n, g) for g in includes))
-        and not any(fnmatch.fnmatchcase(n, g) for g in excludes)
-    ]
-    if not selected:
-        raise ConfigError(
-            f"include={include!r} / exclude={exclude!r} leave no parameter to check. Trainable "
-            f"parameters are: {', '.join(available[:20])}{' ...' if len(available) > 20 else ''}."
-        )
-    return selected
+    return select_names(available, include, exclude, what="parameter")
 
 
 @contextmanager

@@ -25,7 +25,6 @@ make later checks with the same `loss_fn`, shapes and dtypes compile nothing at 
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +37,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gradwatch._callback import first_rows
-from gradwatch._engine import make_settings, run_check
+from gradwatch._engine import make_settings, run_check, select_names
 from gradwatch._exceptions import ConfigError, InputError, LossError, missing_dependency
 from gradwatch._progress import resolve_progress
 from gradwatch._report import CheckReport, Mode, Thresholds
@@ -296,18 +295,7 @@ class _ParamTree:
         self, include: str | Sequence[str] | None, exclude: str | Sequence[str] | None
     ) -> list[str]:
         """The leaves to check: matching an `include` glob (all without one) and no `exclude`."""
-        includes, excludes = _globs(include, "include"), _globs(exclude, "exclude")
-        selected = [
-            name for name in self.names
-            if (not includes or any(fnmatch.fnmatchcase(name, g) for g in includes))
-            and not any(fnmatch.fnmatchcase(name, g) for g in excludes)
-        ]
-        if not selected:
-            raise ConfigError(
-                f"include={include!r} / exclude={exclude!r} leave no leaf of params to check. "
-                f"The leaves are: {', '.join(self.names[:20])}"
-                f"{' ...' if len(self.names) > 20 else ''}."
-            )
+        selected = select_names(self.names, include, exclude, what="leaf of params")
         for name in selected:
             if not self.is_float(name):
                 raise InputError(
@@ -330,16 +318,6 @@ def _leaf_dtype(leaf: Any, name: str) -> Any:
         f"it out of params (into batch or a closure), or register its class as a pytree node "
         f"(jax.tree_util.register_pytree_node) if it holds arrays."
     )
-
-
-def _globs(value: str | Sequence[str] | None, argument: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ConfigError(f"{argument} must be a glob string or a list of them, got {value!r}.")
 
 
 def _short(value: Any) -> str:

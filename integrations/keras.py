@@ -56,18 +56,17 @@ weights cannot be matched one to one with a rebuilt copy; multi-device distribut
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from gradwatch._callback import CheckPlan, GradWatch, first_rows
-from gradwatch._engine import make_settings, run_check
+from gradwatch._callback import CheckPlan, GradWatch, adapter_watch, first_rows
+from gradwatch._engine import make_settings, run_check, select_names
 from gradwatch._exceptions import (
     ConfigError,
     InputError,
@@ -151,23 +150,14 @@ probe=['float64[8, 3]', 'float64[8, 1]'])
                 "compiled loss plus model.losses), so it takes no loss_fn. To check another "
                 "objective, override compute_loss in a Model subclass."
             )
-        if watch is not None:
-            if every is not None or settings:
-                given = ["every"] * (every is not None) + sorted(settings)
-                raise ConfigError(
-                    f"GradWatchCallback takes either a GradWatch (watch=) or GradWatch's "
-                    f"settings, not both; got watch= and {', '.join(given)}. Put the settings "
-                    f"in the GradWatch you pass."
-                )
-            if not isinstance(watch, GradWatch):
-                raise ConfigError(f"watch must be a gradwatch.GradWatch, got {watch!r}.")
-            if watch.loss_fn is not None:
-                raise ConfigError(
-                    "the GradWatch passed as watch= has a loss_fn, which GradWatchCallback "
-                    "does not use (the objective is model.compute_loss). Build it without one."
-                )
-        else:
-            watch = _build_watch(every, settings)
+        given_watch = watch is not None
+        watch = adapter_watch(every, watch, settings, excluded=("loss_fn", "probe"),
+                              also="probe=, and ")
+        if given_watch and watch.loss_fn is not None:
+            raise ConfigError(
+                "the GradWatch passed as watch= has a loss_fn, which GradWatchCallback "
+                "does not use (the objective is model.compute_loss). Build it without one."
+            )
         if probe is None:
             probe = watch.probe
         self.watch = watch
@@ -225,7 +215,8 @@ probe=['float64[8, 3]', 'float64[8, 1]'])
         with _preserved_rng(self.backend):
             if self._copy is None or not self._copy.matches(model):
                 self._copy = _Float64Copy.build(model, self.backend, self.probe)
-            names = _select(self._copy.names, self.watch.include, self.watch.exclude)
+            names = select_names(self._copy.names, self.watch.include, self.watch.exclude,
+                                 what="trainable variable")
             chosen = plan.tensors({name: self._copy.sizes[name] for name in names})
             if chosen is not None:  # the rotation's turn: exactly these tensors
                 names = [name for name in names if name in chosen]
@@ -242,23 +233,6 @@ probe=['float64[8, 3]', 'float64[8, 1]'])
         return active.info.run_id if active is not None else None
 
 
-def _build_watch(every: int | str | None, settings: dict[str, Any]) -> GradWatch:
-    if every is not None:
-        settings = {"every": every, **settings}
-    try:
-        return GradWatch(**settings)
-    except TypeError as exc:
-        valid = [name for name in inspect.signature(GradWatch).parameters
-                 if name not in ("self", "loss_fn", "probe")]
-        unknown = sorted(set(settings) - set(valid))
-        if not unknown:
-            raise
-        raise ConfigError(
-            f"GradWatchCallback got unknown setting(s) {', '.join(unknown)}; it takes probe=, "
-            f"and GradWatch's settings: {', '.join(valid)}, or watch=GradWatch(...)."
-        ) from exc
-
-
 def _optimizer_step(model: Any) -> int:
     """`model.optimizer.iterations` now (0 before the optimizer exists)."""
     optimizer = getattr(model, "optimizer", None)
@@ -266,35 +240,6 @@ def _optimizer_step(model: Any) -> int:
     if iterations is None:
         return 0
     return int(_to_numpy(getattr(iterations, "value", iterations)).reshape(()))
-
-
-def _select(
-    names: Sequence[str], include: str | Sequence[str] | None, exclude: str | Sequence[str] | None
-) -> list[str]:
-    """The variable names matching `include` (all if None) and not `exclude` (fnmatch globs)."""
-
-    def globs(value: str | Sequence[str] | None, argument: str) -> list[str]:
-        if value is None:
-            return []
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise ConfigError(f"{argument} must be a glob string or a list of them, got {value!r}.")
-
-    includes, excludes = globs(include, "include"), globs(exclude, "exclude")
-    selected = [
-        name for name in names
-        if (not includes or any(fnmatch.fnmatchcase(name, g) for g in includes))
-        and not any(fnmatch.fnmatchcase(name, g) for g in excludes)
-    ]
-    if not selected:
-        raise ConfigError(
-            f"include={include!r} / exclude={exclude!r} leave no variable to check. The "
-            f"model's trainable variables are: {', '.join(names[:20])}"
-            f"{' ...' if len(names) > 20 else ''}."
-        )
-    return selected
 
 
 # ---------------------------------------------------------------------- the probe batch

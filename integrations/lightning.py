@@ -44,12 +44,11 @@ wait for the other ranks while rank zero checks.
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-from gradwatch._callback import GradWatch
+from gradwatch._callback import GradWatch, adapter_watch
 from gradwatch._exceptions import ConfigError, LossError, missing_dependency
 from gradwatch._record import resolve_tracking_uri
 from gradwatch._report import CheckReport
@@ -109,18 +108,7 @@ class GradWatchCallback(_CallbackBase):
     def __init__(
         self, every: int | str | None = None, *, watch: GradWatch | None = None, **settings: Any
     ) -> None:
-        if watch is not None:
-            if every is not None or settings:
-                given = ["every"] * (every is not None) + sorted(settings)
-                raise ConfigError(
-                    f"GradWatchCallback takes either a GradWatch (watch=) or GradWatch's "
-                    f"settings, not both; got watch= and {', '.join(given)}. Put the settings "
-                    f"in the GradWatch you pass."
-                )
-            if not isinstance(watch, GradWatch):
-                raise ConfigError(f"watch must be a gradwatch.GradWatch, got {watch!r}.")
-        else:
-            watch = _build_watch(every, settings)
+        watch = adapter_watch(every, watch, settings)
         self.watch = watch
         # What the user chose, before a checkpoint's state (its run id) is loaded.
         self._chosen_run_id = watch.run_id
@@ -213,22 +201,6 @@ class GradWatchCallback(_CallbackBase):
 
         active = mlflow.active_run()
         return active.info.run_id if active is not None else None
-
-
-def _build_watch(every: int | str | None, settings: dict[str, Any]) -> GradWatch:
-    if every is not None:
-        settings = {"every": every, **settings}
-    try:
-        return GradWatch(**settings)
-    except TypeError as exc:
-        valid = [name for name in inspect.signature(GradWatch).parameters if name != "self"]
-        unknown = sorted(set(settings) - set(valid))
-        if not unknown:
-            raise
-        raise ConfigError(
-            f"GradWatchCallback got unknown setting(s) {', '.join(unknown)}; it takes "
-            f"GradWatch's settings: {', '.join(valid)}, or watch=GradWatch(...)."
-        ) from exc
 
 
 def _same_store(first: str, second: str) -> bool:
