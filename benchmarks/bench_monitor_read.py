@@ -1,15 +1,17 @@
-"""Load benchmark of the monitor's MLflow reader: one poll over many gradwatch runs.
+"""Load benchmark of `gradwatch monitor`: one poll over many gradwatch runs.
 
     python benchmarks/bench_monitor_read.py                 # 1,000 runs x 20 layers (~2 min)
     python benchmarks/bench_monitor_read.py --runs 100      # a quick look
+    python benchmarks/bench_monitor_read.py --first-poll    # also the first poll (reads all)
 
 Starts a real `mlflow server` on 127.0.0.1 (sqlite backend), writes N runs in gradwatch's
 record layout (one check each: the metrics, the `gradwatch.every` param, the
 `gradwatch.status` / `gradwatch.last_step` tags), then times polls of the reader: find the
 runs (paged search) and read each run's new checks since its cursor. With nothing new the
 cursors make every run free after the search; the issue's target is <= 5 s for such a poll
-over 1,000 runs, with a steady memory footprint over repeated polls. (The reader only: the
-alert rules and the outbox of the full monitor come on top.)
+over 1,000 runs, with a steady memory footprint over repeated polls. Two rows: the reader
+alone, and the full `Monitor.poll` (cursors and alert states loaded from its SQLite state,
+the rules, the staleness look, the /metrics snapshot).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
+from gradwatch._monitor import Monitor  # noqa: E402
+from gradwatch._monitor_config import MonitorConfig  # noqa: E402
 from gradwatch._monitor_read import find_runs, read_new_checks  # noqa: E402
 from gradwatch._monitor_state import Cursor  # noqa: E402
 from tests.mlflow_server import MlflowServer  # noqa: E402
@@ -100,6 +104,21 @@ def main(argv: list[str] | None = None) -> int:
                 seconds, found, new = poll(client, cursors)
                 assert new == 0, "an idle poll read checks"
                 idle.append(seconds)
+            config = MonitorConfig(tracking_uri=server.url, experiments=["load"],
+                                   state_url=f"sqlite:///{directory}/state.db")
+            monitor = Monitor(config, client=client, notifiers={})
+            progress("the full monitor's first poll (reads every run)")
+            started = time.perf_counter()
+            summary = monitor.poll()
+            monitor_first = time.perf_counter() - started
+            assert summary.runs == args.runs, summary
+            monitor_idle = []
+            for _ in range(args.polls):
+                started = time.perf_counter()
+                summary = monitor.poll()
+                monitor_idle.append(time.perf_counter() - started)
+                assert summary.new_checks == 0 and summary.runs == args.runs, summary
+            monitor.close()
             tracemalloc.start()  # memory on its own polls: tracing slows Python down
             peaks = []
             for _ in range(3):
@@ -110,12 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.kill()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    worst = max(idle)
+    worst = max(idle + monitor_idle)
     print(f"monitor reader load benchmark - {args.runs} runs x {args.layers} layers, real "
           f"mlflow server on 127.0.0.1 (sqlite), written in {written:.1f} s\n")
     if args.first_poll:
         print(f"first poll (reads {read} checks of {found} runs): {first:.2f} s")
-    print(f"idle polls (nothing new), seconds: {', '.join(f'{s:.2f}' for s in idle)}")
+    print(f"reader, idle polls (nothing new), seconds: {', '.join(f'{s:.2f}' for s in idle)}")
+    print(f"full monitor, first poll (reads {args.runs} runs, 4 read workers): "
+          f"{monitor_first:.2f} s")
+    print(f"full monitor, idle polls, seconds: {', '.join(f'{s:.2f}' for s in monitor_idle)}")
     print(f"traced Python memory after idle polls, MiB: "
           f"{', '.join(f'{m:.1f}' for m in peaks)}  (max RSS {rss:.0f} MiB)")
     growth = peaks[-1] - peaks[0] if len(peaks) > 1 else 0.0

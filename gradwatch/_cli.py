@@ -3,6 +3,7 @@
     gradwatch demo [--bug KIND --bug-at STEP]   train a small model with GradWatch attached
     gradwatch check MODULE:FACTORY              one-off check of your model; exit 1 on alert
     gradwatch flush                             deliver what the local spool still holds
+    gradwatch monitor [--once] [--config FILE]  watch MLflow and notify (status, silence ...)
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     flush.add_argument("--spool-dir", type=Path, default=None)
     flush.add_argument("--timeout", type=float, default=120.0)
     flush.set_defaults(handler=_flush)
+
+    from gradwatch._monitor_cli import add_monitor_parser
+
+    add_monitor_parser(commands)
     return parser
 
 

@@ -7,6 +7,8 @@ An example ``monitor.toml``::
     experiments = ["llm-pretrain", "42"]        # names or ids, at least one
     tags = { team = "nlp" }                     # only runs with all of these tags
     poll_interval = 60                          # seconds between polls
+    send_interval = 5                           # seconds between looks at the outbox
+    read_workers = 4                            # MLflow reads at once (runs with new checks)
     # misfire_grace_time = 60                   # seconds a late poll may still run (default:
                                                 # one poll interval)
     # state_url = "sqlite:////var/lib/gradwatch/monitor.db"   # default: default_state_url()
@@ -261,6 +263,15 @@ class MonitorConfig(_Section):
     poll_interval: float = Field(
         default=60.0, gt=0, allow_inf_nan=False,
         description="seconds between two polls, > 0 (default 60), e.g. poll_interval = 60",
+    )
+    send_interval: float = Field(
+        default=5.0, gt=0, allow_inf_nan=False,
+        description="seconds between two looks at the outbox for notifications to (re)send, "
+        "> 0 (default 5)",
+    )
+    read_workers: int = Field(
+        default=4, ge=1, le=64,
+        description="MLflow reads run at once when many runs have new checks, 1-64 (default 4)",
     )
     misfire_grace_time: float | None = Field(
         default=None, gt=0, allow_inf_nan=False,

@@ -92,7 +92,9 @@ class MonitoredRun:
 
     `last_step` is the tag `gradwatch.last_step` (None before the first check, or for a run
     written without it); `layer_keys` the run's `gradwatch/layer/*` metric keys; `params` its
-    `gradwatch.*` params (`every`, thresholds, ...). Times are Unix milliseconds.
+    `gradwatch.*` params (`every`, thresholds, ...); `latest` the latest value of each
+    `gradwatch/*` metric (±inf decoded) as the search row carries it. Times are Unix
+    milliseconds.
     """
 
     run_id: str
@@ -105,6 +107,7 @@ class MonitoredRun:
     gradwatch_status: str | None  # the tag gradwatch.status: latest verdict word
     params: Mapping[str, str] = field(default_factory=dict)
     layer_keys: tuple[str, ...] = ()
+    latest: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def every(self) -> str | None:
@@ -127,6 +130,7 @@ class MonitoredRun:
             gradwatch_status=tags.get("gradwatch.status"),
             params={k: v for k, v in data.params.items() if k.startswith("gradwatch.")},
             layer_keys=tuple(sorted(k for k in data.metrics if k.startswith(LAYER_PREFIX))),
+            latest={k: _decode(v) for k, v in data.metrics.items() if k.startswith(METRIC_PREFIX)},
         )
 
 

@@ -27,7 +27,7 @@ Why this is at-least-once, never more than that:
 Tables (names prefixed ``gradwatch_`` so a shared database can hold them beside others)::
 
     gradwatch_schema_version  version                        one row; a newer one is refused
-    gradwatch_cursors         run_id PK, last_step, last_check_at, polled_at
+    gradwatch_cursors         run_id PK, last_step, last_check_at, check_interval, polled_at
     gradwatch_cursor_metrics  (run_id, metric_key) PK, last_step
     gradwatch_alerts          (run_id, rule) PK, state, alerting_streak, clear_streak,
                               since_notified, active_since_step, fired_at_step,
@@ -38,6 +38,7 @@ Tables (names prefixed ``gradwatch_`` so a shared database can hold them beside 
     gradwatch_outbox          id PK, notification_id, channel, payload, status, attempts,
                               created_at, next_attempt_at, last_attempt_at, sent_at,
                               last_error; UNIQUE (notification_id, channel)
+    gradwatch_monitor_meta    key PK, value (JSON), updated_at: the last poll's outcome, ...
 
 Times are Unix seconds (float) from the `clock` given to `MonitorState` (default `time.time`)
 or passed as ``now=``; nothing here reads the clock otherwise, so tests use a manual one.
@@ -108,6 +109,7 @@ _cursors = sa.Table(
     sa.Column("run_id", sa.String(64), primary_key=True),
     sa.Column("last_step", sa.BigInteger, nullable=True),
     sa.Column("last_check_at", sa.Float, nullable=True),  # wall time of the newest check read
+    sa.Column("check_interval", sa.Float, nullable=True),  # observed seconds between checks
     sa.Column("polled_at", sa.Float, nullable=True),
 )
 _cursor_metrics = sa.Table(
@@ -163,6 +165,12 @@ _outbox = sa.Table(
     sa.CheckConstraint("attempts >= 0", name="outbox_attempts_count"),
     sa.Index("gradwatch_outbox_due", "status", "next_attempt_at"),
 )
+_meta = sa.Table(
+    "gradwatch_monitor_meta", _metadata,
+    sa.Column("key", sa.String(_NAME_LIMIT), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
 _OUR_TABLES = frozenset(_metadata.tables)
 
 # -- values -----------------------------------------------------------------------------------
@@ -174,13 +182,16 @@ class Cursor:
 
     `metric_steps` holds the last step read per metric key (for keys read separately);
     `last_step` the last check step read overall; `last_check_at` the wall time of that check
-    (for staleness); `polled_at` when the monitor last looked at the run.
+    (for staleness); `check_interval` the observed seconds between two checks (the median
+    spacing of the latest checks read, for runs whose schedule counts steps); `polled_at` when
+    the monitor last wrote the cursor.
     """
 
     run_id: str
     last_step: int | None = None
     metric_steps: Mapping[str, int] = field(default_factory=dict)
     last_check_at: float | None = None
+    check_interval: float | None = None
     polled_at: float | None = None
 
 
@@ -463,7 +474,7 @@ class MonitorState:
         return [
             Cursor(run_id=row.run_id, last_step=row.last_step,
                    metric_steps=steps.get(row.run_id, {}), last_check_at=row.last_check_at,
-                   polled_at=row.polled_at)
+                   check_interval=row.check_interval, polled_at=row.polled_at)
             for row in rows
         ]
 
@@ -479,6 +490,25 @@ class MonitorState:
             query = query.where(_alerts.c.run_id == run_id)
         with self._connection_begin() as connection:
             return [_alert_from_row(row) for row in connection.execute(query)]
+
+    # -- the monitor's own record ----------------------------------------------------------
+
+    def set_meta(self, key: str, value: Mapping[str, Any], *, now: float | None = None) -> None:
+        """Store a small JSON object under `key` (e.g. "last_poll": the last poll's outcome),
+        for `gradwatch monitor status` to show while the monitor runs."""
+        _check_name("key", key)
+        text = json.dumps(dict(value), allow_nan=False, default=str)
+        with self._connection_begin() as connection:
+            _upsert(connection, _meta, {"key": key},
+                    {"value": text, "updated_at": self._now(now)})
+
+    def meta(self, key: str) -> dict[str, Any] | None:
+        """The object stored under `key`, None if none."""
+        with self._connection_begin() as connection:
+            text = connection.execute(
+                sa.select(_meta.c.value).where(_meta.c.key == key)
+            ).scalar_one_or_none()
+        return None if text is None else cast(dict[str, Any], json.loads(text))
 
     # -- outbox ---------------------------------------------------------------------------
 
@@ -514,6 +544,14 @@ class MonitorState:
         )
         with self._connection_begin() as connection:
             return int(connection.execute(query).scalar_one())
+
+    def outbox_counts(self) -> dict[str, int]:
+        """How many rows are pending, sent and dead."""
+        query = sa.select(_outbox.c.status, sa.func.count()).group_by(_outbox.c.status)
+        counts = {"pending": 0, "sent": 0, "dead": 0}
+        with self._connection_begin() as connection:
+            counts.update({status: int(n) for status, n in connection.execute(query)})
+        return counts
 
     def mark_sent(self, outbox_id: int, *, now: float | None = None) -> OutboxRow:
         """Record that row `outbox_id` was delivered (a dead row delivered by hand included)."""
@@ -735,7 +773,7 @@ class StateTransaction:
         if not isinstance(cursor, Cursor) or not cursor.run_id:
             raise InputError(f"cursor must be a Cursor with a run_id, got {cursor!r}.")
         values = {"last_step": cursor.last_step, "last_check_at": cursor.last_check_at,
-                  "polled_at": cursor.polled_at}
+                  "check_interval": cursor.check_interval, "polled_at": cursor.polled_at}
         _upsert(self._connection, _cursors, {"run_id": cursor.run_id}, values)
         self._connection.execute(
             sa.delete(_cursor_metrics).where(_cursor_metrics.c.run_id == cursor.run_id)
