@@ -231,8 +231,15 @@ class Monitor:
     ) -> dict[str, Future[tuple[list[CheckPoint], Cursor]]]:
         """Start reading every run's new checks, `read_workers` at a time: a run with new
         checks costs one HTTP call per metric key, and those calls wait on the network."""
+        cutoff_ms = (self.clock() - self.config.history_window) * 1000.0
+
         def read(run: MonitoredRun) -> tuple[list[CheckPoint], Cursor]:
-            return read_new_checks(self.client, run, cursors.get(run.run_id))
+            cursor = cursors.get(run.run_id)
+            if cursor is None and run.end_time_ms is not None and run.end_time_ms < cutoff_ms:
+                # first sight of a run that ended long ago: its history is not news (a monitor
+                # started on an old experiment must not replay every past alert); free
+                return [], Cursor(run.run_id)
+            return read_new_checks(self.client, run, cursor)
 
         with ThreadPoolExecutor(self.config.read_workers,
                                 thread_name_prefix="gradwatch-read") as pool:

@@ -9,6 +9,7 @@ An example ``monitor.toml``::
     poll_interval = 60                          # seconds between polls
     send_interval = 5                           # seconds between looks at the outbox
     read_workers = 4                            # MLflow reads at once (runs with new checks)
+    history_window = 86400                      # runs that ended before: not replayed
     # misfire_grace_time = 60                   # seconds a late poll may still run (default:
                                                 # one poll interval)
     # state_url = "sqlite:////var/lib/gradwatch/monitor.db"   # default: default_state_url()
@@ -268,6 +269,12 @@ class MonitorConfig(_Section):
         default=5.0, gt=0, allow_inf_nan=False,
         description="seconds between two looks at the outbox for notifications to (re)send, "
         "> 0 (default 5)",
+    )
+    history_window: float = Field(
+        default=86400.0, ge=0, allow_inf_nan=True,
+        description="seconds; a run seen for the first time that ended longer ago than this is "
+        "not replayed (no notifications for its past checks). Default 86400 (a day); inf: "
+        "replay every run",
     )
     read_workers: int = Field(
         default=4, ge=1, le=64,

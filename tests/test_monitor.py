@@ -345,3 +345,23 @@ def test_a_second_state_opener_without_the_lock_can_read_status(rig: Rig) -> Non
             assert last is not None and last["transitions"] == 1
     finally:
         monitor.close()
+
+
+def test_a_run_that_ended_before_the_history_window_is_not_replayed(rig: Rig) -> None:
+    import time
+
+    old = new_run(rig.client, rig.experiment_id, name="old")
+    recent = new_run(rig.client, rig.experiment_id, name="recent")
+    for run_id in (old, recent):
+        log_check(rig.client, run_id, 10, 5e-3, "alert")
+    rig.client.set_terminated(old, "FINISHED", end_time=int((time.time() - 7200) * 1000))
+    rig.client.set_terminated(recent, "FINISHED")
+    rig.clock.now = time.time()
+    monitor = rig.monitor(history_window=3600)
+    try:
+        summary, _ = monitor.run_once()
+        assert summary.runs == 2 and summary.new_checks == 1
+        assert [b["run_id"] for b in rig.bodies()] == [recent]
+        assert monitor.state.alerts(old) == []
+    finally:
+        monitor.close()
