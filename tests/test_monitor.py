@@ -365,3 +365,45 @@ def test_a_run_that_ended_before_the_history_window_is_not_replayed(rig: Rig) ->
         assert monitor.state.alerts(old) == []
     finally:
         monitor.close()
+
+
+def test_a_planted_bug_logged_by_the_real_callback_is_announced_with_its_layer(
+    rig: Rig, tmp_path: Path
+) -> None:
+    from gradwatch import GradWatch
+    from tests.test_callback_loop import loss_fn, train
+
+    watch = GradWatch(every=5, loss_fn=loss_fn, tracking_uri=rig.server_url,
+                      experiment_name=rig.experiment, spool_dir=tmp_path / "spool", budget=500)
+    _, reports = train(watch, 20, wrong_between=(8, 13))  # wrong weight gradient at step 10
+    assert [r.verdict for r in reports] == ["ok", "ok", "alert", "ok", "ok"]
+    monitor = rig.monitor()
+    try:
+        summary, sent = monitor.run_once()
+        assert summary.new_checks == 5 and sent.sent == 2
+        firing, resolved = rig.bodies()
+        assert (firing["kind"], firing["step"], resolved["kind"], resolved["step"]) == (
+            "firing", 10, "resolved", 15)
+        assert firing["run_id"] == watch.run_id
+        assert firing["details"]["worst_layers"][0]["layer"] == "3.weight"
+    finally:
+        monitor.close()
+
+
+def test_an_apprise_channel_gets_apprise_s_own_payload(rig: Rig) -> None:
+    run_id = new_run(rig.client, rig.experiment_id, name="via-apprise")
+    log_check(rig.client, run_id, 10, 5e-3, "alert")
+    config = rig.config(channels={"hook": {"url_env": HOOK_ENV},
+                                  "apprise": {"url_env": "APPRISE_URL"}})
+    monitor = Monitor(config, clock=rig.clock, environ={
+        HOOK_ENV: rig.receiver.url("/hook"),
+        "APPRISE_URL": f"json://127.0.0.1:{rig.receiver.port}/ap"})
+    try:
+        _, sent = monitor.run_once()
+        assert sent.sent == 2 and rig.receiver.wait_for(2)
+        by_path = {r.path: r.json() for r in rig.receiver.requests}
+        assert by_path["/hook"]["kind"] == "firing"
+        assert "via-apprise" in by_path["/ap"]["title"]  # apprise's own JSON: title, message
+        assert by_path["/ap"]["type"] == "failure"
+    finally:
+        monitor.close()
