@@ -40,6 +40,7 @@ from gradwatch._record import (
     check_payload,
     deliver_payload,
     params_payload,
+    report_payload,
     resolve_run,
     resolve_tracking_uri,
 )
@@ -128,6 +129,10 @@ class GradWatch:
         tracking_uri, run_id, experiment_name: where to log (see the README's "MLflow record").
         spool_dir: the local journal (default `$GRADWATCH_SPOOL_DIR` or ~/.cache/gradwatch/spool).
         mlflow: False to keep checks and alerts but log nothing to MLflow.
+        report: log the run report `gradwatch/report.html` (a self-contained HTML page of the
+            run's checks, viewable in the MLflow UI) at train end and every `report_every`
+            checks; it is built from the MLflow record by the background delivery thread.
+        report_every: checks between two refreshes of the report during training (default 10).
         clock: seconds since the epoch for measurement timestamps (tests pass their own).
     """
 
@@ -156,6 +161,8 @@ class GradWatch:
         experiment_name: str | None = None,
         spool_dir: str | Path | None = None,
         mlflow: bool = True,
+        report: bool = True,
+        report_every: int = 10,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.every = parse_every(every)
@@ -176,6 +183,14 @@ class GradWatch:
         if probe_rows is not None and (isinstance(probe_rows, bool) or not isinstance(
                 probe_rows, int) or probe_rows < 1):
             raise ConfigError(f"probe_rows must be an int ≥ 1 or None, got {probe_rows!r}.")
+        if isinstance(report_every, bool) or not isinstance(report_every, int) \
+                or report_every < 1:
+            raise ConfigError(f"report_every must be an int ≥ 1 (checks between two report "
+                              f"refreshes; default 10), got {report_every!r}; pass report=False "
+                              f"for no report at all.")
+        self.report = bool(report)
+        self.report_every = report_every
+        self._recorded = 0
         self.probe_rows = probe_rows
         self.loss_fn = loss_fn
         self.probe = probe
@@ -292,6 +307,8 @@ class GradWatch:
         self.schedule.shutdown()
         self.capture.detach()
         if self._spool is not None:
+            if self.report and self._recorded:
+                self._request_report()
             result = self._spool.flush(timeout=timeout)
             self._spool.close(timeout=1.0)
             if result.pending:
@@ -527,10 +544,24 @@ class GradWatch:
                 report, step=step, timestamp_ms=timestamp_ms, run_id=self.run_id,
                 tracking_uri=self._resolved_uri, alert=alert,
             ))
+            self._recorded += 1
+            if self.report and self._recorded % self.report_every == 0:
+                self._request_report()
         except Exception as exc:
             if self.strict:
                 raise
             logger.error("gradwatch: could not spool the check at step %d: %s", step, exc)
+
+    def _request_report(self) -> None:
+        if self._spool is None or self.run_id is None:
+            return
+        try:
+            self._spool.append(report_payload(run_id=self.run_id,
+                                              tracking_uri=self._resolved_uri))
+        except Exception as exc:
+            if self.strict:
+                raise
+            logger.error("gradwatch: could not ask for the run report: %s", exc)
 
     def _announce(self, report: CheckReport, transition: Any) -> None:
         notification = make_notification(report, transition, run_id=self.run_id)

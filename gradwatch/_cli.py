@@ -4,6 +4,8 @@
     gradwatch check MODULE:FACTORY              one-off check of your model; exit 1 on alert
     gradwatch flush                             deliver what the local spool still holds
     gradwatch monitor [--once] [--config FILE]  watch MLflow and notify (status, silence ...)
+    gradwatch report RUN_ID [-o FILE.html]      a run's self-contained HTML report (--log, --png)
+    gradwatch dashboard --experiment NAME -o FILE.html   compare an experiment's runs
 """
 
 from __future__ import annotations
@@ -72,7 +74,91 @@ def _parser() -> argparse.ArgumentParser:
     from gradwatch._monitor_cli import add_monitor_parser
 
     add_monitor_parser(commands)
+
+    report = commands.add_parser(
+        "report", help="build a run's HTML report (self-contained, works offline)",
+        description="Build the run report from the run's gradwatch record in MLflow: distance "
+        "per check, layer x step heatmap, worst elements.",
+    )
+    report.add_argument("run_id", metavar="RUN_ID")
+    report.add_argument("-o", "--output", type=Path, default=None,
+                        help="write the HTML here (default: report-<run id>.html)")
+    report.add_argument("--png", type=Path, default=None, help="also write a static PNG here")
+    report.add_argument("--log", action="store_true",
+                        help="log it to the run as gradwatch/report.html instead of a file")
+    _tracking_options(report)
+    report.set_defaults(handler=_report)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="compare the gradwatch runs of an experiment in one HTML file",
+    )
+    dashboard.add_argument("--experiment", required=True, metavar="NAME",
+                           help="experiment name or id")
+    dashboard.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.html")
+    dashboard.add_argument("--no-layers", action="store_true",
+                           help="leave out the layers that alerted (one MLflow call per layer "
+                           "per run), for a quick look at a large experiment")
+    _tracking_options(dashboard)
+    dashboard.set_defaults(handler=_dashboard)
     return parser
+
+
+def _tracking_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's "
+                        "own default)")
+    parser.add_argument("--tracking-url", default=None,
+                        help="the MLflow UI's http(s) address, for links to runs (default: the "
+                        "tracking URI when it is http(s))")
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from mlflow import MlflowClient
+
+    from gradwatch._record import resolve_tracking_uri
+
+    return MlflowClient(tracking_uri=resolve_tracking_uri(args.tracking_uri))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from gradwatch._dashboard import build_run_report, log_run_report, render_run_png
+
+    client = _client(args)
+    if args.log:
+        written = log_run_report(client, args.run_id, tracking_url=args.tracking_url,
+                                 png=args.png is not None)
+        print(json.dumps({"run_id": args.run_id, "artifacts": written}))
+        return EXIT_OK
+    output = args.output or Path(f"report-{args.run_id}.html")
+    page = build_run_report(client, args.run_id, tracking_url=args.tracking_url)
+    _write_text(output, page)
+    result = {"run_id": args.run_id, "html": str(output), "bytes": len(page.encode())}
+    if args.png is not None:
+        result["png"] = str(render_run_png(client, args.run_id, args.png))
+    print(json.dumps(result))
+    return EXIT_OK
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from gradwatch._dashboard import build_experiment_dashboard
+
+    page = build_experiment_dashboard(_client(args), args.experiment,
+                                      tracking_url=args.tracking_url, layers=not args.no_layers)
+    _write_text(args.output, page)
+    print(json.dumps({"experiment": args.experiment, "html": str(args.output),
+                      "bytes": len(page.encode())}))
+    return EXIT_OK
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: an existing file is never left half-written."""
+    if path.is_dir():
+        raise InputError(f"-o must be a file path, got the directory {str(path)!r}; e.g. "
+                         f"-o {path / 'report.html'}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ Per check, at step = the training global step:
   tags     gradwatch.status (latest verdict word), gradwatch.last_step,
            gradwatch.alert ("firing" / "resolved", once an alert ever fired)
   artifact gradwatch/checks/step-<9-digit step>.json  (the CheckReport JSON)
+Every `report_every` checks and at train end: artifact gradwatch/report.html, the run report
+(one self-contained HTML file, `gradwatch._dashboard`), built from this record.
 Once per run, params: gradwatch.version, .every, .mode, .eps, .budget, .threshold.warn,
 .threshold.alert.
 
@@ -37,6 +39,7 @@ __all__ = [
     "deliver_payload",
     "layer_metric_keys",
     "params_payload",
+    "report_payload",
     "resolve_run",
     "resolve_tracking_uri",
 ]
@@ -145,6 +148,15 @@ def params_payload(
     }
 
 
+def report_payload(*, run_id: str, tracking_uri: str | None) -> dict[str, Any]:
+    """A request to rebuild and log the run report (`gradwatch/report.html`) from the record.
+
+    It travels through the spool like the checks, after them, so the report it builds sees
+    every check logged before it was asked for.
+    """
+    return {"kind": "report", "tracking_uri": tracking_uri, "run_id": run_id}
+
+
 def _metric_value(value: float) -> float:
     # MLflow stores NaN (is_nan) and clamps ±inf; keep NaN as NaN, it is a real outcome
     return float(value) if not math.isinf(value) else math.copysign(1.7976931348623157e308, value)
@@ -210,7 +222,10 @@ def deliver_payload(payload: Mapping[str, Any], client: Any | None = None) -> No
 
         client = MlflowClient(tracking_uri=payload.get("tracking_uri"))
     try:
-        _write(client, payload)
+        if payload.get("kind") == "report":
+            _write_report(client, payload)
+        else:
+            _write(client, payload)
     except MlflowException as exc:
         if getattr(exc, "error_code", None) in PERMANENT_ERRORS:
             raise RejectedRecord(f"MLflow refused it: {exc.error_code}: {exc.message}") from exc
@@ -219,6 +234,21 @@ def deliver_payload(payload: Mapping[str, Any], client: Any | None = None) -> No
 
 #: MLflow error codes that no retry can fix (a changed param value, a deleted run, ...).
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
+
+
+def _write_report(client: Any, payload: Mapping[str, Any]) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from gradwatch._dashboard import log_run_report
+    from gradwatch._spool import RejectedRecord
+
+    try:
+        log_run_report(client, payload["run_id"])
+    except (MlflowException, OSError):
+        raise  # the server is away: retried, like a check
+    except Exception as exc:  # a report that cannot be built now will not be built on retry
+        raise RejectedRecord(f"the run report could not be built: "
+                             f"{type(exc).__name__}: {exc}") from exc
 
 
 def _write(client: Any, payload: Mapping[str, Any]) -> None:
