@@ -48,6 +48,7 @@ from gradwatch._dashboard_charts import (
     run_distance_chart,
     run_label,
     run_layers_chart,
+    worst_elements_chart,
 )
 from gradwatch._dashboard_data import (
     WORST_CHECKS,
@@ -195,6 +196,8 @@ def _run_page(data: RunData, base: str | None) -> str:
     else:
         parts.append(_section("No checks yet", "This run has no gradwatch check in MLflow "
                               "(no gradwatch/rel_distance metric).", ""))
+    if data.worst_elements:
+        charts["chart-worst"] = worst_elements_chart(data)
     parts.append(_worst_section(data))
     parts.append(_settings_section(data))
     return _page(title, "\n".join(parts), charts)
@@ -280,9 +283,14 @@ def _worst_section(data: RunData) -> str:
          "yes" if e.kink else ""]
         for e in sorted(data.worst_elements, key=lambda e: -e.step)
     ]
-    return _section(title, note, _table(
+    if not rows:
+        return _section(title, note, "<p>No element was checked.</p>")
+    table = _table(
         ["step", "layer", "index", "analytic", "numeric", "|diff|", "rel. error", "kink"],
-        rows, numeric=(0, 3, 4, 5, 6)) if rows else "<p>No element was checked.</p>")
+        rows, numeric=(0, 3, 4, 5, 6))
+    return _section(title, note + " Red: at or above the alert threshold.",
+                    '<div id="chart-worst" class="chart"></div>'
+                    f"<details><summary>as text (to copy)</summary>{table}</details>")
 
 
 def _settings_section(data: RunData) -> str:

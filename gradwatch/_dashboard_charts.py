@@ -43,9 +43,11 @@ __all__ = [
     "load_spec",
     "run_distance_chart",
     "run_layers_chart",
+    "worst_elements_chart",
 ]
 
-SPEC_NAMES = ("run-distance.json", "run-layers.json", "experiment-distance.json")
+SPEC_NAMES = ("run-distance.json", "run-layers.json", "worst-elements.json",
+              "experiment-distance.json")
 HEATMAP_MAX_CELLS = 20_000
 HEATMAP_MAX_COLUMNS = 200
 HEATMAP_MIN_COLUMNS = 20
@@ -298,6 +300,32 @@ def _severity(value: float) -> tuple[int, float]:
 def run_label(name: str, run_id: str) -> str:
     """A run's name and short id, unique in an experiment: `"train (1a2b3c4d)"`."""
     return f"{name or 'unnamed'} ({run_id[:8]})"
+
+
+def worst_elements_chart(data: RunData) -> dict[str, Any]:
+    """The worst-elements table (Vega-Lite text marks), newest check first.
+
+    Example:
+        >>> from gradwatch._dashboard_data import WorstElement
+        >>> spec = worst_elements_chart(RunData(run=None, experiment_name="e",
+        ...     thresholds=Thresholds(), checks=[], layer_order=[], layer_names={},
+        ...     artifact_steps=[10], worst_steps=[10], worst_elements=[
+        ...         WorstElement(10, "fc.weight", (1, 2), 2.0, 1.0, 1.0, 1/3, False)]))
+        >>> row = spec["datasets"]["elements"][0]
+        >>> row["layer"], row["index"], row["rel_error"], row["severe"]
+        ('fc.weight', '[1, 2]', '0.333', True)
+    """
+    alert = data.thresholds.alert
+    ordered = sorted(data.worst_elements, key=lambda e: -e.step)
+    rows: Dataset = [
+        {"row": i, "step": str(e.step), "layer": e.layer, "index": str(list(e.index)),
+         "analytic": f"{e.analytic:.6g}", "numeric": f"{e.numeric:.6g}",
+         "rel_error": format_distance(e.rel_error),
+         "severe": bool(not math.isfinite(e.rel_error) or e.rel_error >= alert),
+         "kink": "yes" if e.kink else "no"}
+        for i, e in enumerate(ordered)
+    ]
+    return _filled("worst-elements.json", {"elements": rows})
 
 
 def experiment_distance_chart(data: ExperimentData) -> dict[str, Any]:

@@ -88,6 +88,11 @@ def test_run_report_renders_from_a_file(client: MlflowClient, page: Page,
     assert page.errors() == []
     assert count(page, "#chart-distance.vega-embed svg.marks") == 1
     assert count(page, "#chart-layers.vega-embed svg.marks") == 1
+    assert count(page, "#chart-worst.vega-embed svg.marks") == 1
+    cells = page.evaluate("Array.from(document.querySelectorAll('#chart-worst g.mark-text "
+                          "text')).map(t => [t.textContent, t.getAttribute('fill')])")
+    assert [EVIL_LAYER, "#222222"] in cells  # the worst elements' layer, as text
+    assert ["0.333", "#d62728"] in cells  # |1 - 2| / 3 ≥ the alert threshold: red
     assert count(page, "#chart-distance g.mark-symbol.role-mark path") == 13  # one point per check
     assert count(page, "#chart-layers g.mark-rect.role-mark path") == 3 * 13  # 3 layers × 13 checks
     black = page.evaluate("Array.from(document.querySelectorAll('#chart-layers g.mark-rect"
@@ -139,7 +144,7 @@ def test_logged_report_renders_in_the_mlflow_artifact_view(
     frame.wait_for(RENDERED, timeout=30, fail_if=FAILED)
     assert frame.errors() == []
     assert frame.evaluate("document.title") == f"gradwatch report: {EVIL_RUN}"
-    assert count(frame, ".vega-embed svg.marks") == 2
+    assert count(frame, ".vega-embed svg.marks") == 3  # distance, layers, worst elements
     assert count(frame, "#chart-layers g.mark-rect.role-mark path") == 3 * 13
     assert count(frame, "img") == 0 and no_dialogs(page)
     page.evaluate("document.querySelector('iframe').scrollIntoView()")
