@@ -147,7 +147,7 @@ def _once(monitor: Any) -> int:
 
 
 # ---------------------------------------------------------------------------- status
-def _open_state(args: argparse.Namespace) -> Any:
+def _open_state(args: argparse.Namespace, *, create: bool = False) -> Any:
     from gradwatch._monitor_config import CONFIG_ENV, load_config
     from gradwatch._monitor_state import MonitorState, default_state_url
 
@@ -155,6 +155,14 @@ def _open_state(args: argparse.Namespace) -> Any:
     if url is None and (args.config or os.environ.get(CONFIG_ENV)):
         url = load_config(args.config).state_url
     url = url or os.environ.get(STATE_ENV) or default_state_url()
+    from gradwatch._monitor_state import _parse_url, _sqlite_file
+
+    database = _sqlite_file(_parse_url(url))
+    if database is not None and not database.exists() and not create:
+        raise ConfigError(
+            f"No monitor state at {database}: has `gradwatch monitor` run with this state? "
+            f"Point at its state with --state URL or --config FILE (its state_url)."
+        )
     return MonitorState(url, lock=False)
 
 
@@ -238,7 +246,7 @@ def _silence_add(args: argparse.Namespace) -> int:
         raise ConfigError(f"--rule must be one of {', '.join(RULES)} (or a glob), got "
                           f"{args.rule!r}.")
     matcher = SilenceMatcher(run_id=args.run, experiment=args.experiment, rule=args.rule)
-    with _open_state(args) as state:
+    with _open_state(args, create=True) as state:  # a silence may come before the monitor
         if args.duration is not None:
             silence_id = state.add_silence(matcher, duration=_seconds(args.duration),
                                            comment=args.comment)

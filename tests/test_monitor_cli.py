@@ -194,3 +194,7 @@ def test_check_prints_the_config_without_secrets_and_bad_config_fails_first(
     assert len(problems) == 3, failed.stderr  # experiments, poll_interval, the clear URL
     assert SECRET not in failed.stderr
     assert not (tmp_path / "state.db").exists() or (tmp_path / "state.db") == setup.state
+    nowhere = tmp_path / "elsewhere" / "none.db"
+    missing = setup.run("status", "--state", str(nowhere))
+    assert missing.returncode == 2 and "No monitor state at" in missing.stderr
+    assert not nowhere.parent.exists()  # status creates nothing
