@@ -50,13 +50,8 @@ from gradwatch._monitor_rules import (
     observed_interval,
     worst_layers,
 )
-from gradwatch._monitor_state import (
-    Clock,
-    Cursor,
-    MonitorState,
-    OutboxEntry,
-    _sqlite_file,
-)
+from gradwatch._monitor_schema import _parse_url, _sqlite_file
+from gradwatch._monitor_state import Clock, Cursor, MonitorState, OutboxEntry
 from gradwatch._notify import Notification, Notifier, _describe, _scrub_urls
 
 __all__ = ["Monitor", "PollSummary", "RunSnapshot", "SendSummary"]
@@ -148,7 +143,7 @@ class Monitor:
             client = MlflowClient(config.tracking_uri)
         self.client: MlflowReader = client
         if state is None:
-            locked = _sqlite_file(_url(config.state_url)) is not None
+            locked = _sqlite_file(_parse_url(config.state_url)) is not None
             state = MonitorState(config.state_url, lock=locked, clock=clock)
         self.state = state
         self.policies: dict[str, AlertPolicy] = {rule: config.policy_for(rule) for rule in RULES}
@@ -563,12 +558,6 @@ class Monitor:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _url(text: str) -> Any:
-    from gradwatch._monitor_state import _parse_url
-
-    return _parse_url(text)
-
-
 def _parse_payload(payload: str) -> Notification:
     try:
         return Notification.model_validate_json(payload)

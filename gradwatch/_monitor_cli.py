@@ -149,13 +149,14 @@ def _once(monitor: Any) -> int:
 # ---------------------------------------------------------------------------- status
 def _open_state(args: argparse.Namespace, *, create: bool = False) -> Any:
     from gradwatch._monitor_config import CONFIG_ENV, load_config
-    from gradwatch._monitor_state import MonitorState, default_state_url
+    from gradwatch._monitor_schema import default_state_url
+    from gradwatch._monitor_state import MonitorState
 
     url = args.state
     if url is None and (args.config or os.environ.get(CONFIG_ENV)):
         url = load_config(args.config).state_url
     url = url or os.environ.get(STATE_ENV) or default_state_url()
-    from gradwatch._monitor_state import _parse_url, _sqlite_file
+    from gradwatch._monitor_schema import _parse_url, _sqlite_file
 
     database = _sqlite_file(_parse_url(url))
     if database is not None and not database.exists() and not create:

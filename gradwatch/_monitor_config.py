@@ -90,7 +90,7 @@ from pydantic.fields import FieldInfo
 
 from gradwatch._alerts import AlertPolicy
 from gradwatch._exceptions import ConfigError, missing_dependency
-from gradwatch._monitor_state import _parse_url, default_state_url
+from gradwatch._monitor_schema import _parse_url, default_state_url
 from gradwatch._notify import Notifier, _scrub_urls, make_notifier, redact
 from gradwatch._report import Thresholds
 
