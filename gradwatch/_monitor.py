@@ -35,9 +35,11 @@ from gradwatch._alerts import AlertPolicy, AlertState, Transition
 from gradwatch._exceptions import ConfigError, DeliveryError
 from gradwatch._monitor_config import RULES, MonitorConfig
 from gradwatch._monitor_read import (
+    REL_DISTANCE,
     CheckPoint,
     MlflowReader,
     MonitoredRun,
+    bulk_histories,
     find_runs,
     read_new_checks,
 )
@@ -59,6 +61,7 @@ __all__ = ["Monitor", "PollSummary", "RunSnapshot", "SendSummary"]
 logger = logging.getLogger("gradwatch.monitor")
 
 _SEND_BATCH = 100
+_BULK_FROM = 5  # runs with new checks in one poll from which their histories are read in bulk
 _RULE_WORDS = {
     "distance": "gradient distance",
     "non_finite": "non-finite gradient distance",
@@ -228,13 +231,23 @@ class Monitor:
         checks costs one HTTP call per metric key, and those calls wait on the network."""
         cutoff_ms = (self.clock() - self.config.history_window) * 1000.0
 
+        def skipped(run: MonitoredRun, cursor: Cursor | None) -> bool:
+            # first sight of a run that ended long ago: its history is not news (a monitor
+            # started on an old experiment must not replay every past alert); free
+            return cursor is None and run.end_time_ms is not None and run.end_time_ms < cutoff_ms
+
+        stale = [run for run in runs if _has_news(run, cursors.get(run.run_id))
+                 and not skipped(run, cursors.get(run.run_id))]
+        # many runs with news (a first poll): their histories in bulk, one call per key per
+        # 100 runs, when the tracking server offers it
+        bulk = bulk_histories(self.client, stale) if len(stale) >= _BULK_FROM else None
+
         def read(run: MonitoredRun) -> tuple[list[CheckPoint], Cursor]:
             cursor = cursors.get(run.run_id)
-            if cursor is None and run.end_time_ms is not None and run.end_time_ms < cutoff_ms:
-                # first sight of a run that ended long ago: its history is not news (a monitor
-                # started on an old experiment must not replay every past alert); free
+            if skipped(run, cursor):
                 return [], Cursor(run.run_id)
-            return read_new_checks(self.client, run, cursor)
+            histories = bulk.get(run.run_id) if bulk is not None else None
+            return read_new_checks(self.client, run, cursor, histories=histories)
 
         with ThreadPoolExecutor(self.config.read_workers,
                                 thread_name_prefix="gradwatch-read") as pool:
@@ -558,6 +571,13 @@ class Monitor:
 
 
 # ---------------------------------------------------------------------------- helpers
+def _has_news(run: MonitoredRun, cursor: Cursor | None) -> bool:
+    """Whether `read_new_checks` would call MLflow for this run (see `_monitor_read`)."""
+    if run.last_step is None:
+        return REL_DISTANCE in run.latest  # no mark: read, unless no check was ever logged
+    return cursor is None or cursor.last_step is None or run.last_step > cursor.last_step
+
+
 def _parse_payload(payload: str) -> Notification:
     try:
         return Notification.model_validate_json(payload)

@@ -30,7 +30,9 @@ Why these choices (the layout is the contract in `gradwatch._record`):
   writes ±DBL_MAX (`gradwatch._record._metric_value`); the reader maps ±DBL_MAX back to ±inf.
 
 Cost of a run with new checks: 3 + (number of layer keys) `get_metric_history` calls, each
-returning the key's whole history (MLflow's client has no step range for it).
+returning the key's whole history (MLflow's client has no step range for it). When many runs
+have new checks at once (a monitor's first poll), `bulk_histories` reads them through the
+tracking server's bulk endpoint instead: one call per metric key for up to 100 runs.
 
 A step cursor cannot see a check logged late with a step at or below it (a training resumed
 from an older checkpoint into the same run re-logs steps already read); those are skipped.
@@ -42,7 +44,7 @@ import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gradwatch._exceptions import ConfigError
 from gradwatch._monitor_state import Cursor
@@ -52,6 +54,7 @@ __all__ = [
     "CheckPoint",
     "MlflowReader",
     "MonitoredRun",
+    "bulk_histories",
     "find_runs",
     "read_new_checks",
     "resolve_experiments",
@@ -223,7 +226,8 @@ def find_runs(
 
 
 def read_new_checks(
-    client: MlflowReader, run: MonitoredRun | str, cursor: Cursor | None
+    client: MlflowReader, run: MonitoredRun | str, cursor: Cursor | None,
+    *, histories: Mapping[str, Sequence[Any]] | None = None,
 ) -> tuple[list[CheckPoint], Cursor]:
     """Every check of `run` with cursor.last_step < step ≤ its `gradwatch.last_step`, sorted
     by step, and the cursor moved past them.
@@ -231,6 +235,8 @@ def read_new_checks(
     `run` is a `find_runs` row (no MLflow call when there is no new check) or a run id (one
     `get_run` first). The new cursor's `last_step` is the newest step read and
     `last_check_at` that check's time in Unix seconds; `polled_at` is the caller's to set.
+    `histories` (metric key → that key's history for this run, e.g. from `bulk_histories`)
+    replaces the `get_metric_history` calls.
     """
     if isinstance(run, str):
         run = MonitoredRun.from_run(client.get_run(run))
@@ -244,8 +250,12 @@ def read_new_checks(
     after, upto = cursor.last_step, run.last_step
     if upto is not None and after is not None and upto <= after:
         return [], cursor  # nothing new: no call at all (see the module docstring)
+    if upto is None and REL_DISTANCE not in run.latest:
+        return [], cursor  # no check logged yet (the search row has every latest value)
 
     def history(key: str) -> dict[int, tuple[int, float]]:
+        if histories is not None:
+            return _by_step(histories.get(key, ()), after, upto)
         return _by_step(client.get_metric_history(run.run_id, key), after, upto)
 
     spine = history(REL_DISTANCE)  # the steps that are checks
@@ -266,6 +276,68 @@ def read_new_checks(
     return checks, replace(
         cursor, last_step=newest.step, last_check_at=newest.timestamp_ms / 1000.0
     )
+
+
+class _Point(NamedTuple):
+    step: int
+    timestamp: int
+    value: float
+
+
+#: The tracking server's limits for its bulk history endpoint (mlflow/server/handlers.py).
+BULK_RUNS = 100
+BULK_RESULTS = 25000
+_BULK_ENDPOINT = "/ajax-api/2.0/mlflow/metrics/get-history-bulk"
+
+
+def bulk_histories(
+    client: Any, runs: Sequence[MonitoredRun]
+) -> dict[str, dict[str, list[Any]]] | None:
+    """run id → metric key → history, for the check keys and each run's layer keys, read with
+    the tracking server's bulk endpoint: one call per key for up to 100 runs (the per-run way
+    is one call per key per run). None when the client does not talk to a tracking server over
+    HTTP, or the server has no such endpoint: read run by run then.
+
+    The endpoint (the one MLflow's UI uses for charts) returns at most 25,000 points per call;
+    a batch that reaches that is split in two and read again, so nothing is cut off.
+    """
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    get_creds = getattr(store, "get_host_creds", None)
+    if get_creds is None or not runs:
+        return None
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_creds()
+    result: dict[str, dict[str, list[Any]]] = {run.run_id: {} for run in runs}
+
+    def fetch(run_ids: list[str], key: str) -> None:
+        params = [("run_id", run_id) for run_id in run_ids]
+        params += [("metric_key", key), ("max_results", str(BULK_RESULTS))]
+        response = http_request(creds, _BULK_ENDPOINT, "GET", params=params)
+        response.raise_for_status()
+        metrics = response.json().get("metrics", [])
+        if len(metrics) >= BULK_RESULTS and len(run_ids) > 1:  # cut off: split and re-read
+            half = len(run_ids) // 2
+            fetch(run_ids[:half], key)
+            fetch(run_ids[half:], key)
+            return
+        if len(metrics) >= BULK_RESULTS:  # one run with more points than a call returns
+            result[run_ids[0]][key] = list(client.get_metric_history(run_ids[0], key))
+            return
+        for metric in metrics:
+            result[metric["run_id"]].setdefault(key, []).append(_Point(
+                int(metric.get("step", 0)), int(metric["timestamp"]), float(metric["value"])))
+
+    try:
+        for start in range(0, len(runs), BULK_RUNS):
+            batch = runs[start:start + BULK_RUNS]
+            keys = {REL_DISTANCE, VERDICT, MAX_ELEMENT_ERROR}
+            keys.update(key for run in batch for key in run.layer_keys)
+            for key in sorted(keys):
+                fetch([run.run_id for run in batch], key)
+    except Exception:  # no endpoint (404), another server, a proxy that refuses it: per run
+        return None
+    return result
 
 
 # -- helpers ----------------------------------------------------------------------------------

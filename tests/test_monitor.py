@@ -407,3 +407,24 @@ def test_an_apprise_channel_gets_apprise_s_own_payload(rig: Rig) -> None:
         assert by_path["/ap"]["type"] == "failure"
     finally:
         monitor.close()
+
+
+def test_a_first_poll_over_many_runs_reads_their_histories_in_bulk(rig: Rig) -> None:
+    from tests.mlflow_runs import CountingClient
+
+    run_ids = [new_run(rig.client, rig.experiment_id, name=f"many-{i}") for i in range(6)]
+    for run_id in run_ids:
+        log_check(rig.client, run_id, 10, 1e-8, "ok", layers=LAYERS_OK)
+        log_check(rig.client, run_id, 20, 2e-2, "alert", layers=LAYERS_BAD)
+    counting = CountingClient(rig.client)
+    monitor = Monitor(rig.config(), client=counting, clock=rig.clock,
+                      environ={HOOK_ENV: rig.receiver.url("/hook")})
+    try:
+        summary, sent = monitor.run_once()
+        assert (summary.new_checks, sent.sent) == (12, 6)
+        assert counting.calls["get_metric_history"] == 0  # 6 keys x 1 bulk call instead of 36
+        assert sorted(b["run_id"] for b in rig.bodies()) == sorted(run_ids)
+        assert all(b["details"]["worst_layers"][0]["layer"] == "encoder.weight"
+                   for b in rig.bodies())
+    finally:
+        monitor.close()

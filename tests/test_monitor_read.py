@@ -5,13 +5,20 @@ step (an alert that fired and resolved between two polls is seen), and idle runs
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 import gradwatch
 from gradwatch import ConfigError
-from gradwatch._monitor_read import CheckPoint, MonitoredRun, find_runs, read_new_checks
+from gradwatch._monitor_read import (
+    CheckPoint,
+    MonitoredRun,
+    bulk_histories,
+    find_runs,
+    read_new_checks,
+)
 from gradwatch._monitor_state import Cursor
 from gradwatch._record import check_payload, deliver_payload, layer_metric_keys, params_payload
 from tests.classic_net import backward, forward, make_problem
@@ -191,3 +198,62 @@ def test_the_records_gradwatch_writes_read_back_exactly(client: MlflowClient) ->
     assert (check.step, check.timestamp_ms, check.verdict_word) == (100, T0_MS, "alert")
     assert check.rel_distance == report.rel_distance
     assert check.layers == {keys[name]: layer.rel_distance for name, layer in report.layers.items()}
+
+
+# -- bulk reads -------------------------------------------------------------------------------
+
+
+def write_varied_runs(client: MlflowClient, experiment_id: str, count: int) -> list[str]:
+    """Runs with different layers, values (NaN, ±inf, an error check) and numbers of checks."""
+    run_ids = []
+    for i in range(count):
+        run_id = new_run(client, experiment_id, name=f"bulk-{i}")
+        for step in range(10, 10 * (2 + i % 3) + 1, 10):
+            layers = {"shared.w": 1e-9 * step, f"own{i}.w": 1e-8}
+            if i == 1 and step == 20:
+                layers["shared.w"] = math.inf
+            verdict, distance = ("error", math.nan) if i == 2 and step == 10 else ("ok", 1e-9)
+            log_check(client, run_id, step, distance, verdict, layers=layers)
+        run_ids.append(run_id)
+    new_run(client, experiment_id, name="no-check-yet")  # no history to read: no call
+    return run_ids
+
+
+def test_bulk_reads_give_the_same_checks_with_one_call_per_key(
+    client: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradwatch import _monitor_read
+
+    _, experiment_id = new_experiment(client)
+    write_varied_runs(client, experiment_id, 6)
+    runs = find_runs(client, [experiment_id])
+    one_by_one = {run.run_id: read_new_checks(client, run, None) for run in runs}
+    counting = CountingClient(client)
+    histories = bulk_histories(counting, runs)
+    assert histories is not None and counting.calls["get_metric_history"] == 0
+    bulk = {run.run_id: read_new_checks(counting, run, None, histories=histories[run.run_id])
+            for run in runs}
+    assert counting.calls["get_metric_history"] == 0
+    assert repr(bulk) == repr(one_by_one)  # NaN != NaN: compare the text
+    assert any(math.isinf(v) for checks, _ in bulk.values() for c in checks
+               for v in c.layers.values())
+    # batches of 2 runs, and answers cut at 5 points: split until nothing is cut off
+    monkeypatch.setattr(_monitor_read, "BULK_RUNS", 2)
+    monkeypatch.setattr(_monitor_read, "BULK_RESULTS", 5)
+    small = bulk_histories(client, runs)
+    assert small is not None
+    assert repr({run.run_id: read_new_checks(client, run, None, histories=small[run.run_id])
+                 for run in runs}) == repr(one_by_one)
+
+
+def test_a_run_without_any_check_costs_no_call_and_a_local_store_has_no_bulk(
+    client: MlflowClient, tmp_path: Path
+) -> None:
+    _, experiment_id = new_experiment(client)
+    new_run(client, experiment_id)
+    (run,) = find_runs(client, [experiment_id])
+    counting = CountingClient(client)
+    assert read_new_checks(counting, run, None)[0] == []
+    assert counting.calls["get_metric_history"] == 0
+    local = MlflowClient(f"sqlite:///{tmp_path / 'local.db'}")
+    assert bulk_histories(local, [run]) is None
