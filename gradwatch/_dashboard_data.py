@@ -40,9 +40,9 @@ from gradwatch._monitor_read import (
     REL_DISTANCE,
     VERDICT,
     CheckPoint,
-    MlflowReader,
     MonitoredRun,
     _known_experiments,
+    bulk_histories,
     find_runs,
     read_new_checks,
 )
@@ -65,6 +65,7 @@ __all__ = [
 WORST_CHECKS = 10  # checks whose artifacts are read for the worst-elements table
 WORST_ELEMENTS_PER_CHECK = 5
 READ_THREADS = 8  # concurrent MLflow calls
+BULK_CHUNK = 10  # runs of an experiment read together (bulk histories) and held in memory
 CHECKS_FOLDER = "gradwatch/checks"
 _ARTIFACT_NAME = re.compile(r"^step-(\d+)\.json$")
 _T = TypeVar("_T")
@@ -162,27 +163,43 @@ def read_run(client: Any, run_id: str, *, worst_checks: int = WORST_CHECKS) -> R
 def read_experiment(client: Any, experiment: str, *, layers: bool = True) -> ExperimentData:
     """Read every gradwatch run of `experiment` (a name or an id); unknown → ConfigError.
 
-    `layers=False` skips the layer histories (one call per layer per run): no run then has
-    alerted layers, and `ExperimentData.layers_read` says so.
+    `layers=False` skips the layer histories (one call per layer per run, or per 10 runs where
+    the tracking server has the bulk history endpoint): no run then has alerted layers, and
+    `ExperimentData.layers_read` says so.
     """
     experiment_id = resolve_experiment(client, experiment)
     name = str(client.get_experiment(experiment_id).name)
     runs = find_runs(client, [experiment_id])
     summaries = []
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        for run in runs:  # one run at a time: only one run's layer histories in memory
-            read = run if layers else replace(run, layer_keys=())
-            checks = _read_checks(client, read, pool)
-            thresholds = thresholds_of(run)
-            alerted = alerted_layers(checks, thresholds.alert)
-            summaries.append(RunSummary(
-                run=run, thresholds=thresholds,
-                checks=[replace(check, layers={}) for check in checks],
-                alerted_layers=alerted,
-                layer_names=_names_of(client, run, alerted, pool) if alerted else {},
-            ))
+        for start in range(0, len(runs), BULK_CHUNK):
+            # BULK_CHUNK runs at a time: their histories in one bulk call per metric key
+            # (when the tracking server has the endpoint), and only theirs in memory
+            chunk = [run if layers else replace(run, layer_keys=())
+                     for run in runs[start:start + BULK_CHUNK]]
+            bulk = bulk_histories(client, chunk) if len(chunk) > 1 else None
+            for run, read in zip(runs[start:start + BULK_CHUNK], chunk):
+                summaries.append(_summary(client, run, read, pool,
+                                          bulk.get(run.run_id) if bulk else None))
     return ExperimentData(experiment_id=experiment_id, name=name, runs=summaries,
                           layers_read=layers)
+
+
+def _summary(client: Any, run: MonitoredRun, read: MonitoredRun, pool: ThreadPoolExecutor,
+             histories: Mapping[str, Any] | None) -> RunSummary:
+    """One run's row; `read` is `run` without its layer keys when those are not read."""
+    if histories is not None:
+        checks, _ = read_new_checks(client, read, None, histories=histories)
+    else:
+        checks = _read_checks(client, read, pool)
+    thresholds = thresholds_of(run)
+    alerted = alerted_layers(checks, thresholds.alert)
+    return RunSummary(
+        run=run, thresholds=thresholds,
+        checks=[replace(check, layers={}) for check in checks],
+        alerted_layers=alerted,
+        layer_names=_names_of(client, run, alerted, pool) if alerted else {},
+    )
 
 
 def _names_of(client: Any, run: MonitoredRun, keys: Iterable[str],
@@ -248,27 +265,11 @@ def thresholds_of(run: MonitoredRun) -> Thresholds:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-class _Prefetched:
-    """A reader whose `get_metric_history` answers from histories fetched beforehand (in
-    parallel), so `read_new_checks` lines them up by step exactly as the monitor does."""
-
-    def __init__(self, client: Any, histories: Mapping[str, Any]) -> None:
-        self._client = client
-        self._histories = histories
-
-    def get_metric_history(self, run_id: str, key: str) -> Any:
-        return self._histories[key]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-
 def _read_checks(client: Any, run: MonitoredRun, pool: ThreadPoolExecutor) -> list[CheckPoint]:
     keys = [REL_DISTANCE, VERDICT, "gradwatch/max_element_error", *run.layer_keys]
     histories = dict(zip(keys, _map(pool, lambda key: client.get_metric_history(run.run_id, key),
                                     keys)))
-    reader: MlflowReader = _Prefetched(client, histories)
-    checks, _ = read_new_checks(reader, run, None)
+    checks, _ = read_new_checks(client, run, None, histories=histories)
     return checks
 
 
