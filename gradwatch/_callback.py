@@ -131,7 +131,8 @@ class GradWatch:
         mlflow: False to keep checks and alerts but log nothing to MLflow.
         report: log the run report `gradwatch/report.html` (a self-contained HTML page of the
             run's checks, viewable in the MLflow UI) at train end and every `report_every`
-            checks; it is built from the MLflow record by the background delivery thread.
+            checks, and at train end also `gradwatch/report.png`; they are built from the
+            MLflow record by the background delivery thread.
         report_every: checks between two refreshes of the report during training (default 10).
         clock: seconds since the epoch for measurement timestamps (tests pass their own).
     """
@@ -308,7 +309,7 @@ class GradWatch:
         self.capture.detach()
         if self._spool is not None:
             if self.report and self._recorded:
-                self._request_report()
+                self._request_report(png=True)  # the final one also as a picture
             result = self._spool.flush(timeout=timeout)
             self._spool.close(timeout=1.0)
             if result.pending:
@@ -552,12 +553,12 @@ class GradWatch:
                 raise
             logger.error("gradwatch: could not spool the check at step %d: %s", step, exc)
 
-    def _request_report(self) -> None:
+    def _request_report(self, *, png: bool = False) -> None:
         if self._spool is None or self.run_id is None:
             return
         try:
             self._spool.append(report_payload(run_id=self.run_id,
-                                              tracking_uri=self._resolved_uri))
+                                              tracking_uri=self._resolved_uri, png=png))
         except Exception as exc:
             if self.strict:
                 raise

@@ -148,13 +148,16 @@ def params_payload(
     }
 
 
-def report_payload(*, run_id: str, tracking_uri: str | None) -> dict[str, Any]:
+def report_payload(
+    *, run_id: str, tracking_uri: str | None, png: bool = False
+) -> dict[str, Any]:
     """A request to rebuild and log the run report (`gradwatch/report.html`) from the record.
 
     It travels through the spool like the checks, after them, so the report it builds sees
-    every check logged before it was asked for.
+    every check logged before it was asked for. `png`: also `gradwatch/report.png`, the static
+    picture for places that run no scripts (matplotlib; left out when it is not installed).
     """
-    return {"kind": "report", "tracking_uri": tracking_uri, "run_id": run_id}
+    return {"kind": "report", "tracking_uri": tracking_uri, "run_id": run_id, "png": png}
 
 
 def _metric_value(value: float) -> float:
@@ -243,7 +246,10 @@ def _write_report(client: Any, payload: Mapping[str, Any]) -> None:
     from gradwatch._spool import RejectedRecord
 
     try:
-        log_run_report(client, payload["run_id"])
+        try:
+            log_run_report(client, payload["run_id"], png=bool(payload.get("png")))
+        except ImportError:  # no matplotlib (mlflow-skinny): the HTML report alone
+            log_run_report(client, payload["run_id"])
     except (MlflowException, OSError):
         raise  # the server is away: retried, like a check
     except Exception as exc:  # a report that cannot be built now will not be built on retry

@@ -49,6 +49,8 @@ def test_the_callback_logs_the_report_during_training_and_at_the_end(
     assert watch.run_id in final and "3.weight" in final
     run = client.get_run(str(watch.run_id))
     assert run.info.status == "FINISHED" and "gradwatch.report" not in run.data.params
+    paths = [a.path for a in client.list_artifacts(str(watch.run_id), "gradwatch")]
+    assert "gradwatch/report.png" in paths  # the final report also as a picture
 
 
 def test_report_false_logs_no_report_and_report_every_is_checked(
@@ -61,6 +63,7 @@ def test_report_false_logs_no_report_and_report_every_is_checked(
     client = MlflowClient(mlflow_server.url)
     paths = [a.path for a in client.list_artifacts(str(watch.run_id), "gradwatch")]
     assert "gradwatch/report.html" not in paths and "gradwatch/checks" in paths
+    assert "gradwatch/report.png" not in paths
     with pytest.raises(ConfigError, match="report_every must be an int ≥ 1"):
         GradWatch(report_every=0)
 
