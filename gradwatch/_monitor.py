@@ -28,7 +28,8 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from typing import Any
 
 from gradwatch._alerts import AlertPolicy, AlertState, Transition
@@ -85,11 +86,7 @@ class PollSummary:
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"started_at": self.started_at, "seconds": round(self.seconds, 3),
-                "runs": self.runs, "new_checks": self.new_checks,
-                "transitions": self.transitions, "queued": self.queued,
-                "silenced": self.silenced, "failed_runs": dict(self.failed_runs),
-                "error": self.error}
+        return {**asdict(self), "seconds": round(self.seconds, 3)}
 
 
 @dataclass(frozen=True)
@@ -172,16 +169,21 @@ class Monitor:
         """One poll: every new check of every watched run through the rules; notifications
         written to the outbox (not sent: `send_due` does that). Raises when the run search
         itself fails (MLflow unreachable, unknown experiment); a run that fails alone is
-        skipped and named in `PollSummary.failed_runs`."""
+        skipped and named in `PollSummary.failed_runs`. Every poll, failed or not, is recorded
+        once: counted, and stored as the state's "last_poll"."""
         now = float(self.clock())
         started = time.perf_counter()
         try:
-            runs = find_runs(self.client, self.config.experiments, tag_filter=self.config.tags)
+            summary = self._poll(now, started)
         except Exception as error:
-            summary = PollSummary(now, time.perf_counter() - started,
-                                  error=_scrub_urls(_describe(error)))
-            self._finish_poll(summary)
+            self._finish_poll(PollSummary(now, time.perf_counter() - started,
+                                          error=_scrub_urls(_describe(error))))
             raise
+        self._finish_poll(summary)
+        return summary
+
+    def _poll(self, now: float, started: float) -> PollSummary:
+        runs = find_runs(self.client, self.config.experiments, tag_filter=self.config.tags)
         cursors = {c.run_id: c for c in self.state.cursors()}
         states: dict[str, dict[str, AlertState]] = {}
         for stored in self.state.alerts():
@@ -192,7 +194,7 @@ class Monitor:
         reads = self._read_all(runs, cursors)
         for run in runs:
             try:
-                counts, cursor, run_states = self._poll_run(
+                counts, cursor, run_states, interval = self._poll_run(
                     run, cursors.get(run.run_id), states.get(run.run_id, {}), now,
                     reads[run.run_id],
                 )
@@ -200,14 +202,14 @@ class Monitor:
                 failed[run.run_id] = _scrub_urls(_describe(error))
                 logger.warning("run %s skipped this poll: %s", run.run_id, failed[run.run_id])
                 cursor, run_states = cursors.get(run.run_id), states.get(run.run_id, {})
+                interval = expected_interval(
+                    run, cursor.check_interval if cursor else None, now=now)
             else:
                 for key, value in counts.items():
                     totals[key] += value
-            last_check_at = cursor.last_check_at if cursor else None
             snapshot[run.run_id] = RunSnapshot(
-                run=run, last_check_at=last_check_at,
-                interval=expected_interval(run, cursor.check_interval if cursor else None,
-                                           now=now),
+                run=run, last_check_at=cursor.last_check_at if cursor else None,
+                interval=interval,
                 firing=frozenset(r for r, s in run_states.items() if s.state == "firing"),
             )
         summary = PollSummary(
@@ -221,7 +223,6 @@ class Monitor:
         if names != self._run_names:  # for `gradwatch monitor status`; written when changed
             self._record_meta("run_names", names)
             self._run_names = names
-        self._finish_poll(summary)
         return summary
 
     def _read_all(
@@ -236,11 +237,11 @@ class Monitor:
             # started on an old experiment must not replay every past alert); free
             return cursor is None and run.end_time_ms is not None and run.end_time_ms < cutoff_ms
 
-        stale = [run for run in runs if _has_news(run, cursors.get(run.run_id))
-                 and not skipped(run, cursors.get(run.run_id))]
+        to_read = [run for run in runs if _has_news(run, cursors.get(run.run_id))
+                   and not skipped(run, cursors.get(run.run_id))]
         # many runs with news (a first poll): their histories in bulk, one call per key per
         # 100 runs, when the tracking server offers it
-        bulk = bulk_histories(self.client, stale) if len(stale) >= _BULK_FROM else None
+        bulk = bulk_histories(self.client, to_read) if len(to_read) >= _BULK_FROM else None
 
         def read(run: MonitoredRun) -> tuple[list[CheckPoint], Cursor]:
             cursor = cursors.get(run.run_id)
@@ -256,7 +257,9 @@ class Monitor:
     def _poll_run(
         self, run: MonitoredRun, cursor: Cursor | None, states: dict[str, AlertState],
         now: float, read: Future[tuple[list[CheckPoint], Cursor]],
-    ) -> tuple[dict[str, int], Cursor | None, dict[str, AlertState]]:
+    ) -> tuple[dict[str, int], Cursor | None, dict[str, AlertState], float | None]:
+        """One run's new checks through the rules, saved in one transaction; returns the
+        counts, the run's cursor and alert states now, and its expected check interval."""
         checks, new_cursor = read.result()  # raises what the read raised
         alert = self.config.thresholds.alert
         outcome = evaluate_checks(run.run_id, checks, states, self.policies, alert)
@@ -278,7 +281,7 @@ class Monitor:
         counts = {"new_checks": len(checks), "transitions": len(outcome.transitions),
                   "queued": 0, "silenced": 0}
         if not checks and not outcome.states:
-            return counts, cursor, states  # nothing changed: no write
+            return counts, cursor, states, interval  # nothing changed: no write
         entries, silenced = self._entries(run, outcome, interval, new_cursor)
         last_transition: dict[str, Transition] = {}
         for rule, transition, _check in outcome.transitions:
@@ -293,7 +296,8 @@ class Monitor:
         for rule, transition, _check in outcome.transitions:
             logger.info("run %s (%s): %s %s at step %s", run.run_id, run.name, rule,
                         transition.kind, transition.step)
-        return counts, new_cursor if checks else cursor, {**states, **outcome.states}
+        return (counts, new_cursor if checks else cursor, {**states, **outcome.states},
+                interval)
 
     def _entries(
         self, run: MonitoredRun, outcome: RuleOutcome, interval: float | None, cursor: Cursor
@@ -499,10 +503,9 @@ class Monitor:
 
         def on_event(event: JobExecutionEvent) -> None:
             if event.code == EVENT_JOB_ERROR:
+                # logged only: a failed poll has already counted and recorded itself
                 logger.error("job %s failed: %s", event.job_id,
                              _scrub_urls(_describe(event.exception)))
-                with self._lock:
-                    self.poll_errors += event.job_id == "poll"
             else:
                 late = "missed its run time" if event.code == EVENT_JOB_MISSED else \
                     "is still running from the previous time"
@@ -516,8 +519,6 @@ class Monitor:
 
         scheduler.add_listener(on_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED |
                                EVENT_JOB_MAX_INSTANCES)
-        from datetime import datetime, timezone
-
         scheduler.add_job(self._poll_job, "interval", seconds=self.config.poll_interval,
                           id="poll", name="gradwatch poll",
                           next_run_time=datetime.now(timezone.utc))

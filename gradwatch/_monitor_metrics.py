@@ -63,7 +63,8 @@ def collect(monitor: Monitor) -> Iterator[Any]:
     running = gauge("gradwatch_run_running", "1 while the MLflow run is RUNNING.")
     firing = gauge("gradwatch_alert_firing", "1 while the monitor's alert for the rule fires.",
                    (*RUN_LABELS, "rule"))
-    for snap in monitor.snapshot().values():
+    snapshot = monitor.snapshot()
+    for snap in snapshot.values():
         run = snap.run
         labels = [run.run_id, run.name or run.run_id, run.experiment_id]
         latest = run.latest
@@ -120,7 +121,7 @@ def collect(monitor: Monitor) -> Iterator[Any]:
         yield GaugeMetricFamily("gradwatch_monitor_poll_duration_seconds",
                                 "Seconds the latest poll took.", value=last.seconds)
     yield GaugeMetricFamily("gradwatch_monitor_runs_watched", "Runs found by the latest poll.",
-                            value=len(monitor.snapshot()))
+                            value=len(snapshot))
     outbox = monitor.outbox_counts()
     yield GaugeMetricFamily("gradwatch_monitor_outbox_pending",
                             "Notifications waiting to be sent.", value=outbox["pending"])

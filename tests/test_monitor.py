@@ -275,6 +275,18 @@ def test_a_failed_poll_is_recorded_and_counted(rig: Rig, mlflow_fail_fast: None)
         monitor.close()
 
 
+def test_a_poll_that_fails_after_the_search_is_counted_once(rig: Rig) -> None:
+    from gradwatch import GradwatchError
+
+    monitor = rig.monitor()
+    monitor.state.close()  # the state database is gone: cursors cannot be read
+    with pytest.raises(GradwatchError, match="closed"):
+        monitor.poll()
+    health = monitor.health()
+    assert (health["polls"], health["poll_errors"]) == (1, 1)
+    assert health["last_poll"].error and "closed" in health["last_poll"].error
+
+
 def test_metrics_expose_the_latest_poll(rig: Rig) -> None:
     healthy = new_run(rig.client, rig.experiment_id, name="healthy")
     broken = new_run(rig.client, rig.experiment_id, name='we<ird "name"')
