@@ -5,15 +5,14 @@ so every name and non-finite value takes the path a training run's would."""
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Mapping, Sequence
 
 from mlflow import MlflowClient
 
 from gradwatch import CheckReport, ElementReport, LayerReport, Thresholds
 from gradwatch._record import check_payload, deliver_payload, params_payload
+from tests.mlflow_runs import T0_MS, new_experiment
 
-T0_MS = 1_700_000_000_000
 #: A layer name that would run script if it reached the page unescaped.
 EVIL_LAYER = "</script><img src=x onerror=alert(1)>"
 #: A run name with every character HTML escaping must handle.
@@ -57,11 +56,6 @@ def report(layers: Mapping[str, float], *, overall: float | None = None,
     )
 
 
-def new_experiment(client: MlflowClient, prefix: str = "dash") -> tuple[str, str]:
-    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-    return name, client.create_experiment(name)
-
-
 def write_run(client: MlflowClient, experiment_id: str, checks: Sequence[tuple[int, CheckReport]],
               *, name: str = "train", alert_threshold: float | None = None) -> str:
     """A run with the once-per-run params and one delivered record per (step, report)."""
@@ -79,7 +73,7 @@ def write_run(client: MlflowClient, experiment_id: str, checks: Sequence[tuple[i
 def a_run_with_everything(client: MlflowClient) -> tuple[str, str]:
     """(experiment id, run id) of a run named EVIL_RUN with 13 checks at steps 10..130: ok ones,
     an alert in EVIL_LAYER (step 40), a +inf layer (step 50), an error with NaN (step 130)."""
-    _, experiment_id = new_experiment(client)
+    _, experiment_id = new_experiment(client, "dash")
     checks = []
     for step in range(10, 130, 10):
         layers = {"encoder.weight": 1e-9, EVIL_LAYER: 1e-9, "head.bias": 2e-10}

@@ -34,9 +34,9 @@ class CountingClient:
         return counted
 
 
-def new_experiment(client: MlflowClient) -> tuple[str, str]:
+def new_experiment(client: MlflowClient, prefix: str = "read") -> tuple[str, str]:
     """(name, id) of a fresh experiment: the server is shared by the whole session."""
-    name = f"read-{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
     return name, client.create_experiment(name)
 
 
