@@ -429,8 +429,8 @@ class Monitor:
                     if notifier is None:
                         raise DeliveryError(
                             f"channel {row.channel!r} is no longer in the monitor's config; "
-                            f"add it back to deliver this notification (then `gradwatch "
-                            f"monitor` requeues nothing by itself: the row stays dead)",
+                            f"the notification is kept as dead: add the channel back and "
+                            f"requeue it (MonitorState.requeue) to deliver it",
                             retryable=False,
                         )
                     notifier.send(_parse_payload(row.payload))

@@ -452,11 +452,7 @@ class MonitorState:
 
     def pending_count(self) -> int:
         """How many rows still wait to be sent (dead rows are not pending)."""
-        query = sa.select(sa.func.count()).select_from(_outbox).where(
-            _outbox.c.status == "pending"
-        )
-        with self._connection_begin() as connection:
-            return int(connection.execute(query).scalar_one())
+        return self.outbox_counts()["pending"]
 
     def outbox_counts(self) -> dict[str, int]:
         """How many rows are pending, sent and dead."""

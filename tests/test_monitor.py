@@ -440,3 +440,17 @@ def test_a_first_poll_over_many_runs_reads_their_histories_in_bulk(rig: Rig) -> 
                    for b in rig.bodies())
     finally:
         monitor.close()
+
+
+def test_a_notification_for_a_channel_no_longer_configured_is_kept_dead(rig: Rig) -> None:
+    monitor = rig.monitor()
+    try:
+        monitor.state.enqueue("n-gone", "gone", '{"id": "n-gone", "kind": "firing", '
+                                                '"title": "t"}')
+        result = monitor.send_due()
+        assert (result.sent, result.failed, result.dead) == (0, 1, 1)
+        (row,) = monitor.state.outbox("dead")
+        assert "'gone' is no longer in the monitor's config" in (row.last_error or "")
+        assert rig.receiver.requests == []
+    finally:
+        monitor.close()
