@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 
 from gradwatch._alerts import AlertPolicy, AlertState, Transition, advance
 from gradwatch._exceptions import ConfigError
+from gradwatch._monitor_config import RULES
 from gradwatch._monitor_read import CheckPoint, MonitoredRun
 from gradwatch._record import LAYER_PREFIX
 
@@ -48,8 +49,8 @@ __all__ = [
 ]
 
 #: The rules that advance once per check, in the order they are evaluated.
-CHECK_RULES: tuple[str, ...] = ("distance", "non_finite", "error")
 STALE = "stale"
+CHECK_RULES: tuple[str, ...] = tuple(rule for rule in RULES if rule != STALE)
 ERROR_VERDICT = 3
 _RECENT_GAPS = 20  # gaps the observed interval is the median of
 
