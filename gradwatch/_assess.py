@@ -22,8 +22,7 @@ from gradwatch._numerics import (
     element_floor,
     element_rel_errors,
     find_kinks,
-    floor_factor,
-    rel_distance,
+    judged_distance,
 )
 from gradwatch._report import (
     CheckReport,
@@ -33,9 +32,11 @@ from gradwatch._report import (
     Verdict,
     worst_verdict,
 )
+from gradwatch._screen import LOCALISE_LIMIT, SIGNAL
 
 if TYPE_CHECKING:
     from gradwatch._engine import _Engine, _Tensor
+    from gradwatch._screen import JointScreen
 
 Vector = NDArray[np.float64]
 
@@ -122,28 +123,54 @@ def assess(engine: _Engine, *, seconds: float, probe: dict[str, object]) -> Chec
             **common,  # type: ignore[arg-type]
         )
 
+    common["precision"] = _precision_record(engine)
+    common["coverage"] = _coverage(engine)
+    problem = _precision_problem(engine)
+    if problem is not None:
+        return CheckReport(
+            rel_distance=math.nan, verdict="error", coordinates=0, reasons=[problem],
+            layers={name: _unchecked(t, "error", "not judged: float64 precision was lost")
+                    for name, t in engine.tensors.items()},
+            **common,  # type: ignore[arg-type]
+        )
+
     noise = engine.noise()
     results = {
         name: _assess_tensor(tensor, engine, noise) for name, tensor in engine.tensors.items()
     }
     reasons: list[str] = []
-    distance, smooth_distance, smooth_parts = _overall(engine, results, noise)
     verdict: Verdict = "ok"
-    if not math.isfinite(smooth_distance):
-        verdict = "alert"
-        reasons.append("non-finite: the overall distance is not a finite number")
-    elif _is_at_noise(smooth_parts):
-        reasons.append(
-            "the whole gradient is at the rounding-noise level: the loss barely depends on "
-            "the checked parameters at this point"
-        )
+    screen = engine.screen if engine.joint_mode else None
+    if screen is not None:
+        distance, significant = _joint_distance(screen)
+        smooth_distance = distance
+        if not math.isfinite(distance):
+            verdict = "alert"
+            reasons.append("non-finite: the overall distance is not a finite number")
+        elif significant:
+            verdict = thresholds.classify(distance)
+            if verdict != "ok":
+                reasons.append(
+                    f"overall rel_distance {distance:.3g} (estimated by the joint screen) ≥ "
+                    f"{verdict} threshold {_threshold(thresholds, verdict):.0e}"
+                )
     else:
-        verdict = thresholds.classify(smooth_distance)
-        if verdict != "ok":
+        distance, smooth_distance, smooth_parts = _overall(engine, results, noise)
+        if not math.isfinite(smooth_distance):
+            verdict = "alert"
+            reasons.append("non-finite: the overall distance is not a finite number")
+        elif _is_at_noise(smooth_parts):
             reasons.append(
-                f"overall rel_distance {smooth_distance:.3g} ≥ {verdict} threshold "
-                f"{_threshold(thresholds, verdict):.0e}"
+                "the whole gradient is at the rounding-noise level: the loss barely depends "
+                "on the checked parameters at this point"
             )
+        else:
+            verdict = thresholds.classify(smooth_distance)
+            if verdict != "ok":
+                reasons.append(
+                    f"overall rel_distance {smooth_distance:.3g} ≥ {verdict} threshold "
+                    f"{_threshold(thresholds, verdict):.0e}"
+                )
     for result in sorted(results.values(), key=lambda r: -_rank(r.report)):
         verdict = worst_verdict(verdict, result.report.verdict)
         reasons.extend(result.reasons)
@@ -153,8 +180,15 @@ def assess(engine: _Engine, *, seconds: float, probe: dict[str, object]) -> Chec
             f"{kinks} element(s) straddle a kink (ReLU/max/abs) within ±eps and were left out "
             f"of the verdict"
         )
-    if verdict == "ok" and not reasons:
-        reasons.append(f"every distance is below the warn threshold {thresholds.warn:.0e}")
+    if screen is not None:
+        reasons.extend(_screen_reasons(engine, screen))
+    excluded = [(n, t) for n, t in engine.tensors.items() if t.n_excluded]
+    for name, tensor in excluded:
+        reasons.append(f"{tensor.n_excluded} element(s) of '{name}' excluded by design: "
+                       f"{tensor.excluded_reason}")
+    if verdict == "ok" and not any(r.startswith(("overall", "layer", "non-finite"))
+                                   for r in reasons):
+        reasons.insert(0, f"every distance is below the warn threshold {thresholds.warn:.0e}")
     smooth_errors = [
         float(r.coords.errors[r.coords.smooth].max())
         for r in results.values()
@@ -162,6 +196,7 @@ def assess(engine: _Engine, *, seconds: float, probe: dict[str, object]) -> Chec
     ]
     return CheckReport(
         rel_distance=distance,
+        estimated=screen is not None or any(r.report.estimated for r in results.values()),
         verdict=verdict,
         reasons=reasons,
         coordinates=sum(int(r.coords.indices.size) for r in results.values()),
@@ -173,6 +208,104 @@ def assess(engine: _Engine, *, seconds: float, probe: dict[str, object]) -> Chec
         layers={name: result.report for name, result in results.items()},
         **common,  # type: ignore[arg-type]
     )
+
+
+_SCREENED_NOTE = (
+    "screened jointly with the other {others} tensors: no discrepancy the screen could see "
+    "(it sees a relative error of ≥ {resolution:.1e} in any one tensor)"
+)
+
+PRECISION_HELP = (
+    "Central differences would measure rounding, not the gradient, so this check cannot judge "
+    "the model. gradwatch keeps the model's own casts (.float(), .to(float32), dtype=) at "
+    "float64; what remains is code it cannot see: a kernel with no float64 path (a C++/CUDA "
+    "extension, a fused op) or a round trip through numpy/float32. Leave that module's "
+    "parameters out (exclude=...) or check a configuration that runs it in float64."
+)
+
+
+def _joint_distance(screen: JointScreen) -> tuple[float, bool]:
+    """Overall distance estimated from the joint directions, and whether any was significant:
+    sqrt(mean d²) / (sqrt(mean a²) + sqrt(mean n²)), the recipe's formula in the screen's
+    metric (each tensor weighted by its step); rounding alone reads ≤ 1/SIGNAL."""
+    d = np.array([p.discrepancy for p in screen.probes])
+    a = np.array([p.analytic for p in screen.probes])
+    n = np.array([p.numeric for p in screen.probes])
+    significant = any(screen.significant(float(x)) for x in d)
+    diff = math.sqrt(float(np.mean(d**2)))
+    denominator = math.sqrt(float(np.mean(a**2))) + math.sqrt(float(np.mean(n**2)))
+    if not significant:
+        denominator = max(denominator, SIGNAL * screen.sigma)
+    if not math.isfinite(diff):
+        return math.inf, True
+    return (diff / denominator if denominator else 0.0), significant
+
+
+def _screen_reasons(engine: _Engine, screen: JointScreen) -> list[str]:
+    count = len(screen.probes[0].steps)
+    if not screen.fired:
+        return [f"joint screen: all {count} tensors screened along {len(screen.probes)} "
+                f"directions, no discrepancy above rounding (a relative error ≥ "
+                f"{screen.resolution():.1e} in any one tensor would show)"]
+    worst = max(abs(p.discrepancy) for p in screen.probes)
+    reasons = [f"joint screen: a discrepancy of {worst / screen.sigma:.3g}× the rounding noise "
+               f"over {count} tensors"
+               + (f", localised to {', '.join(screen.culprits)}" if screen.culprits else
+                  f"; not localised within {LOCALISE_LIMIT} evaluations")]
+    budget = engine.settings.budget
+    if budget is not None and engine.evaluations > budget:
+        reasons.append(f"localisation spent {engine.evaluations - budget} evaluations over the "
+                       f"budget of {budget} (at most {LOCALISE_LIMIT} in one check)")
+    return reasons
+
+
+def _coverage(engine: _Engine) -> dict[str, int]:
+    screen = engine.screen if engine.joint_mode else None
+    return {
+        "tensors": len(engine.tensors),
+        "screened": len(screen.probes[0].steps) if screen and screen.probes else 0,
+        "localised": len(screen.culprits) if screen else 0,
+        "measured": sum(1 for t in engine.tensors.values() if t.indices or t.sketches),
+        "excluded_elements": sum(t.n_excluded for t in engine.tensors.values()),
+    }
+
+
+def _precision_record(engine: _Engine) -> dict[str, object]:
+    record: dict[str, object] = dict(engine.diagnosis)
+    screen = engine.screen
+    if screen is not None and engine.loss:
+        record["delta_j_relative"] = screen.delta_j / abs(engine.loss)
+        record["noise_relative"] = screen.sigma / abs(engine.loss)
+        record["float64_bound_relative"] = screen.bound / abs(engine.loss)
+        if engine.joint_mode and screen.probes:
+            record["screen_resolution"] = screen.resolution()
+    return record
+
+
+def _precision_problem(engine: _Engine) -> str | None:
+    """Why float64 was lost, or None. Names the modules the probe found."""
+    if not engine.precision_lost:
+        return None
+    lossy: list[tuple[str, str, float]] = engine.diagnosis.get("lossy_modules") or []  # type: ignore[assignment]
+    escaped: dict[str, int] = engine.diagnosis.get("escaped") or {}  # type: ignore[assignment]
+    where = ""
+    if lossy:
+        where = "; it loses precision in " + ", ".join(
+            f"module '{name}' ({kind})" for name, kind, _ in lossy)
+    elif escaped:
+        where = "; ops that still produced float32/16 from float64: " + ", ".join(
+            sorted(escaped))
+    screen = engine.screen
+    if screen is not None and not engine.vanished:
+        return (f"error: float64 precision was lost: a loss evaluation is noisy at "
+                f"{screen.sigma / max(abs(engine.loss), 1e-300):.1e} of |J| where float64 "
+                f"rounds at ≈ {screen.bound / max(abs(engine.loss), 1e-300):.0e} (the check "
+                f"would resolve only relative errors ≥ {screen.resolution():.1e}){where}. "
+                + PRECISION_HELP)
+    return (f"error: float64 precision was lost: the perturbations of "
+            f"{', '.join(repr(n) for n in engine.vanished)} vanish in rounding "
+            f"(J(θ+δ) == J(θ−δ) exactly) while a 1e4× larger step agrees with backprop"
+            f"{where}. " + PRECISION_HELP)
 
 
 def _rank(report: LayerReport) -> float:
@@ -223,7 +356,6 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
     notes = list(tensor.notes)
     reasons: list[str] = []
     smooth = coords.smooth
-    factor = floor_factor(thresholds.alert)  # pure noise reads ≤ alert/10
 
     def parts_of(mask: NDArray[np.bool_]) -> _Parts:
         a, n = coords.analytic[mask], coords.numeric[mask]
@@ -236,23 +368,27 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
 
     everything = np.ones_like(smooth)
     parts, smooth_parts = parts_of(everything), parts_of(smooth)
-    estimated = coords.indices.size < tensor.numel
+    estimated = coords.indices.size < tensor.numel - tensor.n_excluded
+    warn = thresholds.warn
+
+    def judged(mask: NDArray[np.bool_]) -> float:
+        a, n = coords.analytic[mask], coords.numeric[mask]
+        return judged_distance(float(np.linalg.norm(n)), float(np.linalg.norm(a)),
+                               float(np.linalg.norm(n - a)),
+                               noise * math.sqrt(int(mask.sum())), warn)
     sketch = Directional.join(tensor.sketches) if tensor.sketches else None
     n_directions = 0 if sketch is None else int(sketch.numeric.size)
     distance = smooth_distance = math.nan
     sample_distance = math.nan
     if coords.indices.size:
-        level = noise * math.sqrt(coords.indices.size)
-        distance = rel_distance(coords.numeric, coords.analytic, floor=level * factor)
-        smooth_distance = rel_distance(
-            coords.numeric[smooth], coords.analytic[smooth], floor=level * factor
-        )
+        distance, smooth_distance = judged(everything), judged(smooth)
         sample_distance = smooth_distance
     direction_kinks = 0
     if sketch is not None and estimated:
         # Sketch: with ±1 directions v, E[(vᵀx)²] = ||x||², so the mean square of the
         # projected difference estimates ||n − a||² without touching every coordinate.
-        # Each projection's rounding noise is δJ/s = noise·ε/s = noise·√numel (step s = ε/√numel).
+        # Each projection's rounding noise is δJ/s = noise·ε/s (noise·√numel for the per-tensor
+        # sketch, whose step is s = ε/√numel).
         projection_noise = noise * eps / sketch.steps
         straddles = find_kinks(
             engine.loss, sketch.plus, sketch.minus, sketch.analytic, sketch.steps,
@@ -263,12 +399,11 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
         diff_sq = float(np.mean((sketch.numeric[keep] - sketch.analytic[keep]) ** 2))
         numeric_sq = float(np.mean(sketch.numeric[keep] ** 2))
         analytic_sq = float(np.sum(tensor.analytic**2))
-        level_sq = noise**2 * tensor.numel
+        level_sq = float(np.mean(projection_noise[keep] ** 2))
         parts = smooth_parts = _Parts(diff_sq, analytic_sq, numeric_sq, level_sq)
-        denominator = max(
-            math.sqrt(analytic_sq) + math.sqrt(numeric_sq), math.sqrt(level_sq) * factor
-        )
-        distance = smooth_distance = math.sqrt(diff_sq) / denominator if denominator else 0.0
+        distance = smooth_distance = judged_distance(
+            math.sqrt(numeric_sq), math.sqrt(analytic_sq), math.sqrt(diff_sq),
+            math.sqrt(level_sq / keep.sum()), warn)  # the level of the mean's estimate
         notes.append(f"distance estimated from {n_directions} random ±1 directions")
     if coords.indices.size and estimated:
         notes.append(
@@ -276,6 +411,11 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
             f"(largest |dθ| and random ones)"
         )
 
+    if tensor.n_excluded:
+        notes.append(f"{tensor.n_excluded} element(s) excluded by design: "
+                     f"{tensor.excluded_reason}")
+    screened = bool(engine.joint_mode and engine.screen is not None and engine.screen.probes
+                    and tensor.name in engine.screen.probes[0].steps)
     kinks = int(coords.kinks.sum()) + direction_kinks
     finite = bool(np.all(np.isfinite(tensor.analytic))) and bool(
         np.all(np.isfinite(coords.numeric))
@@ -287,6 +427,9 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
         what = "dθ (backprop)" if not np.all(np.isfinite(tensor.analytic)) else "dθapprox"
         reasons.append(f"non-finite: '{tensor.name}' has non-finite values in {what}")
         notes.append(f"non-finite values in {what}")
+    elif not checked_anything and screened and engine.screen is not None:
+        notes.append(_SCREENED_NOTE.format(others=len(engine.screen.probes[0].steps) - 1,
+                                           resolution=engine.screen.resolution()))
     elif not checked_anything:
         notes.append("not checked in this run")
     elif _is_at_noise(smooth_parts):
@@ -331,6 +474,8 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
         rel_distance_without_kinks=smooth_distance if kinks else None,
         worst=worst_elements,
         shape=tensor.shape,
+        screened=screened,
+        excluded=tensor.n_excluded,
         grad_norm=float(np.linalg.norm(tensor.analytic)),
         noise_floor=math.sqrt(smooth_parts.level_sq),
         notes=notes,
@@ -366,35 +511,34 @@ def _overall(
     engine: _Engine, results: dict[str, _TensorResult], noise: float
 ) -> tuple[float, float, _Parts]:
     """Overall distance over all elements, the kink-free one (for the verdict), and its parts."""
-    factor = floor_factor(engine.settings.thresholds.alert)
-    if all(r.coords.indices.size == r.report.numel for r in results.values()):
+    warn = engine.settings.thresholds.warn
+    if all(r.coords.indices.size + r.report.excluded == r.report.numel
+           for r in results.values()):
         # The recipe itself: concatenate every tensor in parameter order, one norm each.
         numeric = np.concatenate([r.coords.numeric for r in results.values()])
         analytic = np.concatenate([r.coords.analytic for r in results.values()])
         smooth = np.concatenate([r.coords.smooth for r in results.values()])
         level = noise * math.sqrt(numeric.size)
-        floor = level * factor
         smooth_parts = _Parts(
             analytic_sq=float(analytic[smooth] @ analytic[smooth]),
             numeric_sq=float(numeric[smooth] @ numeric[smooth]),
             level_sq=level**2,
         )
-        return (
-            rel_distance(numeric, analytic, floor=floor),
-            rel_distance(numeric[smooth], analytic[smooth], floor=floor),
-            smooth_parts,
-        )
+
+        def judged(mask: NDArray[np.bool_]) -> float:
+            n, a = numeric[mask], analytic[mask]
+            return judged_distance(float(np.linalg.norm(n)), float(np.linalg.norm(a)),
+                                   float(np.linalg.norm(n - a)), level, warn)
+
+        return judged(np.ones_like(smooth)), judged(smooth), smooth_parts
     total, smooth_total = _Parts(), _Parts()
     for result in results.values():
         total.add(result.parts)
         smooth_total.add(result.smooth_parts)
 
     def combine(parts: _Parts) -> float:
-        denominator = max(
-            math.sqrt(parts.analytic_sq) + math.sqrt(parts.numeric_sq),
-            math.sqrt(parts.level_sq) * factor,
-        )
-        return math.sqrt(parts.diff_sq) / denominator if denominator else 0.0
+        return judged_distance(math.sqrt(parts.numeric_sq), math.sqrt(parts.analytic_sq),
+                               math.sqrt(parts.diff_sq), math.sqrt(parts.level_sq), warn)
 
     return combine(total), combine(smooth_total), smooth_total
 

@@ -1,6 +1,17 @@
-"""`mode="auto"`: the exact recipe when it fits the budget, otherwise a three-phase search.
+"""`mode="auto"`: the exact recipe when it fits the budget, otherwise a search within it.
 
-With P parameters and a budget of B loss evaluations (B < 2P + 2):
+With a backend that perturbs several tensors at once (`JointObjective`: PyTorch, numpy):
+  1. screen   every tensor at once along a few joint random directions (`_screen`): ~12
+              evaluations whatever the tensor count, and a significance test against the
+              measured rounding noise (which also verifies that float64 held);
+  2. locate   when it fires: group testing over tensors, then rows and elements, bounded by
+              `_screen.LOCALISE_LIMIT` evaluations (reported when over the budget);
+  3. measure  the located tensors: restricted directions (an estimated layer distance) and
+              the coordinates of the located region (the element rule);
+  4. spare    what is left of the budget measures tensors picked at random: small ones
+              exactly, others along 2 restricted directions each.
+
+Other backends (one tensor at a time), with P parameters and a budget of B (B < 2P + 2):
   1. exact   small tensors (biases, norms) get every coordinate, up to a fifth of B;
   2. screen  every other tensor gets a few random ±1 directions: an estimate of its distance
              that costs 2 evaluations per direction whatever the tensor's size;
@@ -22,33 +33,38 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gradwatch._engine import Directional
+from gradwatch._screen import SCREEN_DIRECTIONS, JointScreen
 
 if TYPE_CHECKING:
     from gradwatch._engine import _Engine, _Tensor
 
-__all__ = ["run_auto"]
+__all__ = ["run_auto", "verify_precision"]
 
 #: Shares of the budget for the exact, screening and localisation phases.
 EXACT_SHARE = 0.2
 SCREEN_SHARE = 0.2
 LOCATE_SHARE = 0.2
 #: Directions per tensor when screening (more only makes the estimate smoother).
-SCREEN_DIRECTIONS = 4
+TENSOR_SCREEN_DIRECTIONS = 4
 #: Coordinates checked inside a located region.
 REGION_COORDINATES = 32
 
 
 def run_auto(engine: _Engine) -> None:
     tensors = list(engine.tensors.values())
-    total = sum(t.numel for t in tensors)
-    if engine.settings.budget is None or 2 * total <= engine.remaining:
-        engine.run_full()
+    if engine.settings.budget is None or 2 * engine.n_active <= engine.remaining:
+        verify_precision(engine)
+        if not engine.precision_lost:
+            engine.run_full()
+        return
+    if hasattr(engine.objective, "joint_losses"):
+        _run_joint(engine)
         return
     budget = engine.remaining
     rest = _exact_small(engine, tensors, int(budget * EXACT_SHARE))
     if not rest:
         return
-    k = int(np.clip(budget * SCREEN_SHARE // (2 * len(rest)), 1, SCREEN_DIRECTIONS))
+    k = int(np.clip(budget * SCREEN_SHARE // (2 * len(rest)), 1, TENSOR_SCREEN_DIRECTIONS))
     for tensor in rest:
         if engine.remaining >= 2:
             engine.sketch(tensor, int(min(k, engine.remaining // 2)))
@@ -69,6 +85,61 @@ def run_auto(engine: _Engine) -> None:
     per_tensor = (engine.remaining // 2) // len(rest)
     if per_tensor >= 1:
         engine.run_sample(per_tensor, rest)
+
+
+def verify_precision(engine: _Engine) -> None:
+    """Measure the rounding of one loss evaluation along a joint direction (4 evaluations,
+    backends that perturb tensors jointly): a full check is only as good as float64 is."""
+    if hasattr(engine.objective, "joint_losses") and any(
+            t.active for t in engine.tensors.values()):
+        engine.screen = JointScreen(engine)
+        engine.screen.run(1, engine.scales)
+
+
+def _run_joint(engine: _Engine) -> None:
+    screen = JointScreen(engine)
+    engine.screen = screen
+    engine.joint_mode = True
+    screen.run(SCREEN_DIRECTIONS, engine.scales)
+    if engine.precision_lost:
+        engine.strategy.append("stopped: float64 precision lost")
+        return
+    if screen.fired:
+        screen.localise()
+        for name in screen.culprits:
+            screen.measure(name)
+            if screen.vanished(name, engine.scales):
+                engine.vanished.append(name)
+        located = ", ".join(
+            f"{name}: {_describe(screen.regions[name], engine.tensors[name])}"
+            for name in screen.culprits
+        )
+        engine.strategy.append(f"located {located}" if located else "not localised")
+    _spare(engine, screen)
+
+
+def _spare(engine: _Engine, screen: JointScreen) -> None:
+    """Measure tensors picked at random with what the budget has left (exact when small)."""
+    order = engine.rng.permutation(len(engine.tensors))
+    names = [list(engine.tensors)[i] for i in order]
+    measured = 0
+    steps = screen.probes[0].steps if screen.probes else {}
+    for name in names:
+        tensor = engine.tensors[name]
+        if name in screen.culprits or not tensor.active or name not in steps:
+            continue
+        free = tensor.numel - tensor.n_excluded
+        if 2 * free <= min(engine.remaining, 64):
+            engine.coordinates(tensor, np.arange(tensor.numel, dtype=np.int64))
+        elif engine.remaining >= 4:
+            parts = [screen.evaluate(3000 + k, {name: steps[name]}) for k in range(2)]
+            tensor.sketches.append(Directional.join(
+                [screen.directional(tensor, p) for p in parts]))
+        else:
+            break
+        measured += 1
+    if measured:
+        engine.strategy.append(f"measured {measured} more tensors")
 
 
 def _exact_small(engine: _Engine, tensors: list[_Tensor], allowance: int) -> list[_Tensor]:

@@ -14,7 +14,6 @@ caught, recorded as an "error" check and training goes on (`strict=True` re-rais
 
 from __future__ import annotations
 
-import glob
 import inspect
 import logging
 import math
@@ -504,7 +503,7 @@ class GradWatch:
     def _check(
         self, model: Any, batch: Any, step: int, loss_fn: Any, plan: CheckPlan
     ) -> CheckReport:
-        from gradwatch._torch_check import check_module, select_parameters, unwrap_model
+        from gradwatch._torch_check import check_module
 
         source = "batch given to step()"
         default_loss = None
@@ -522,14 +521,8 @@ class GradWatch:
             )
         if self.probe_rows is not None:
             batch = first_rows(batch, self.probe_rows)
+        # No rotation: auto mode screens every tensor jointly in every check (`_screen`).
         include, exclude = self.include, self.exclude
-        if plan.rotation is not None:
-            live = unwrap_model(model)
-            parameters = dict(live.named_parameters())
-            names = select_parameters(live, include, exclude)
-            chosen = plan.tensors({n: parameters[n].numel() for n in names})
-            if chosen is not None:
-                include, exclude = [glob.escape(name) for name in chosen], None
         report = check_module(
             model, batch, loss_fn or self.loss_fn or default_loss, include=include,
             exclude=exclude, **plan.check_kwargs(),

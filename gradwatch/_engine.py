@@ -9,7 +9,11 @@ Modes (one signature, the dispatcher in `run_check` picks the strategy):
   full    every coordinate, the textbook recipe, 2P + 2 evaluations
   sample  k coordinates per tensor: half the largest |dθ|, half uniformly random (from `seed`)
   sketch  k random ±1 directions per tensor: ||dθapprox − dθ|| estimated from projections
-  auto    full if it fits the budget, else screen → localise → elements within the budget
+  auto    full if it fits the budget, else a joint screen of every tensor → group-testing
+          localisation → measurement of what was found (`_screen`)
+
+Elements that autograd leaves without gradient on purpose (an `nn.Embedding`'s padding_idx
+row) are excluded by the backend (`Objective.by_design`): never perturbed, never judged.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -30,9 +34,13 @@ from gradwatch._numerics import ROUNDING, noise_per_element
 from gradwatch._progress import Progress
 from gradwatch._report import CheckReport, Mode, Thresholds
 
+if TYPE_CHECKING:
+    from gradwatch._screen import JointScreen
+
 __all__ = [
     "CheckSettings",
     "Directional",
+    "JointObjective",
     "Objective",
     "glob_list",
     "make_settings",
@@ -62,6 +70,21 @@ class Objective(Protocol):
     def direction_losses(
         self, layer: str, directions: Vector, steps: Vector
     ) -> tuple[Vector, Vector, Vector]: ...
+
+
+class JointObjective(Objective, Protocol):
+    """A backend that can perturb several tensors at once (the joint screen of auto mode).
+
+    `joint_losses({name: flat delta})` returns J(θ + δ) and J(θ − δ); `scales()` the RMS value
+    of each tensor (step caps); `by_design()` the elements to leave out of the check, with the
+    reason, e.g. {"emb.weight": (indices, "padding_idx row 0 of nn.Embedding 'emb'")}.
+    """
+
+    def joint_losses(self, perturbation: Mapping[str, Vector]) -> tuple[float, float]: ...
+
+    def scales(self) -> dict[str, float]: ...
+
+    def by_design(self) -> dict[str, tuple[Indices, str]]: ...
 
 
 @dataclass(frozen=True)
@@ -212,10 +235,22 @@ class _Tensor:
     # random directions over the whole tensor (sketch), see `Directional`
     sketches: list[Directional] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: flat indices left out by design (never perturbed, never judged), and why
+    excluded: Indices | None = None
+    excluded_reason: str = ""
 
     @property
     def numel(self) -> int:
         return int(self.analytic.size)
+
+    @property
+    def n_excluded(self) -> int:
+        return 0 if self.excluded is None else int(self.excluded.size)
+
+    @property
+    def active(self) -> bool:
+        """Has elements to check (not all of them excluded by design)."""
+        return self.n_excluded < self.numel
 
     @property
     def n_checked(self) -> int:
@@ -251,12 +286,29 @@ class _Engine:
         self.direction_count = 0
         #: Of the check's time, the part inside the objective (what scales with evaluations).
         self.evaluation_seconds = 0.0
+        #: The joint screen of auto mode, when it ran (`_screen.JointScreen`).
+        self.screen: JointScreen | None = None
+        #: Tensors whose perturbations vanish in rounding (precision lost, not a bug).
+        self.vanished: list[str] = []
+        #: The screen decided the check (auto mode within a budget), not full coordinates.
+        self.joint_mode = False
+        #: What the backend found out about float64 integrity (`precision_diagnosis`).
+        self.diagnosis: dict[str, object] = {}
+        by_design = getattr(objective, "by_design", None)
+        for name, (indices, reason) in (by_design() if by_design else {}).items():
+            if name in self.tensors and len(indices):
+                tensor = self.tensors[name]
+                tensor.excluded = np.unique(np.asarray(indices, dtype=np.int64))
+                tensor.excluded_reason = reason
+                tensor.checked[tensor.excluded] = True  # never sampled by coordinates
+        scales = getattr(objective, "scales", None)
+        self.scales: dict[str, float] = scales() if scales else {}
 
     # ------------------------------------------------------------------ probes
     def coordinates(self, tensor: _Tensor, indices: Indices) -> None:
         """Central differences along the given (not yet checked) coordinates."""
         indices = np.unique(np.asarray(indices, dtype=np.int64))
-        indices = indices[~tensor.checked[indices]]
+        indices = indices[~tensor.checked[indices]]  # excluded elements count as checked
         if indices.size == 0:
             return
         started = time.perf_counter()
@@ -293,6 +345,38 @@ class _Engine:
             steps=steps,
         )
 
+    def diagnose(self) -> None:
+        """Ask the backend where float64 is lost (once; `precision_diagnosis`)."""
+        diagnose = getattr(self.objective, "precision_diagnosis", None)
+        if self.diagnosis or diagnose is None:
+            return
+        try:
+            self.diagnosis = dict(diagnose())
+        except Exception as exc:  # the verdict stands without the module's name
+            self.diagnosis = {"diagnosis_failed": f"{type(exc).__name__}: {exc}"}
+
+    @property
+    def precision_lost(self) -> bool:
+        """Float64 did not hold: perturbations vanish in rounding, or the evaluations are
+        noisier than float64 allows and a module was found that loses it (or the noise leaves
+        the check without resolution)."""
+        if self.vanished:
+            return True
+        screen = self.screen
+        if screen is None or not screen.suspicious:
+            return False
+        self.diagnose()
+        return bool(self.diagnosis.get("lossy_modules") or self.diagnosis.get("escaped")) \
+            or screen.unresolved
+
+    def joint(self, perturbation: Mapping[str, Vector]) -> tuple[float, float]:
+        """J(θ + δ) and J(θ − δ) with several tensors perturbed at once (`JointObjective`)."""
+        started = time.perf_counter()
+        plus, minus = self.objective.joint_losses(perturbation)  # type: ignore[attr-defined]
+        self.evaluation_seconds += time.perf_counter() - started
+        self._spent(2)
+        return float(plus), float(minus)
+
     def sketch(self, tensor: _Tensor, k: int) -> None:
         """k random ±1 directions over the whole tensor (E[v vᵀ] = I)."""
         tensor.sketches.append(self.directions(tensor, self.rademacher(k, tensor.numel)))
@@ -320,9 +404,11 @@ class _Engine:
     # ------------------------------------------------------------------ modes
     def run(self) -> None:
         settings = self.settings
-        total = sum(t.numel for t in self.tensors.values())
+        total = self.n_active
+        # a full check of a jointly perturbable backend first verifies float64 (4 evaluations)
+        verify = 4 if hasattr(self.objective, "joint_losses") else 0
         self.planned = {
-            "full": 2 * total + 2,
+            "full": 2 * total + 2 + verify,
             "sample": 2 + 2 * sum(min(settings.samples, t.numel) for t in self.tensors.values()),
             "sketch": 2 + 2 * sum(min(settings.directions, t.numel) for t in self.tensors.values()),
             "auto": min(2 * total + 2, settings.budget or 2 * total + 2),
@@ -335,7 +421,11 @@ class _Engine:
         if not math.isfinite(self.loss) or not self.deterministic:
             return  # reported by finish(): non-finite or non-deterministic, nothing to measure
         if settings.mode == "full":
-            self.run_full()
+            from gradwatch._auto import verify_precision
+
+            verify_precision(self)
+            if not self.precision_lost:
+                self.run_full()
         elif settings.mode == "sample":
             self.run_sample(self._per_tensor(settings.samples))
         elif settings.mode == "sketch":
@@ -354,7 +444,15 @@ class _Engine:
         return abs(self.loss - self.loss_repeat) <= tolerance
 
     def noise(self) -> float:
-        """Rounding noise per central difference, from everything measured so far."""
+        """Rounding noise per central difference, from everything measured so far.
+
+        Where the backend perturbs tensors jointly, δJ is the screen's curvature-free
+        measurement (`_screen`); otherwise the second differences (rounding + ε²·J'') bound it
+        from above — too high where the curvature is large, which would mask real
+        discrepancies in tensors with small gradients."""
+        if self.screen is not None:
+            return max(self.screen.delta_j, abs(self.loss - self.loss_repeat)) / \
+                self.settings.eps
         second = [
             plus + minus - 2 * self.loss
             for tensor in self.tensors.values()
@@ -374,6 +472,11 @@ class _Engine:
         self.strategy.append("full")
         for tensor in self.tensors.values():
             self.coordinates(tensor, np.arange(tensor.numel, dtype=np.int64))
+
+    @property
+    def n_active(self) -> int:
+        """Elements to check: all but the by-design exclusions."""
+        return sum(t.numel - t.n_excluded for t in self.tensors.values())
 
     def run_sample(self, k: int, tensors: list[_Tensor] | None = None) -> None:
         self.strategy.append(f"sample {k}/tensor")
@@ -419,6 +522,9 @@ class _Engine:
     # ------------------------------------------------------------------ report
     def finish(self, seconds: float, probe: Mapping[str, object]) -> CheckReport:
         from gradwatch._assess import assess
+
+        if self.vanished:
+            self.diagnose()
 
         return assess(self, seconds=seconds, probe=dict(probe))
 

@@ -16,8 +16,10 @@ from numpy.typing import NDArray
 
 __all__ = [
     "ROUNDING",
+    "SIGNIFICANCE",
     "element_rel_errors",
     "find_kinks",
+    "judged_distance",
     "noise_per_element",
     "rel_distance",
 ]
@@ -52,6 +54,37 @@ def rel_distance(numeric: Vector, analytic: Vector, floor: float = 0.0) -> float
     if denominator == 0.0:
         return 0.0 if numerator == 0.0 else math.inf
     return numerator / denominator
+
+
+#: A discrepancy is real when it exceeds SIGNIFICANCE × its rounding-noise level.
+SIGNIFICANCE = 10.0
+
+
+def judged_distance(numeric_norm: float, analytic_norm: float, diff_norm: float, level: float,
+                    warn: float) -> float:
+    """The distance a verdict is taken from, given the norms and the noise level of ||n − a||.
+
+    A significant discrepancy (||n − a|| > SIGNIFICANCE · level) is measured by the textbook
+    formula ||n − a|| / (||n|| + ||a||) with no floor: a tensor whose gradient sits well above
+    its noise is judged on its own scale, however small that scale is. A discrepancy that
+    rounding can explain is divided by max(||n|| + ||a||, SIGNIFICANCE · level · 10 / warn),
+    so that it reads at most warn/10 — below the warn threshold — instead of ~1.0 for a
+    gradient that is zero in exact arithmetic (an attention key bias).
+
+    Example:
+        >>> judged_distance(1.0, 1.0, 0.2, 1e-6, 1e-5)      # real: textbook 0.2 / 2
+        0.1
+        >>> judged_distance(1e-6, 2e-6, 3e-6, 1e-6, 1e-5) <= 1e-6   # rounding: ≤ warn / 10
+        True
+    """
+    denominator = numeric_norm + analytic_norm
+    if not (diff_norm > SIGNIFICANCE * level) and level > 0:
+        denominator = max(denominator, SIGNIFICANCE * level * 10.0 / warn)
+    if denominator == 0.0:
+        return 0.0 if diff_norm == 0.0 else math.inf
+    if not math.isfinite(diff_norm) or not math.isfinite(denominator):
+        return math.inf
+    return diff_norm / denominator
 
 
 def element_rel_errors(numeric: Vector, analytic: Vector, floor: float) -> Vector:

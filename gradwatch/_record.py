@@ -4,7 +4,10 @@ dashboards and users' own queries), and how it is delivered.
 Per check, at step = the training global step:
   metrics  gradwatch/rel_distance, gradwatch/verdict (0 ok, 1 warn, 2 alert, 3 error),
            gradwatch/max_element_error, gradwatch/evaluations, gradwatch/seconds,
-           gradwatch/layer/<parameter name>  (sanitised to MLflow's key rules, ≤ 250 chars)
+           gradwatch/layer/<parameter name>  (sanitised to MLflow's key rules, ≤ 250 chars;
+           only the tensors measured on their own in this check — a tensor that was only
+           screened jointly has no distance of its own),
+           gradwatch/coverage/screened, /localised, /measured (tensor counts)
   tags     gradwatch.status (latest verdict word), gradwatch.last_step,
            gradwatch.alert ("firing" / "resolved", once an alert ever fired)
   artifact gradwatch/checks/step-<9-digit step>.json  (the CheckReport JSON)
@@ -31,6 +34,7 @@ from typing import Any
 from gradwatch._report import CheckReport
 
 __all__ = [
+    "COVERAGE_PREFIX",
     "LAYER_PREFIX",
     "METRIC_PREFIX",
     "VERDICT_CODES",
@@ -46,6 +50,8 @@ __all__ = [
 
 METRIC_PREFIX = "gradwatch/"
 LAYER_PREFIX = "gradwatch/layer/"
+#: Tensors a check screened jointly / localised / measured on their own (auto mode).
+COVERAGE_PREFIX = "gradwatch/coverage/"
 VERDICT_CODES = {"ok": 0, "warn": 1, "alert": 2, "error": 3}
 DEFAULT_EXPERIMENT = "gradwatch"
 
@@ -114,6 +120,10 @@ def check_payload(
         [METRIC_PREFIX + "evaluations", float(report.evaluations), timestamp_ms, step],
         [METRIC_PREFIX + "seconds", float(report.seconds), timestamp_ms, step],
     ]
+    for what in ("screened", "localised", "measured"):
+        if what in report.coverage:
+            metrics.append([f"{COVERAGE_PREFIX}{what}", float(report.coverage[what]),
+                            timestamp_ms, step])
     checked = {n: layer for n, layer in report.layers.items() if layer.checked or layer.directions}
     keys = layer_metric_keys(report.layers)
     for name, layer in checked.items():

@@ -128,6 +128,12 @@ class LayerReport(BaseModel):
     )
     worst: list[ElementReport] = Field(default_factory=list, description="worst elements first")
     shape: tuple[int, ...] = ()
+    screened: bool = Field(
+        default=False, description="looked at by the joint screen of every tensor (auto mode)"
+    )
+    excluded: int = Field(
+        default=0, description="elements left out by design (an embedding's padding_idx row)"
+    )
     grad_norm: float = Field(default=0.0, description="||dθ|| of the checked part")
     noise_floor: float = Field(default=0.0, description="rounding-noise level of ||dθapprox||")
     notes: list[str] = Field(default_factory=list, description="why the verdict is what it is")
@@ -151,6 +157,9 @@ class CheckReport(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
     rel_distance: float = Field(description="overall relative distance (NaN if not computed)")
+    estimated: bool = Field(
+        default=False, description="rel_distance is estimated (directions, a subset), not exact"
+    )
     verdict: Verdict
     reasons: list[str] = Field(default_factory=list, description="why the verdict is what it is")
     mode: Literal["full", "sample", "sketch", "auto"]
@@ -172,6 +181,16 @@ class CheckReport(BaseModel):
     )
     max_element_error: float = Field(default=0.0, description="largest element rel_error")
     layers: dict[str, LayerReport] = Field(default_factory=dict)
+    coverage: dict[str, int] = Field(
+        default_factory=dict,
+        description="tensors in the check: screened (jointly), localised, measured, excluded "
+                    "elements",
+    )
+    precision: dict[str, object] = Field(
+        default_factory=dict,
+        description="float64 integrity: rounding of one loss evaluation (delta_j_relative), "
+                    "casts kept at float64 by the guard, modules that still lose precision",
+    )
     probe: dict[str, object] = Field(
         default_factory=dict, description="what the check ran on (shapes, step, source)"
     )
@@ -202,4 +221,4 @@ class CheckReport(BaseModel):
 
 
 def _sortable(value: float) -> float:
-    return math.inf if math.isnan(value) else value
+    return -math.inf if math.isnan(value) else value  # not measured: below every distance

@@ -25,7 +25,7 @@ def _element(element: ElementReport) -> str:
 
 def render_summary(report: CheckReport, *, max_layers: int = 20, max_elements: int = 3) -> str:
     """Header, reasons, then one row per layer (worst first) with its worst elements."""
-    estimated = "≈" if report.mode != "full" and report.coordinates + report.directions else ""
+    estimated = "≈" if report.estimated else ""
     lines = [
         f"gradwatch check: {report.verdict.upper()}  rel_distance {estimated}"
         f"{_number(report.rel_distance)}"
@@ -39,6 +39,13 @@ def render_summary(report: CheckReport, *, max_layers: int = 20, max_elements: i
         f"  thresholds: warn {report.thresholds.warn:.0e}, alert {report.thresholds.alert:.0e};"
         f" loss {report.loss:.6g}; noise floor {report.noise_floor:.1e} per element",
     ]
+    coverage = report.coverage
+    if coverage.get("screened"):
+        lines.append(
+            f"  coverage: {coverage['screened']} of {coverage.get('tensors', 0)} tensors "
+            f"screened jointly, {coverage.get('localised', 0)} localised, "
+            f"{coverage.get('measured', 0)} measured"
+        )
     lines += [f"  - {reason}" for reason in report.reasons]
     ranked = report.worst_layers(len(report.layers))
     if ranked:
@@ -48,6 +55,8 @@ def render_summary(report: CheckReport, *, max_layers: int = 20, max_elements: i
             checked = f"{layer.checked:,}/{layer.numel:,}"
             if layer.directions:
                 checked += f" + {layer.directions} dir"
+            if layer.screened and not (layer.checked or layer.directions):
+                checked = "screened"
             mark = "≈" if layer.estimated else " "
             lines.append(
                 f"  {name:<{width}}  {layer.verdict:<7}  {mark}{_number(layer.rel_distance):<11}"
@@ -57,6 +66,9 @@ def render_summary(report: CheckReport, *, max_layers: int = 20, max_elements: i
             )
             if layer.verdict in ("warn", "alert"):
                 lines += [f"  {'':<{width}}    {_element(e)}" for e in layer.worst[:max_elements]]
+            if layer.excluded:
+                lines.append(f"  {'':<{width}}    ({layer.excluded:,} elements excluded by "
+                             f"design, see notes)")
         if len(ranked) > max_layers:
             lines.append(f"  ... {len(ranked) - max_layers} more layers")
     return "\n".join(lines)

@@ -31,6 +31,8 @@ from gradwatch._exceptions import (
     UnsupportedModelError,
     missing_dependency,
 )
+from gradwatch._numerics import ROUNDING
+from gradwatch._precision import Float64Guard, find_lossy_modules
 from gradwatch._progress import resolve_progress
 from gradwatch._report import CheckReport, Mode, Thresholds
 
@@ -139,6 +141,7 @@ def check_module(
             layer.notes.append(why)
             report.reasons.append(why)
     report.probe["batching"] = objective.batching_used()
+    report.probe["casts_kept_float64"] = int(sum(objective.guard.prevented.values()))
     return report
 
 
@@ -409,6 +412,13 @@ class _ModuleObjective:
         self.calls = 0
         self.wrapper = _loss_module(torch, shadow, loss_fn, batch)
         self.device_type = _device_type(shadow)
+        # Float64 end to end: the model's own casts to float32/16 stay float64 (`_precision`).
+        # The guard costs a little per op; a model that makes no such conversion in its
+        # first (analytic) evaluation runs without it afterwards.
+        self.guard = Float64Guard()
+        self.guard_needed = True
+        self.originals: dict[str, Any] | None = None
+        self.reference: float | None = None  # J(θ) by a plain call, for vmap's control row
         # The float64 shadow must not run under the trainer's autocast: when the check is
         # called inside one, each evaluation leaves it (entering the context costs as much as
         # a small op, so it is skipped when no autocast is active).
@@ -434,8 +444,11 @@ class _ModuleObjective:
         return value.reshape(())
 
     def _loss_tensor(self) -> Any:
-        with self._full_precision():
+        with self._full_precision(), self._guarded():
             return self._scalar(self.loss_fn(self.shadow, self.batch), "loss_fn(model, batch)")
+
+    def _guarded(self) -> Any:
+        return self.guard if self.guard_needed else nullcontext()
 
     def _full_precision(self) -> Any:
         if not self.under_autocast:
@@ -458,6 +471,8 @@ class _ModuleObjective:
                 "torch.no_grad()). Return the loss built from model(...)'s output."
             )
         grads = torch.autograd.grad(loss, selected, allow_unused=True)
+        # Nothing to keep at float64: the later evaluations may skip the guard.
+        self.guard_needed = bool(self.guard.prevented or self.guard.escaped)
         analytic = {}
         for name, parameter, grad in zip(self.names, selected, grads):
             if grad is None:
@@ -612,15 +627,86 @@ class _ModuleObjective:
             output = torch.func.functional_call(self.wrapper, {key: value.view(shape)}, ())
             return self._scalar(output, "loss_fn(model, batch)")
 
+        # A control row at θ itself: vmap must give the plain call's J(θ), or it evaluates a
+        # different function (a loss that reads p.requires_grad, say, which functional_call's
+        # stand-in tensors do not have) and the loop is used instead.
+        control = self.parameters[layer].data.reshape(1, -1)
         try:
-            with torch.no_grad(), self._full_precision():
-                losses = torch.func.vmap(one)(values)
+            with torch.no_grad(), self._full_precision(), self._guarded():
+                losses = torch.func.vmap(one)(torch.cat([values, control]))
         except Exception as exc:  # vmap cannot run every model: fall back to the loop
             self.vmap_broken = f"{type(exc).__name__}: {str(exc)[:200]}"
             return None
         result = losses.detach().to("cpu", torch.float64).numpy()
-        half = result.size // 2
-        return result[:half], result[half:]
+        if self.reference is None:
+            self.reference = self.loss()
+        if abs(result[-1] - self.reference) > 64 * ROUNDING * abs(self.reference):
+            self.vmap_broken = (f"vmap evaluates the loss differently from a plain call (J(θ) "
+                                f"{result[-1]!r} vs {self.reference!r})")
+            return None
+        half = (result.size - 1) // 2
+        return result[:half], result[half:-1]
+
+    # -------------------------------------------------------------- joint screen
+    def joint_losses(self, perturbation: Mapping[str, Vector]) -> tuple[float, float]:
+        """J(θ + δ), J(θ − δ) with every tensor in `perturbation` moved at once."""
+        torch = self.torch
+        if self.originals is None:
+            self.originals = {n: p.data.clone() for n, p in self.parameters.items()
+                              if n in self.names}
+        moved = []
+        try:
+            deltas = {}
+            for name, delta in perturbation.items():
+                parameter = self.parameters[name]
+                deltas[name] = torch.as_tensor(delta, dtype=parameter.dtype,
+                                               device=parameter.device).view(parameter.shape)
+            values = []
+            for sign in (1.0, -1.0):
+                for name, delta in deltas.items():
+                    torch.add(self.originals[name], delta, alpha=sign,
+                              out=self.parameters[name].data)
+                    moved.append(name)
+                values.append(self.loss())
+        finally:
+            for name in moved:
+                self.parameters[name].data.copy_(self.originals[name])
+        return values[0], values[1]
+
+    def scales(self) -> dict[str, float]:
+        """RMS value of each checked tensor (caps the joint screen's steps)."""
+        return {name: float(self.parameters[name].detach().double().pow(2).mean().sqrt())
+                for name in self.names}
+
+    def by_design(self) -> dict[str, tuple[NDArray[np.int64], str]]:
+        """Elements autograd leaves without gradient on purpose: an nn.Embedding's
+        padding_idx row (its gradient is zeroed by the embedding's backward)."""
+        torch = self.torch
+        excluded: dict[str, tuple[NDArray[np.int64], str]] = {}
+        owners = {id(p): n for n, p in self.parameters.items() if n in self.names}
+        for module_name, module in self.shadow.named_modules():
+            padding = getattr(module, "padding_idx", None)
+            if not isinstance(module, torch.nn.Embedding) or padding is None:
+                continue
+            name = owners.get(id(module.weight))
+            if name is None:
+                continue
+            rows, columns = module.weight.shape
+            row = int(padding) % rows
+            indices = np.arange(row * columns, (row + 1) * columns, dtype=np.int64)
+            excluded[name] = (indices, f"padding_idx row {row} of nn.Embedding "
+                                       f"'{module_name}' (autograd gives it no gradient)")
+        return excluded
+
+    def precision_diagnosis(self) -> dict[str, Any]:
+        """What the guard saw, and the modules that still lose float64 (see `_precision`)."""
+        torch = self.torch
+        generator = torch.Generator().manual_seed(0)
+        with self._full_precision(), self.guard:
+            lossy = find_lossy_modules(
+                self.shadow, lambda: self.loss_fn(self.shadow, self.batch), generator=generator)
+        return {"prevented": dict(self.guard.prevented), "escaped": dict(self.guard.escaped),
+                "lossy_modules": [(m.name, m.kind, m.mismatch) for m in lossy]}
 
     def batching_used(self) -> dict[str, Any]:
         used: dict[str, Any] = {

@@ -262,10 +262,10 @@ def test_on_alert_raise_ends_the_fit_with_the_alert(tmp_path: Path) -> None:
     assert not callback.watch.schedule.running  # closed by on_exception
 
 
-def test_resuming_from_a_checkpoint_keeps_the_schedule_and_the_rotation(tmp_path: Path) -> None:
+def test_resuming_from_a_checkpoint_keeps_the_schedule_and_the_budget(tmp_path: Path) -> None:
     # 4 batches an epoch; every=2 checks steps 1, 2, 4, and the end-of-epoch .ckpt is written
-    # after the check at step 4. A tiny overhead keeps the adaptive budget at its floor, so
-    # checks rotate through the tensors.
+    # after the check at step 4. A tiny overhead keeps the adaptive budget at its floor, where
+    # the joint screen still looks at every tensor in every check.
     def callback() -> GradWatchCallback:
         return GradWatchCallback(every=2, overhead=1e-4, mlflow=False)
 
@@ -288,8 +288,7 @@ def test_resuming_from_a_checkpoint_keeps_the_schedule_and_the_rotation(tmp_path
     shutil.move(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", path)
     shutil.rmtree(tmp_path / "ckpt")
     stored = torch.load(path, weights_only=True)["callbacks"][first.state_key]
-    assert stored["last_checked"] == 4 and stored["rotation"] == saved["rotation"]
-    assert any(r.probe.get("rotation") for r in first.reports), "the checks should rotate"
+    assert stored["last_checked"] == 4 and stored["budget"] == saved["budget"]
 
     watch_callback = callback()
     spy = StateAtTrainStart()
@@ -297,12 +296,13 @@ def test_resuming_from_a_checkpoint_keeps_the_schedule_and_the_rotation(tmp_path
                            False, max_steps=-1, max_epochs=2, enable_checkpointing=True)
     with seeded(1):
         resumed.fit(tiny_module(), train_dataloaders=loader(rows=4 * BATCH), ckpt_path=path)
-    assert spy.state["last_checked"] == 4 and spy.state["rotation"] == saved["rotation"]
+    assert spy.state["last_checked"] == 4 and spy.state["budget"] == saved["budget"]
     # step 5 is the first step of this fit, but not the first of the run: no first-step check
     assert [r.probe["step"] for r in watch_callback.reports] == [6, 8]
     names = [name for name, _ in tiny_module().named_parameters()]
-    cursor = saved["rotation"]["cursor"]
-    assert next(iter(watch_callback.reports[0].layers)) == names[cursor % len(names)]
+    for report in watch_callback.reports:
+        assert report.probe["budget"] == 16  # the floor
+        assert report.coverage["screened"] == len(names) == len(report.layers)
 
 
 def test_manual_optimization_needs_a_loss_fn(tmp_path: Path) -> None:

@@ -1,0 +1,336 @@
+"""The joint screen: every tensor looked at in every check, for a few loss evaluations.
+
+A per-tensor screen costs 2 evaluations per tensor and direction. The joint screen perturbs
+all tensors at once, tensor t by s_t·v_t with v_t an independent ±1 vector, so one pair
+J(θ ± δ) costs 2 evaluations whatever the number of tensors:
+
+    n = (J(θ + δ) − J(θ − δ)) / 2          (central difference, in loss units)
+    a = Σ_t s_t · dθ_tᵀ v_t                 (what backprop predicts for it)
+    d = n − a = Σ_t s_t · e_tᵀ v_t + rounding + truncation,   e_t = dθapprox_t − dθ_t
+
+E[(e_tᵀv_t)²] = ||e_t||², so a tensor with relative distance r_t contributes ≈ 2·r_t·s_t·||dθ_t||
+to d. The steps are equalised, s_t = c / ||dθ_t|| (capped), so every tensor contributes about
+c to a and a relative error r in any tensor shows as ≈ 2·r·c, whatever the size of its
+gradient. c = SIGNAL · δJ, with δJ the rounding of one loss evaluation; the discrepancy is
+judged against the measured noise of d — a significance test — so that a screen "fires" only
+when |d| > SIGNIFICANCE · σ_d. A relative error r is then seen when 2·r·SIGNAL > SIGNIFICANCE:
+r ≥ 5e-6 with the constants below, under the warn threshold.
+
+The noise σ_d is measured, not assumed: the first direction is evaluated again at half its
+step. With D(s) = J(θ+sv) + J(θ−sv) − 2J(θ) = s²·vᵀHv + rounding, the combination
+4·D(s/2) − D(s) cancels the curvature and leaves rounding only (≈ √70·δJ); and
+n(s) − n(s/2) = ¾ of the truncation error of n(s). A δJ far above float64's own rounding means
+float64 was not kept end to end (see `_precision`).
+
+When the screen fires, group testing localises: the firing direction restricted to half of the
+tensors gives d_left; d_right = d − d_left by linearity (2 evaluations per level, O(log K)
+levels for K tensors); then the same inside the tensor over rows and over the elements of a
+row. What was found is then measured (tensor-restricted directions, coordinates of the region)
+and judged by the textbook distances (`_assess`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gradwatch._engine import Directional
+from gradwatch._numerics import ROUNDING, ROUNDING_SAFETY
+
+if TYPE_CHECKING:
+    from gradwatch._engine import _Engine, _Tensor
+
+__all__ = ["JointProbe", "JointScreen"]
+
+Vector = NDArray[np.float64]
+
+#: Directions of the joint screen (a bug is missed only if every one of them is unlucky).
+SCREEN_DIRECTIONS = 4
+#: |d| above SIGNIFICANCE · σ_d is a discrepancy; below it, rounding can explain it.
+SIGNIFICANCE = 10.0
+#: Each tensor's share of the analytic projection, in units of δJ: c = SIGNAL · δJ.
+SIGNAL = 1e6
+#: Largest step per element, relative to the tensor's RMS value (at least 1e-2 of it, so
+#: zero-initialised tensors move too): keeps truncation (∝ s³) below rounding.
+MAX_RELATIVE_STEP = 1e-4
+#: Largest Euclidean length of the whole perturbation δ.
+MAX_NORM = 1e-3
+#: When one evaluation is noisier than PRECISION_MARGIN · ROUNDING_SAFETY · u · |J|
+#: (≈ 3.6e-14 |J|; float32 rounds at ~6e-8), the backend looks for the module that loses
+#: float64 (`_precision.find_lossy_modules`); a clean float64 model measures ≈ 1×.
+PRECISION_MARGIN = 10.0
+#: Noise above RESCALE × the assumed δJ: the steps are sized again for the measured noise.
+RESCALE = 4.0
+#: A check whose typical tensor cannot be resolved to this relative error cannot judge.
+RESOLUTION_LIMIT = 1e-4
+#: Most evaluations localisation may spend in one check, over the budget if need be.
+LOCALISE_LIMIT = 96
+#: Coordinates checked by central differences inside a located region.
+REGION_COORDINATES = 8
+#: Tensors followed at once when several halves disagree (several bugs).
+MAX_CULPRITS = 3
+
+
+@dataclass
+class JointProbe:
+    """One joint direction and what it measured (`numeric`, `analytic` in loss units)."""
+
+    key: int
+    steps: dict[str, float]
+    numeric: float = math.nan
+    analytic: float = math.nan
+    second: float = math.nan  # D = J(θ+δ) + J(θ−δ) − 2J(θ)
+
+    @property
+    def discrepancy(self) -> float:
+        return self.numeric - self.analytic
+
+
+@dataclass
+class JointScreen:
+    """Runs the screen on an engine, then localises (see the module docstring)."""
+
+    engine: _Engine
+    probes: list[JointProbe] = field(default_factory=list)
+    delta_j: float = 0.0  # rounding of one loss evaluation (measured, at least the bound)
+    truncation: float = 0.0
+    bound: float = 0.0  # float64's own rounding bound of one evaluation
+    fired: bool = False
+    culprits: list[str] = field(default_factory=list)
+    localise_spent: int = 0
+    _limit: int = 0
+    spread: list[str] = field(default_factory=list)  # could not be localised further
+    regions: dict[str, NDArray[np.int64]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ noise
+    @property
+    def sigma(self) -> float:
+        """Standard deviation of one discrepancy d: rounding of n plus truncation."""
+        return math.hypot(self.delta_j, self.truncation)
+
+    def resolutions(self) -> dict[str, float]:
+        """Per tensor, the relative error r_t the screen sees: SIGNIFICANCE·σ_d = 2·r_t·s_t·||dθ_t||
+        (≈ SIGNIFICANCE / (2·SIGNAL) where the step is not capped)."""
+        steps = self.probes[0].steps if self.probes else {}
+        result = {}
+        for name, step in steps.items():
+            signal = 2 * step * float(np.linalg.norm(self.engine.tensors[name].analytic))
+            result[name] = SIGNIFICANCE * self.sigma / signal if signal > 0 else math.inf
+        return result
+
+    def resolution(self) -> float:
+        """The median of `resolutions`: the relative error of a typical tensor the screen sees
+        (tensors whose gradient is ~0, like attention key biases, see less)."""
+        values = sorted(self.resolutions().values())
+        return values[len(values) // 2] if values else math.inf
+
+    def significant(self, d: float, scale: float = 1.0) -> bool:
+        return not math.isfinite(d) or abs(d) > SIGNIFICANCE * self.sigma * scale
+
+    # ------------------------------------------------------------------ directions
+    def signs(self, key: int, tensor: _Tensor) -> Vector:
+        """The ±1 vector of direction `key` over `tensor` (0 on by-design exclusions),
+        regenerated identically whenever it is asked for (group testing restricts it)."""
+        index = list(self.engine.tensors).index(tensor.name)
+        rng = np.random.default_rng([self.engine.settings.seed, key, index])
+        bits = np.unpackbits(np.frombuffer(rng.bytes(-(-tensor.numel // 8)), dtype=np.uint8),
+                             count=tensor.numel)
+        signs = bits.astype(np.float64)
+        signs *= 2.0
+        signs -= 1.0
+        if tensor.excluded is not None:
+            signs[tensor.excluded] = 0.0
+        return signs
+
+    def _active(self) -> list[str]:
+        return [t.name for t in self.engine.tensors.values() if t.active]
+
+    def step_sizes(self, values: dict[str, float]) -> dict[str, float]:
+        """s_t = c / ||dθ_t||, capped per element and in total length (module docstring)."""
+        c = SIGNAL * self.delta_j
+        steps = {}
+        for name in self._active():
+            tensor = self.engine.tensors[name]
+            cap = MAX_RELATIVE_STEP * max(values.get(name, 0.0), 1e-2)
+            norm = float(np.linalg.norm(tensor.analytic))
+            steps[name] = min(c / norm, cap) if norm > 0 and math.isfinite(norm) else cap
+        length = math.sqrt(sum(s * s * self.engine.tensors[n].numel for n, s in steps.items()))
+        if length > MAX_NORM:
+            steps = {n: s * MAX_NORM / length for n, s in steps.items()}
+        return steps
+
+    def evaluate(
+        self, key: int, steps: dict[str, float], masks: dict[str, NDArray[np.bool_]] | None = None
+    ) -> JointProbe:
+        """J(θ ± δ) for direction `key` over the tensors in `steps` (optionally only some of
+        a tensor's elements: those where `masks[name]` is True)."""
+        engine = self.engine
+        perturbation: dict[str, Vector] = {}
+        analytic = 0.0
+        for name, step in steps.items():
+            tensor = engine.tensors[name]
+            signs = self.signs(key, tensor)
+            if masks is not None and name in masks:
+                signs = np.where(masks[name], signs, 0.0)
+            delta = signs * step
+            perturbation[name] = delta
+            analytic += float(tensor.analytic @ delta)
+        plus, minus = engine.joint(perturbation)
+        return JointProbe(key, dict(steps), numeric=(plus - minus) / 2, analytic=analytic,
+                          second=plus + minus - 2 * engine.loss)
+
+    # ------------------------------------------------------------------ the screen
+    def run(self, directions: int, values: dict[str, float]) -> None:
+        engine = self.engine
+        self.bound = ROUNDING_SAFETY * ROUNDING * abs(engine.loss)
+        self.delta_j = max(self.bound, abs(engine.loss - engine.loss_repeat), 1e-300)
+        steps = self.step_sizes(values)
+        first = self._measure_noise(steps)
+        if self.sigma > RESCALE * self.delta_j and engine.remaining >= 4:
+            # Rounds worse than float64 at |J| (large terms cancelling, or float32 somewhere):
+            # steps sized for the measured noise keep the resolution where they can, and the
+            # noise is measured again at those steps.
+            self.delta_j = self.sigma
+            first = self._measure_noise(self.step_sizes(values))
+        self.probes = [first]
+        for key in range(1, directions):
+            if engine.remaining < 2:
+                break
+            self.probes.append(self.evaluate(key, first.steps))
+        if directions > 1:
+            engine.strategy.append(
+                f"joint screen {len(self.probes)} directions × {len(first.steps)} tensors"
+            )
+        self.fired = any(self.significant(p.discrepancy) for p in self.probes)
+
+    def _measure_noise(self, steps: dict[str, float]) -> JointProbe:
+        """Direction 0 at `steps` and at half of them: rounding and truncation of d."""
+        first = self.evaluate(0, steps)
+        half = self.evaluate(0, {n: s / 2 for n, s in steps.items()})
+        # rounding only: 4·D(s/2) − D(s) (the curvature cancels), std ≈ √70·δJ
+        self.delta_j = max(self.delta_j, abs(4 * half.second - first.second) / math.sqrt(70.0))
+        # n(s) − 2·n(s/2) = ¾ of n(s)'s truncation error (plus rounding)
+        self.truncation = abs(first.numeric - 2 * half.numeric) * 4 / 3
+        return first
+
+    @property
+    def suspicious(self) -> bool:
+        """One evaluation is noisier than float64 at |J| allows by PRECISION_MARGIN: a float32
+        path, or large terms cancelling (the backend's probe tells which)."""
+        return self.sigma > PRECISION_MARGIN * self.bound
+
+    @property
+    def unresolved(self) -> bool:
+        """A typical tensor cannot be resolved to a relative error of RESOLUTION_LIMIT."""
+        return self.resolution() > RESOLUTION_LIMIT
+
+    # ------------------------------------------------------------------ localisation
+    def localise(self) -> None:
+        """Group testing over tensors along the most significant direction."""
+        probe = max(self.probes, key=lambda p: abs(p.discrepancy)
+                    if math.isfinite(p.discrepancy) else math.inf)
+        start = self.engine.evaluations
+        self._limit = start + LOCALISE_LIMIT
+        found = self._split(probe, list(probe.steps), probe.discrepancy, 1.0)
+        self.culprits = found[:MAX_CULPRITS]
+        self.localise_spent += self.engine.evaluations - start
+
+    def _split(self, probe: JointProbe, names: list[str], d: float, scale: float) -> list[str]:
+        if len(names) == 1:
+            return names
+        if self.engine.evaluations + 2 > self._limit:
+            self.spread.extend(names)
+            return []
+        left, right = names[: len(names) // 2], names[len(names) // 2:]
+        restricted = self.evaluate(probe.key, {n: probe.steps[n] for n in left})
+        d_left = restricted.discrepancy
+        d_right = d - d_left  # linearity: the discrepancy is a sum over tensors
+        found: list[str] = []
+        if self.significant(d_left):
+            found += self._split(probe, left, d_left, 1.0)
+        if self.significant(d_right, math.sqrt(scale + 1.0)) and len(found) < MAX_CULPRITS:
+            found += self._split(probe, right, d_right, scale + 1.0)
+        if not found and not self.significant(d_left) and not self.significant(
+                d_right, math.sqrt(scale + 1.0)):
+            self.spread.extend(names)  # the discrepancy is spread over both halves
+        return found
+
+
+    # ------------------------------------------------------------------ measurement
+    def measure(self, name: str, extra_directions: int = 2) -> None:
+        """Tensor-restricted directions (an estimate of the layer's distance), then rows and
+        elements bisected towards the disagreement, whose coordinates are checked."""
+        engine = self.engine
+        tensor = engine.tensors[name]
+        step = self.probes[0].steps[name]
+        parts = []
+        for key in range(extra_directions):
+            parts.append(self.evaluate(1000 + key, {name: step}))
+        region = self._bisect(tensor, step, parts)
+        self.regions[name] = region
+        directional = [self.directional(tensor, p) for p in parts]
+        tensor.sketches.append(Directional.join(directional))
+        count = min(REGION_COORDINATES, max(engine.remaining // 2, 2))
+        engine.coordinates(tensor, engine.sample_indices(tensor, count, pool=region))
+
+    def directional(self, tensor: _Tensor, probe: JointProbe) -> Directional:
+        step = probe.steps[tensor.name]
+        return Directional(
+            numeric=np.array([probe.numeric / step]), analytic=np.array([probe.analytic / step]),
+            plus=np.array([self.engine.loss + probe.numeric + probe.second / 2]),
+            minus=np.array([self.engine.loss - probe.numeric + probe.second / 2]),
+            steps=np.array([step]),
+        )
+
+    def _bisect(self, tensor: _Tensor, step: float, parts: list[JointProbe]) -> NDArray[np.int64]:
+        """Rows first (for ≥2-D tensors), then elements of one row, along the restricted
+        direction whose discrepancy is largest; 2 evaluations per level."""
+        probe = max(parts, key=lambda p: abs(p.discrepancy))
+        if not self.significant(probe.discrepancy):
+            return np.arange(tensor.numel, dtype=np.int64)
+        start, stop = 0, tensor.numel
+        row = tensor.numel // tensor.shape[0] if len(tensor.shape) >= 2 else 1
+        unit = row if row > 1 else 1
+        d, scale = probe.discrepancy, 1.0
+        index = np.arange(tensor.numel)
+        while self.engine.evaluations + 2 <= self._limit:
+            units = (stop - start) // unit
+            if units <= 1:
+                if unit == 1:
+                    break
+                unit = 1
+                continue
+            middle = start + (units // 2) * unit
+            mask = (index >= start) & (index < middle)
+            left = self.evaluate(probe.key, {tensor.name: step}, masks={tensor.name: mask})
+            d_left = left.discrepancy
+            d_right = d - d_left
+            in_left = self.significant(d_left)
+            in_right = self.significant(d_right, math.sqrt(scale + 1.0))
+            if in_left == in_right:
+                break  # spread over both halves (or lost in noise): keep the region
+            if in_left:
+                stop, d, scale = middle, d_left, 1.0
+            else:
+                start, d, scale = middle, d_right, scale + 1.0
+        return np.arange(start, stop, dtype=np.int64)
+
+    # ------------------------------------------------------------------ vanishing
+    def vanished(self, name: str, values: dict[str, float]) -> bool | None:
+        """True when `name`'s perturbations vanish at the check's steps (J(θ+δ) == J(θ−δ)
+        exactly, though dθ says it should move) but a step 1e4 larger gives the analytic
+        slope: float32 rounding swallows the step (precision lost, not a bug)."""
+        tensor = self.engine.tensors[name]
+        if not tensor.sketches:
+            return None
+        sketch = Directional.join(tensor.sketches)
+        if not np.all(sketch.plus == sketch.minus) or not np.any(sketch.analytic):
+            return False
+        large = MAX_RELATIVE_STEP * 1e2 * max(values.get(name, 0.0), 1e-2)
+        probe = self.evaluate(2000, {name: large})
+        scale = abs(probe.numeric) + abs(probe.analytic)
+        return scale > 0 and abs(probe.discrepancy) <= 1e-2 * scale
