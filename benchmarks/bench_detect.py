@@ -1,7 +1,7 @@
 """Does gradwatch catch a one-row backward bug at the budget every=1000 gives it? One run.
 
-    python benchmarks/bench_detect.py            # ~10-15 minutes on 2 CPU cores
-    python benchmarks/bench_detect.py --quick    # ~1.5 minutes: 8 checks per clean twin
+    python benchmarks/bench_detect.py            # ~7 minutes on 2 shared CPU cores
+    python benchmarks/bench_detect.py --quick    # ~1 minute: 8 checks per clean twin
     python benchmarks/bench_detect.py --failures /tmp/bench_detect_failures.txt
 
 Four architectures train with Adam on fixed synthetic data (deterministic seeds), float32:
@@ -38,12 +38,14 @@ from the bug's non-leaf outputs and keep them, and then `copy.deepcopy` of the m
 gradwatch makes its float64 copy) fails: every check would be an "error". LSTM weights are
 planted by an equivalent class swap (`plant_rnn_row_bug`) whose forward hands
 `nn.LSTM.forward` the bugged weight through the same identity-forward, row-scaling-backward
-function and restores `_flat_weights` afterwards. Every planting
-is verified before it is used: same loss, row 1 of the gradient x1.5, other rows unchanged. A
-run trains until the first alert, or for `--after` checks (default 5) past the bug.
+function and restores `_flat_weights` afterwards. Every planting is verified before it is
+used: same loss, row 1 of the gradient x1.5, other rows unchanged. A run trains until the
+first alert, or for `--after` checks (default 5) past the bug.
 
 Clean twins. Each architecture also trains without a bug for `--clean-checks` checks (default
-100, i.e. 1000 steps), counting the checks that warn, alert or error.
+100, i.e. 1000 steps), counting the checks that warn, alert or error. Before its runs, each
+architecture trains through 3 checks once, unreported, so that first-call costs in the process
+(code paths, allocator) do not land on the first measured run.
 
 The table (stdout, markdown; progress goes to stderr) has one row per architecture and bug
 position plus one clean row per architecture. Summaries of every check that missed, blamed
@@ -55,13 +57,14 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -70,10 +73,12 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradwatch import CheckReport, GradWatch
+from gradwatch._budget import MINIMUM
 from tests.hf_zoo import plant_row_bug
 
 EVERY = 10
 OVERHEAD = 0.5  # x EVERY = 5 training steps per check: what overhead=0.005 gives every=1000
+DEFAULT_OVERHEAD = 0.005
 ROW, FACTOR = 1, 1.5
 VOCAB = 256
 LONGEST = 32  # tokens in the longest sequence of a text batch (specials included)
@@ -203,12 +208,15 @@ def seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
         return make()
 
 
+#: Eager attention, as in tests/hf_zoo (torch.func.vmap has no batching rule for SDPA).
+EAGER: dict[str, Any] = {"attn_implementation": "eager"}
+
+
 def build_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=VOCAB, n_positions=LONGEST, n_embd=64, n_layer=4, n_head=4,
-                        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
-                        loss_type="ForCausalLM", attn_implementation="eager")
+                        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, **EAGER)
     return seeded(0, lambda: GPT2LMHeadModel(config))
 
 
@@ -217,8 +225,7 @@ def build_bert() -> nn.Module:
 
     config = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4,
                         num_attention_heads=4, intermediate_size=128,
-                        max_position_embeddings=64, pad_token_id=BERT_PAD,
-                        attn_implementation="eager")
+                        max_position_embeddings=64, pad_token_id=BERT_PAD, **EAGER)
     return seeded(0, lambda: BertForMaskedLM(config))
 
 
@@ -323,10 +330,10 @@ class RowBugFn(torch.autograd.Function):
 
 
 _RNN_BUGS = "_bench_rnn_row_bugs"
-_RNN_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+_RNN_CLASSES: dict[type[nn.RNNBase], type[nn.RNNBase]] = {}
 
 
-def _rnn_bug_class(base: type[nn.Module]) -> type[nn.Module]:
+def _rnn_bug_class(base: type[nn.RNNBase]) -> type[nn.RNNBase]:
     """A subclass of an `nn.RNNBase` class (same name) whose forward runs the base forward with
     the bugged entries of `_flat_weights` passed through `RowBugFn`."""
     if base in _RNN_CLASSES.values():
@@ -350,8 +357,10 @@ def _rnn_bug_class(base: type[nn.Module]) -> type[nn.Module]:
             finally:
                 self._flat_weights = flat
 
-        cls = type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__,
-                                            "__qualname__": base.__qualname__})
+        cls = cast(type[nn.RNNBase], type(
+            base.__name__, (base,),
+            {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__},
+        ))
         _RNN_CLASSES[base] = cls
     return cls
 
@@ -584,12 +593,19 @@ def render(rows: Sequence[Row], after: int, plant_at: int, clean_checks: int,
     right_count = sum(bool(r.right) for r in bugs)
     warns, alerts, errors = (sum(r.counts[i] for r in clean) for i in range(3))
     total = sum(r.checks for r in clean)
+    ratios = {r.arch: median(r.seconds) / r.allowed for r in clean if r.allowed > 0}
+    costs = ", ".join(f"{arch} {ratio:.1f}x (~{DEFAULT_OVERHEAD * ratio:.1%})"
+                      for arch, ratio in ratios.items())
+    floor = sum(b <= MINIMUM for r in clean for b in r.budgets)
     lines += [
         "",
         f"Summary: {first}/{len(bugs)} bugs ({first / len(bugs):.0%}) alert at the first check "
         f"after they appear, {two}/{len(bugs)} ({two / len(bugs):.0%}) within two, "
         f"{right_count}/{len(bugs)} ({right_count / len(bugs):.0%}) blame the right tensor; "
         f"clean twins: {warns} warns, {alerts} alerts, {errors} errors over {total} checks.",
+        f"Cost: a clean check's median seconds / its allowance (and so the share of training "
+        f"time at every=1000, overhead=0.005): {costs}; budget at its floor ({MINIMUM} "
+        f"evaluations) in {floor} of {sum(len(r.budgets) for r in clean)} clean checks.",
         "",
         f"Budget: GradWatch(every={EVERY}, overhead={OVERHEAD}) gives each check "
         f"{OVERHEAD} x {EVERY} = {OVERHEAD * EVERY:g} training steps of time, what the default "
@@ -622,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the summaries of misses and false warnings go")
     args = parser.parse_args(argv)
     logging.getLogger("gradwatch").setLevel(logging.ERROR)  # alerts are expected
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # GPT-2's loss_type notice
     torch.set_num_threads(args.threads)
     clean_checks = args.clean_checks or (8 if args.quick else 100)
     wanted = {n.strip().lower() for n in args.only.split(",")} if args.only else None
@@ -636,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         tensors = sum(1 for p in model.parameters() if p.requires_grad)
         for bug in arch.bugs:
             verify_plant(model, bug, batches[0], arch.loss_fn)
+        progress(f"{arch.name}: warm-up run, 3 checks (not reported)")
+        train(arch, batches, max_checks=3)  # first-call costs of this model's code paths
         for bug in arch.bugs:
             progress(f"{arch.name}: bug in {bug}")
             row = bug_row(arch, tensors, batches, bug, args.plant_at, args.after, failures)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,12 +37,14 @@ from gradwatch._exceptions import (
 from gradwatch._notify import Dispatcher, Notification, Notifier, make_notifier
 from gradwatch._probe import ProbeCapture
 from gradwatch._record import (
+    Deliverer,
     check_payload,
-    deliver_payload,
+    new_local_id,
     params_payload,
     report_payload,
-    resolve_run,
     resolve_tracking_uri,
+    run_payload,
+    terminate_payload,
 )
 from gradwatch._report import CheckReport, Mode, Thresholds
 from gradwatch._schedule import Schedule, parse_every
@@ -222,9 +225,12 @@ class GradWatch:
         #: Why this model cannot be checked at all (sharded); no more checks run once set.
         self.unsupported: str | None = None
         self.created_run = False
+        #: The spool's key while the run is not known yet (`_record.Deliverer`).
+        self.local_id: str | None = None
         self._resolved_uri: str | None = None
         self._restored_run_id: str | None = None  # from load_state_dict (a resumed training)
         self._spool: Spool | None = None
+        self._replay: threading.Thread | None = None  # delivering earlier runs' leftovers
         self._dispatcher: Dispatcher | None = None
         self._ready = False
 
@@ -261,31 +267,34 @@ class GradWatch:
                 self._spool = None
 
     def _open_record(self, active_run_id: str | None) -> None:
-        from mlflow import MlflowClient
-
+        """Open the spool; nothing here waits on the network (the run is resolved, or created,
+        by the background delivery: a tracking server that is down or slow at train start
+        costs training nothing, and the records wait on disk under a local id)."""
         self._resolved_uri = resolve_tracking_uri(self.tracking_uri)
-        client = MlflowClient(tracking_uri=self._resolved_uri)
-        self.run_id, self.created_run = resolve_run(
-            client, run_id=self.run_id, active_run_id=active_run_id,
-            experiment_name=self.experiment_name, restored_run_id=self._restored_run_id,
-        )
-        self.tracker.key = str(self.run_id)
-        root = self.spool_root or default_spool_dir()
         uri = self._resolved_uri
-
-        clients: dict[str, Any] = {}  # one client per store: a new one re-opens the database
-
-        def deliver(payload: dict[str, Any]) -> None:
-            target = str(payload.get("tracking_uri") or uri)
-            if target not in clients:
-                clients[target] = MlflowClient(tracking_uri=target)
-            deliver_payload(payload, clients[target])
-
-        self._spool = Spool(root / str(self.run_id), deliver=deliver)
+        known = (self.run_id or active_run_id or self._restored_run_id
+                 or os.environ.get("MLFLOW_RUN_ID"))
+        if known:
+            self.run_id, self.created_run, self.local_id = known, False, None
+        else:
+            self.local_id, self.created_run = new_local_id(), True
+        key = str(self.run_id or self.local_id)
+        self.tracker.key = key
+        root = self.spool_root or default_spool_dir()
+        deliverer = Deliverer(root / key, on_run=self._run_created)
+        self._spool = Spool(root / key, deliver=deliverer)
+        if self.local_id is not None:
+            self._spool.append(run_payload(local_id=self.local_id, tracking_uri=uri,
+                                           experiment_name=self.experiment_name))
         self._spool.start()
-        replay_leftovers(root, skip=root / str(self.run_id))
-        self._spool.append(params_payload(self.params(), run_id=str(self.run_id),
-                                          tracking_uri=uri))
+        self._replay = replay_leftovers(root, skip=root / key)
+        self._spool.append(params_payload(self.params(), run_id=self.run_id, tracking_uri=uri,
+                                          local_id=self.local_id))
+
+    def _run_created(self, run_id: str) -> None:
+        """The delivery thread created (or found) the run of this spool's local id."""
+        self.run_id = run_id
+        logger.info("gradwatch: recording into MLflow run %s", run_id)
 
     def params(self) -> dict[str, Any]:
         """The once-per-run MLflow params (no secrets: notification URLs are not among them)."""
@@ -309,25 +318,26 @@ class GradWatch:
         if self._spool is not None:
             if self.report and self._recorded:
                 self._request_report(png=True)  # the final one also as a picture
-            result = self._spool.flush(timeout=timeout)
+            if self.created_run:
+                self._append(terminate_payload(run_id=self.run_id, local_id=self.local_id,
+                                               tracking_uri=self._resolved_uri), "end the run")
+            deadline = time.monotonic() + timeout
+            result = self._spool.drain(timeout=timeout)
             self._spool.close(timeout=1.0)
+            if self._replay is not None:  # earlier runs' leftovers, within the same timeout
+                self._replay.join(max(0.0, deadline - time.monotonic()))
+                self._replay = None
             if result.pending:
                 logger.warning(
                     "gradwatch: %d record(s) could not reach MLflow yet (%s); they stay in %s — "
-                    "run `gradwatch flush` when the tracking server is back",
-                    result.pending, result.last_error, self._spool.directory,
+                    "the next GradWatch start delivers them in the background, or run "
+                    "`gradwatch flush` when the tracking server is back",
+                    result.pending, result.last_error or "still trying", self._spool.directory,
                 )
             self._spool = None
         if self._dispatcher is not None:
             self._dispatcher.close(timeout=timeout)
             self._dispatcher = None
-        if self.created_run and self.run_id and self._resolved_uri:
-            try:
-                from mlflow import MlflowClient
-
-                MlflowClient(tracking_uri=self._resolved_uri).set_terminated(self.run_id)
-            except Exception as exc:  # the run stays RUNNING; nothing is lost
-                logger.warning("gradwatch: could not end run %s: %s", self.run_id, exc)
         self._ready = False
 
     def __enter__(self) -> GradWatch:
@@ -531,12 +541,12 @@ class GradWatch:
         return report
 
     def _record(self, report: CheckReport, step: int, timestamp_ms: int, alert: str | None) -> None:
-        if self._spool is None or self.run_id is None:
+        if self._spool is None:
             return
         try:
             self._spool.append(check_payload(
                 report, step=step, timestamp_ms=timestamp_ms, run_id=self.run_id,
-                tracking_uri=self._resolved_uri, alert=alert,
+                tracking_uri=self._resolved_uri, alert=alert, local_id=self.local_id,
             ))
             self._recorded += 1
             if self.report and self._recorded % self.report_every == 0:
@@ -547,15 +557,18 @@ class GradWatch:
             logger.error("gradwatch: could not spool the check at step %d: %s", step, exc)
 
     def _request_report(self, *, png: bool = False) -> None:
-        if self._spool is None or self.run_id is None:
+        self._append(report_payload(run_id=self.run_id, tracking_uri=self._resolved_uri,
+                                    png=png, local_id=self.local_id), "ask for the run report")
+
+    def _append(self, payload: dict[str, Any], what: str) -> None:
+        if self._spool is None:
             return
         try:
-            self._spool.append(report_payload(run_id=self.run_id,
-                                              tracking_uri=self._resolved_uri, png=png))
+            self._spool.append(payload)
         except Exception as exc:
             if self.strict:
                 raise
-            logger.error("gradwatch: could not ask for the run report: %s", exc)
+            logger.error("gradwatch: could not %s: %s", what, exc)
 
     def _announce(self, report: CheckReport, transition: Any) -> None:
         notification = make_notification(report, transition, run_id=self.run_id)
@@ -621,7 +634,7 @@ def replay_leftovers(root: Path, *, skip: Path) -> threading.Thread | None:
     def work() -> None:
         for directory in others:
             try:
-                result = replay(directory, deliver_payload, timeout=FLUSH_TIMEOUT)
+                result = replay(directory, Deliverer(directory), timeout=FLUSH_TIMEOUT)
             except SpoolLockedError:
                 continue
             except Exception as exc:

@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gradwatch._engine import CheckSettings, make_settings, run_check
-from gradwatch._exceptions import InputError, LossError
+from gradwatch._exceptions import ConfigError, InputError, LossError
 from gradwatch._progress import resolve_progress
 from gradwatch._report import CheckReport, Mode, Thresholds
 
@@ -70,6 +70,11 @@ def check(
         eps=eps, mode=mode, thresholds=thresholds, budget=budget, seed=seed,
         samples=samples, directions=directions, top_k=top_k,
     )
+    if not callable(cost):
+        raise ConfigError(
+            f"cost must be a function cost(params) -> float, got {type(cost).__name__} "
+            f"{cost!r}; e.g. cost=lambda p: float(((x @ p['W'].T - y) ** 2).mean())."
+        )
     values = _as_float64_params(params)
     analytic = _match_grads(values, grads)
     return _run(cost, values, analytic, settings, progress)

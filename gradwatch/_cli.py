@@ -222,7 +222,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _flush(args: argparse.Namespace) -> int:
-    from gradwatch._record import deliver_payload
+    from gradwatch._record import Deliverer
     from gradwatch._spool import default_spool_dir, replay
 
     root = args.spool_dir or default_spool_dir()
@@ -233,7 +233,7 @@ def _flush(args: argparse.Namespace) -> int:
     left = 0
     for directory in directories:
         try:
-            result = replay(directory, deliver_payload, timeout=args.timeout)
+            result = replay(directory, Deliverer(directory), timeout=args.timeout)
         except SpoolLockedError as exc:  # a training run still owns it: it delivers itself
             print(json.dumps({"spool": str(directory), "skipped": str(exc)}))
             continue

@@ -7,7 +7,8 @@ Per check, at step = the training global step:
            gradwatch/layer/<parameter name>  (sanitised to MLflow's key rules, ≤ 250 chars;
            only the tensors measured on their own in this check — a tensor that was only
            screened jointly has no distance of its own),
-           gradwatch/coverage/screened, /localised, /measured (tensor counts)
+           gradwatch/coverage/screened, /localised, /measured (tensor counts),
+           gradwatch/estimated (1 when rel_distance is an estimate)
   tags     gradwatch.status (latest verdict word), gradwatch.last_step,
            gradwatch.alert ("firing" / "resolved", once an alert ever fired)
   artifact gradwatch/checks/step-<9-digit step>.json  (the CheckReport JSON)
@@ -24,9 +25,12 @@ to disk first and delivered later, by another process if need be (`gradwatch flu
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
+import sys
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,15 +41,19 @@ __all__ = [
     "COVERAGE_PREFIX",
     "LAYER_PREFIX",
     "METRIC_PREFIX",
+    "RUN_FILE",
     "VERDICT_CODES",
+    "Deliverer",
     "artifact_path",
     "check_payload",
     "deliver_payload",
     "layer_metric_keys",
+    "new_local_id",
     "params_payload",
     "report_payload",
-    "resolve_run",
     "resolve_tracking_uri",
+    "run_payload",
+    "terminate_payload",
 ]
 
 METRIC_PREFIX = "gradwatch/"
@@ -107,11 +115,13 @@ def check_payload(
     *,
     step: int,
     timestamp_ms: int,
-    run_id: str,
+    run_id: str | None,
     tracking_uri: str | None,
     alert: str | None = None,
+    local_id: str | None = None,
 ) -> dict[str, Any]:
-    """The MLflow record of one check, as a JSON-able payload (see the module docstring)."""
+    """The MLflow record of one check, as a JSON-able payload (see the module docstring).
+    `run_id` None: the spool's run is not known yet, `local_id` names it (`Deliverer`)."""
     metrics: list[list[Any]] = [
         [METRIC_PREFIX + "rel_distance", _metric_value(report.rel_distance), timestamp_ms, step],
         [METRIC_PREFIX + "verdict", float(VERDICT_CODES[report.verdict]), timestamp_ms, step],
@@ -120,6 +130,7 @@ def check_payload(
         [METRIC_PREFIX + "evaluations", float(report.evaluations), timestamp_ms, step],
         [METRIC_PREFIX + "seconds", float(report.seconds), timestamp_ms, step],
     ]
+    metrics.append([METRIC_PREFIX + "estimated", float(report.estimated), timestamp_ms, step])
     for what in ("screened", "localised", "measured"):
         if what in report.coverage:
             metrics.append([f"{COVERAGE_PREFIX}{what}", float(report.coverage[what]),
@@ -135,6 +146,7 @@ def check_payload(
         "kind": "check",
         "tracking_uri": tracking_uri,
         "run_id": run_id,
+        "local_id": local_id,
         "step": step,
         "metrics": metrics,
         "params": {},
@@ -144,13 +156,15 @@ def check_payload(
 
 
 def params_payload(
-    params: Mapping[str, Any], *, run_id: str, tracking_uri: str | None
+    params: Mapping[str, Any], *, run_id: str | None, tracking_uri: str | None,
+    local_id: str | None = None,
 ) -> dict[str, Any]:
     """The once-per-run params record (`gradwatch.every`, `gradwatch.mode`, ...)."""
     return {
         "kind": "params",
         "tracking_uri": tracking_uri,
         "run_id": run_id,
+        "local_id": local_id,
         "metrics": [],
         "params": {key: str(value) for key, value in params.items()},
         "tags": {},
@@ -159,7 +173,8 @@ def params_payload(
 
 
 def report_payload(
-    *, run_id: str, tracking_uri: str | None, png: bool = False
+    *, run_id: str | None, tracking_uri: str | None, png: bool = False,
+    local_id: str | None = None,
 ) -> dict[str, Any]:
     """A request to rebuild and log the run report (`gradwatch/report.html`) from the record.
 
@@ -167,7 +182,8 @@ def report_payload(
     every check logged before it was asked for. `png`: also `gradwatch/report.png`, the static
     picture for places that run no scripts (matplotlib; left out when it is not installed).
     """
-    return {"kind": "report", "tracking_uri": tracking_uri, "run_id": run_id, "png": png}
+    return {"kind": "report", "tracking_uri": tracking_uri, "run_id": run_id, "png": png,
+            "local_id": local_id}
 
 
 def _metric_value(value: float) -> float:
@@ -178,10 +194,16 @@ def _metric_value(value: float) -> float:
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
     """The tracking URI to log to, made absolute for local stores so replays land in the same
     place from any working directory. Without one: MLflow's own default (env, or ./mlflow.db).
-    """
-    import mlflow
 
-    uri = tracking_uri if tracking_uri is not None else mlflow.get_tracking_uri()
+    MLflow is only imported when it must be asked (no URI given, none in the environment):
+    importing it takes a second or more, which the training thread should not pay at its
+    first step for a URI it already has.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None or "mlflow" in sys.modules:
+        import mlflow  # the user may have called mlflow.set_tracking_uri()
+
+        uri = tracking_uri if tracking_uri is not None else mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     elif "://" not in uri and not uri.startswith("databricks"):
@@ -189,35 +211,131 @@ def resolve_tracking_uri(tracking_uri: str | None) -> str:
     return uri
 
 
-def resolve_run(
-    client: Any,
-    *,
-    run_id: str | None,
-    active_run_id: str | None,
-    experiment_name: str | None,
-    run_name: str | None = None,
-    restored_run_id: str | None = None,
-) -> tuple[str, bool]:
-    """Which run to log into, and whether gradwatch created it.
-
-    Order: an explicit `run_id`; the run already active when training began (HF's
-    MLflowCallback opens one when `report_to` includes mlflow); the run of a checkpoint this
-    training resumed from; `MLFLOW_RUN_ID`; else a new run in `experiment_name`,
-    `MLFLOW_EXPERIMENT_NAME` or "gradwatch". (A resumed training whose framework logs into a
-    new run gets gradwatch's record in that run too.)
-    """
-    candidates = (run_id, active_run_id, restored_run_id, os.environ.get("MLFLOW_RUN_ID"))
-    for candidate in candidates:
-        if candidate:
-            client.get_run(candidate)  # fails loudly on a wrong id, before training starts
-            return candidate, False
+def run_payload(
+    *, local_id: str, tracking_uri: str | None, experiment_name: str | None,
+    run_name: str | None = None, tags: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The first record of a spool whose run is not known yet: which run to create (or find,
+    by its `gradwatch.local_id` tag) when the tracking server answers. The experiment is
+    settled now from `MLFLOW_EXPERIMENT_NAME` if need be, so a later replay from another
+    process lands in the same place."""
     name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    experiment = client.get_experiment_by_name(name)
-    experiment_id = (
-        experiment.experiment_id if experiment is not None else client.create_experiment(name)
-    )
-    run = client.create_run(experiment_id, run_name=run_name, tags={"gradwatch.created": "true"})
-    return run.info.run_id, True
+    return {"kind": "run", "tracking_uri": tracking_uri, "run_id": None, "local_id": local_id,
+            "experiment_name": name, "run_name": run_name, "tags": dict(tags or {})}
+
+
+def terminate_payload(*, run_id: str | None, local_id: str | None,
+                      tracking_uri: str | None) -> dict[str, Any]:
+    """End a run gradwatch created (FINISHED), after every record before it."""
+    return {"kind": "terminate", "tracking_uri": tracking_uri, "run_id": run_id,
+            "local_id": local_id}
+
+
+def new_local_id() -> str:
+    """A spool key for a run that is not known yet (`local-` + 32 hex digits)."""
+    return "local-" + uuid.uuid4().hex
+
+
+#: In a spool keyed by a local id: the run that id became (written once it is known).
+RUN_FILE = "run.json"
+
+
+class Deliverer:
+    """The spool's `deliver`: one MLflow client per tracking URI, and the run of a local id.
+
+    A spool opened before its run was known (the tracking server was down at train start) holds
+    a "run" record first; delivering it finds the run tagged `gradwatch.local_id=<id>` or
+    creates it (so a crash after the creation, or another process replaying the spool, never
+    creates a second one; the spool's lock keeps two processes off one spool), and writes the
+    answer to `<spool>/run.json`, from which the records behind it — and any later replay — take
+    their run id. `on_run(run_id)` is told when a local id gets its run.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None, *,
+                 on_run: Any = None, clients: dict[str, Any] | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.on_run = on_run
+        self.clients: dict[str, Any] = clients if clients is not None else {}
+        self.runs: dict[str, str] = {}
+        if self.directory is not None and (self.directory / RUN_FILE).is_file():
+            try:
+                known = json.loads((self.directory / RUN_FILE).read_text(encoding="utf-8"))
+                self.runs[str(known["local_id"])] = str(known["run_id"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable: the "run" record (still in the journal) is found again
+
+    def client(self, payload: Mapping[str, Any]) -> Any:
+        from mlflow import MlflowClient
+
+        uri = payload.get("tracking_uri")
+        key = str(uri)
+        if key not in self.clients:
+            self.clients[key] = MlflowClient(tracking_uri=uri)
+        return self.clients[key]
+
+    def __call__(self, payload: Mapping[str, Any]) -> None:
+        from gradwatch._spool import RejectedRecord
+
+        local_id = payload.get("local_id")
+        if payload.get("kind") == "run":
+            self._resolve(payload)
+            return
+        if payload.get("run_id") is None and local_id is not None:
+            run_id = self.runs.get(str(local_id))
+            if run_id is None:
+                raise RejectedRecord(f"the run of {local_id} was never created (its 'run' "
+                                     f"record was refused; see rejected.jsonl)")
+            payload = {**payload, "run_id": run_id}
+        if payload.get("kind") == "terminate":
+            self.client(payload).set_terminated(payload["run_id"])
+            return
+        deliver_payload(payload, self.client(payload))
+
+    def _resolve(self, payload: Mapping[str, Any]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        from gradwatch._spool import RejectedRecord
+
+        local_id = str(payload["local_id"])
+        if local_id in self.runs:
+            return
+        client = self.client(payload)
+        name = str(payload["experiment_name"])
+        try:
+            experiment = client.get_experiment_by_name(name)
+            experiment_id = (experiment.experiment_id if experiment is not None
+                             else client.create_experiment(name))
+            found = client.search_runs([experiment_id],
+                                       filter_string=f"tags.`gradwatch.local_id` = '{local_id}'",
+                                       max_results=1)
+            if found:
+                run_id = found[0].info.run_id
+            else:
+                tags = {**payload.get("tags", {}), "gradwatch.created": "true",
+                        "gradwatch.local_id": local_id}
+                run_id = client.create_run(experiment_id, run_name=payload.get("run_name"),
+                                           tags=tags).info.run_id
+        except MlflowException as exc:
+            if getattr(exc, "error_code", None) in PERMANENT_ERRORS:
+                raise RejectedRecord(f"MLflow refused the run: {exc.error_code}: "
+                                     f"{exc.message}") from exc
+            raise
+        self.runs[local_id] = run_id
+        if self.directory is not None:
+            _write_atomically(self.directory / RUN_FILE, json.dumps(
+                {"local_id": local_id, "run_id": run_id,
+                 "tracking_uri": payload.get("tracking_uri")}))
+        if self.on_run is not None:
+            self.on_run(run_id)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 def deliver_payload(payload: Mapping[str, Any], client: Any | None = None) -> None:

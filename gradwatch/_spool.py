@@ -161,8 +161,9 @@ class Spool:
         self._clock = clock
         self._stop = threading.Event()
         self._wake = threading.Event()
-        # `sleep` waits between retries; by default a wait that `close` interrupts.
-        self._sleep = sleep if sleep is not None else self._stop.wait
+        self._interrupt = threading.Event()  # set by close() and drain(): retry now
+        # `sleep` waits between retries; by default a wait that `close`/`drain` interrupt.
+        self._sleep = sleep if sleep is not None else self._interrupt.wait
         self._backoff_initial = float(backoff_initial)
         self._backoff_max = float(backoff_max)
         self._compact_after_bytes = compact_after_bytes
@@ -174,6 +175,7 @@ class Spool:
         self._delivery_lock = threading.Lock()
         self._pending: dict[str, _Slot] = {}
         self._attempts: dict[str, int] = {}
+        self._last_error: str | None = None
         self._thread: threading.Thread | None = None
         self._closed = False  # no new work; whoever ends the last delivery closes the files
         self._released = False  # files closed, lock released
@@ -287,6 +289,32 @@ class Spool:
         with self._lock:
             return FlushResult(delivered, len(self._pending), last_error)
 
+    def drain(self, timeout: float) -> FlushResult:
+        """Wait up to `timeout` seconds for the background thread to deliver what is pending
+        (cutting its current backoff short), without delivering anything on this thread: the
+        caller waits at most `timeout`, however long one delivery takes. Without a background
+        thread, the same as `flush(timeout)`."""
+        if not (timeout >= 0 and math.isfinite(timeout)):
+            raise ConfigError(f"timeout must be a number of seconds ≥ 0, got {timeout!r}.")
+        if self._thread is None:
+            return self.flush(timeout)
+        self._check_open("drain")
+        with self._lock:
+            before = len(self._pending)
+        deadline = time.monotonic() + timeout
+        self._interrupt.set()
+        self._wake.set()
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._pending:
+                    break
+            time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+        with self._lock:
+            pending = len(self._pending)
+            error = max(self._attempts.values(), default=0)
+        return FlushResult(max(before - pending, 0), pending,
+                           self._last_error if error else None)
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the background thread, waiting up to `timeout` seconds for a delivery in
         flight, and release the spool; pending records stay on disk for the next owner.
@@ -300,6 +328,7 @@ class Spool:
             self._closed = True  # from now on, a delivery in flight releases when it ends
         self._stop.set()
         self._wake.set()
+        self._interrupt.set()
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._thread is not None:
             self._thread.join(timeout)
@@ -370,6 +399,8 @@ class Spool:
             delay = self._backoff(failures)
             self._log_failure(attempt, failures, delay)
             self._sleep(delay)
+            if not self._stop.is_set():
+                self._interrupt.clear()  # a drain() cuts one wait short, not every one
 
     def _deliver_oldest(self, timeout: float | None) -> _Attempt:
         """Deliver the oldest pending record and mark it, holding the delivery lock."""
@@ -388,6 +419,7 @@ class Spool:
             except Exception as error:
                 with self._lock:
                     self._attempts[record_id] = self._attempts.get(record_id, 0) + 1
+                    self._last_error = _describe(error)
                 return _Attempt(record_id, error)
             with self._lock:
                 mark = f"{record_id}\n".encode("ascii")

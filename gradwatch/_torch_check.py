@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from gradwatch._engine import glob_list, make_settings, run_check, select_names
 from gradwatch._exceptions import (
     ConfigError,
+    GradwatchError,
     InputError,
     LossError,
     UnsupportedModelError,
@@ -108,6 +109,17 @@ def check_module(
             f"model must be a torch.nn.Module, got {type(model).__name__}. For plain numpy "
             f"parameters use gradwatch.check(cost, params, grads)."
         )
+    if batch is None:
+        raise InputError(
+            "batch is None: check_module evaluates the loss on a batch. Pass the inputs the "
+            "model trains on (a tensor, a tuple (x, y), or a dict as a Hugging Face model "
+            "takes), e.g. check_module(model, (x, y), loss_fn)."
+        )
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(
+            f"loss_fn must be a function loss_fn(model, batch) -> scalar tensor, got "
+            f"{type(loss_fn).__name__} {loss_fn!r}. {LOSS_FN_HELP}"
+        )
     live = unwrap_model(model)
     refuse_sharded(live)
     names = select_parameters(live, include, exclude)
@@ -117,7 +129,7 @@ def check_module(
         resolved_loss = loss_fn if loss_fn is not None else default_loss
         objective = _ModuleObjective(torch, shadow, shadow_batch, resolved_loss, names, batching)
         with single_thread(torch):  # one backward on a probe batch: small ops
-            analytic = objective.analytic_gradients()
+            analytic = _first_evaluation(objective, batch, loss_fn is not None)
         probe = {
             "source": "check_module",
             "model": type(live).__name__,
@@ -146,6 +158,23 @@ def check_module(
 
 
 # ---------------------------------------------------------------------- helpers
+def _first_evaluation(objective: _ModuleObjective, batch: Any, given: bool) -> dict[str, Vector]:
+    """dθ by backprop: the first call of the user's code, so its failures are explained."""
+    try:
+        return objective.analytic_gradients()
+    except GradwatchError:
+        raise
+    except Exception as exc:
+        call = "loss_fn(model, batch)" if given else "the model's own loss"
+        raise LossError(
+            f"{call} raised {type(exc).__name__}: {exc}. gradwatch evaluates it on a float64 "
+            f"copy of the model with the batch {describe_batch(batch)} (floating tensors cast "
+            f"to float64); the batch must be what the model's forward takes (shapes, keys) and "
+            f"the loss must work in float64. Check the batch against a training step's, or "
+            f"pass probe=/batch= with the right shapes. {LOSS_FN_HELP}"
+        ) from exc
+
+
 def _require_torch() -> Any:
     try:
         import torch

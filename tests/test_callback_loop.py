@@ -187,8 +187,9 @@ def test_a_failing_check_is_recorded_and_training_goes_on() -> None:
     assert "the loss exploded on purpose" in reports[0].reasons[0]
     assert torch.equal(model[0].weight, reference[0].weight)
     strict = GradWatch(every=2, loss_fn=broken, mlflow=False, strict=True)
-    with pytest.raises(RuntimeError, match="exploded"):
+    with pytest.raises(gradwatch.LossError, match="exploded") as caught:  # explained, wrapped
         train(strict, 2)
+    assert isinstance(caught.value.__cause__, RuntimeError)
 
 
 def _scheduler_threads() -> list[threading.Thread]:
