@@ -1,6 +1,6 @@
 """Does gradwatch catch a one-row backward bug at the budget every=1000 gives it? One run.
 
-    python benchmarks/bench_detect.py            # ~7 minutes on 2 shared CPU cores
+    python benchmarks/bench_detect.py            # ~6 minutes on 2 shared CPU cores
     python benchmarks/bench_detect.py --quick    # ~1 minute: 8 checks per clean twin
     python benchmarks/bench_detect.py --failures /tmp/bench_detect_failures.txt
 
@@ -24,8 +24,10 @@ so `GradWatch(every=10, overhead=0.5)` gives each check exactly the seconds that
 `GradWatch(every=1000, overhead=0.005)` would: 0.5 x 10 = 0.005 x 1000 = 5 training steps.
 Every run here uses every=10, overhead=0.5 (first_step=True, probe_rows=8 and the rest at their
 defaults, mlflow=False, report=False), so a check sees the every=1000 budget after 10 steps.
-torch runs on `--threads` threads (default 1: on a small shared machine a second thread makes
-step times, and so budgets, swing with the neighbours' load).
+torch runs on `--threads` threads and numpy's BLAS (which gradwatch's engine uses) on
+`--blas-threads` (both default 1: on a small shared machine a second thread makes step times,
+and so budgets, swing with the neighbours' load; on such a machine numpy's default 2 BLAS
+threads were seen to make a check's fixed part ~50x slower, `--blas-threads 0` keeps them).
 
 Bugs. For each architecture a one-row x1.5 backward bug (the gradient autograd reports for row 1
 of the tensor is multiplied by 1.5; the forward is unchanged) is planted in an early, a middle
@@ -43,7 +45,7 @@ used: same loss, row 1 of the gradient x1.5, other rows unchanged. A run trains 
 first alert, or for `--after` checks (default 5) past the bug.
 
 Clean twins. Each architecture also trains without a bug for `--clean-checks` checks (default
-100, i.e. 1000 steps), counting the checks that warn, alert or error. Before its runs, each
+300, i.e. 3000 steps), counting the checks that warn, alert or error. Before its runs, each
 architecture trains through 3 checks once, unreported, so that first-call costs in the process
 (code paths, allocator) do not land on the first measured run.
 
@@ -55,6 +57,7 @@ another tensor, or warned/alerted/errored on a clean model go to `--failures`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import os
@@ -556,7 +559,7 @@ def short(name: str) -> str:
 
 
 def render(rows: Sequence[Row], after: int, plant_at: int, clean_checks: int,
-           elapsed: float) -> str:
+           elapsed: float, blas: str) -> str:
     header = ("| architecture | tensors | bug tensor | checks until alert | right tensor blamed "
               "| evaluations/check (median; alerting) | seconds/check (median; alerting) "
               "| allowed s/check | budget (median; alerting) | tensors screened/check "
@@ -619,7 +622,8 @@ def render(rows: Sequence[Row], after: int, plant_at: int, clean_checks: int,
         f"one-off); budget = report.probe['budget'] (loss evaluations; localisation may go "
         f"over it); screened = report.coverage['screened']. Clean twins: {clean_checks} checks "
         f"({clean_checks * EVERY} steps) each. torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; whole run {elapsed / 60:.1f} min.",
+        f"{torch.get_num_threads()} threads, numpy BLAS {blas} threads; whole run "
+        f"{elapsed / 60:.1f} min.",
     ]
     return "\n".join(lines)
 
@@ -628,11 +632,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer clean checks (smoke run)")
     parser.add_argument("--clean-checks", type=int, default=None,
-                        help="checks per clean twin (default 100, --quick 8)")
+                        help="checks per clean twin (default 300, --quick 8)")
     parser.add_argument("--after", type=int, default=5, help="checks after the bug, at most")
     parser.add_argument("--plant-at", type=int, default=15, help="the step after which the "
                         "bug is planted")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--blas-threads", type=int, default=1,
+                        help="numpy BLAS threads (threadpoolctl; default 1, 0: as numpy starts)")
     parser.add_argument("--only", default=None, help="comma-separated architectures")
     parser.add_argument("--failures", type=Path, default=Path("/tmp/bench_detect_failures.txt"),
                         help="where the summaries of misses and false warnings go")
@@ -640,33 +646,69 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("gradwatch").setLevel(logging.ERROR)  # alerts are expected
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # GPT-2's loss_type notice
     torch.set_num_threads(args.threads)
-    clean_checks = args.clean_checks or (8 if args.quick else 100)
+    return run_all(args)
+
+
+def blas_limit(threads: int) -> contextlib.AbstractContextManager[Any]:
+    """Limit the BLAS libraries loaded so far (numpy's OpenBLAS, which gradwatch's engine
+    uses) to `threads` threads; 0: leave them as they start."""
+    if threads <= 0:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(threads, user_api="blas")
+
+
+def numpy_blas_threads() -> str:
+    """The thread count of numpy's BLAS now (\"?\" without threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "?"
+    counts = {str(i["num_threads"]) for i in threadpool_info()
+              if i["user_api"] == "blas" and "numpy" in i["filepath"]}
+    return "/".join(sorted(counts)) or "?"
+
+
+def arch_rows(arch: Architecture, model: nn.Module, batches: list[Any],
+              args: argparse.Namespace, clean_checks: int, failures: list[str]) -> list[Row]:
+    """The three bug rows and the clean row of one architecture."""
+    tensors = sum(1 for p in model.parameters() if p.requires_grad)
+    for bug in arch.bugs:
+        verify_plant(model, bug, batches[0], arch.loss_fn)
+    progress(f"{arch.name}: warm-up run, 3 checks (not reported)")
+    train(arch, batches, max_checks=3)  # first-call costs of this model's code paths
+    rows = []
+    for bug in arch.bugs:
+        progress(f"{arch.name}: bug in {bug}")
+        row = bug_row(arch, tensors, batches, bug, args.plant_at, args.after, failures)
+        rows.append(row)
+        progress(f"{arch.name}: {bug}: alert after {row.until} check(s), blamed "
+                 f"{row.blamed or '-'}")
+    progress(f"{arch.name}: clean twin, {clean_checks} checks")
+    row = clean_row(arch, tensors, batches, clean_checks, failures)
+    rows.append(row)
+    progress(f"{arch.name}: clean: warns/alerts/errors {row.counts} over {row.checks}")
+    return rows
+
+
+def run_all(args: argparse.Namespace) -> int:
+    clean_checks = args.clean_checks or (8 if args.quick else 300)
     wanted = {n.strip().lower() for n in args.only.split(",")} if args.only else None
     started = time.perf_counter()
     rows: list[Row] = []
     failures: list[str] = []
+    blas = "?"
     for arch in ARCHITECTURES:
         if wanted is not None and arch.name.lower() not in wanted:
             continue
         batches = arch.batches(DATASET)
         model = arch.build()
-        tensors = sum(1 for p in model.parameters() if p.requires_grad)
-        for bug in arch.bugs:
-            verify_plant(model, bug, batches[0], arch.loss_fn)
-        progress(f"{arch.name}: warm-up run, 3 checks (not reported)")
-        train(arch, batches, max_checks=3)  # first-call costs of this model's code paths
-        for bug in arch.bugs:
-            progress(f"{arch.name}: bug in {bug}")
-            row = bug_row(arch, tensors, batches, bug, args.plant_at, args.after, failures)
-            rows.append(row)
-            progress(f"{arch.name}: {bug}: alert after {row.until} check(s), blamed "
-                     f"{row.blamed or '-'}")
-        progress(f"{arch.name}: clean twin, {clean_checks} checks")
-        row = clean_row(arch, tensors, batches, clean_checks, failures)
-        rows.append(row)
-        progress(f"{arch.name}: clean: warns/alerts/errors {row.counts} over {row.checks}")
+        with blas_limit(args.blas_threads):  # after the imports that load BLAS libraries
+            blas = numpy_blas_threads()
+            rows += arch_rows(arch, model, batches, args, clean_checks, failures)
     table = render(rows, args.after, args.plant_at, clean_checks,
-                   time.perf_counter() - started)
+                   time.perf_counter() - started, blas)
     args.failures.write_text("\n".join(failures) if failures else "no failures\n")
     progress(f"{len(failures)} failing check(s) summarised in {args.failures}")
     print(table)

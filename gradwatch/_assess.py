@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 
 from gradwatch._engine import Directional
 from gradwatch._numerics import (
+    dot,
     element_floor,
     element_rel_errors,
     find_kinks,
@@ -231,7 +232,7 @@ def _joint_distance(screen: JointScreen) -> tuple[float, bool]:
     d = np.array([p.discrepancy for p in screen.probes])
     a = np.array([p.analytic for p in screen.probes])
     n = np.array([p.numeric for p in screen.probes])
-    significant = any(screen.significant(float(x)) for x in d)
+    significant = screen.fired  # confirmed: a kink crossed by the joint step is not
     diff = math.sqrt(float(np.mean(d**2)))
     denominator = math.sqrt(float(np.mean(a**2))) + math.sqrt(float(np.mean(n**2)))
     if not significant:
@@ -244,9 +245,11 @@ def _joint_distance(screen: JointScreen) -> tuple[float, bool]:
 def _screen_reasons(engine: _Engine, screen: JointScreen) -> list[str]:
     count = len(screen.probes[0].steps)
     if not screen.fired:
+        kinks = (" (a discrepancy that did not halve with the step was a ReLU/max-pool kink "
+                 "crossed by the joint step, not a gradient error)" if screen.kinked else "")
         return [f"joint screen: all {count} tensors screened along {len(screen.probes)} "
                 f"directions, no discrepancy above rounding (a relative error ≥ "
-                f"{screen.resolution():.1e} in any one tensor would show)"]
+                f"{screen.resolution():.1e} in any one tensor would show){kinks}"]
     worst = max(abs(p.discrepancy) for p in screen.probes)
     reasons = [f"joint screen: a discrepancy of {worst / screen.sigma:.3g}× the rounding noise "
                f"over {count} tensors"
@@ -520,8 +523,8 @@ def _overall(
         smooth = np.concatenate([r.coords.smooth for r in results.values()])
         level = noise * math.sqrt(numeric.size)
         smooth_parts = _Parts(
-            analytic_sq=float(analytic[smooth] @ analytic[smooth]),
-            numeric_sq=float(numeric[smooth] @ numeric[smooth]),
+            analytic_sq=dot(analytic[smooth], analytic[smooth]),
+            numeric_sq=dot(numeric[smooth], numeric[smooth]),
             level_sq=level**2,
         )
 

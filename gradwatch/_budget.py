@@ -7,9 +7,10 @@ previous checks (medians of the last few, robust to a slow spell). The next chec
 
     n = (overhead · (steps since the last check) · (seconds per training step) − F) / e
 
-evaluations, clamped to [MINIMUM, MAXIMUM]. When n cannot cover every parameter tensor, the
-check covers the next tensors of a rotation and the following checks cover the rest, so a bug
-in any one layer is still found — within a few checks instead of one. The seconds per
+evaluations, clamped to [MINIMUM, MAXIMUM]. MINIMUM is what PyTorch's joint screen of every
+tensor costs (`_screen`: J twice, the noise measurement, 4 directions), so even a check at the
+floor looks at every tensor. Backends that perturb one tensor at a time (Keras, JAX) cover the
+next tensors of a rotation instead, the following checks covering the rest. The seconds per
 training step are the wall time of the loop between two checks divided by the steps between
 them (nothing is timed on the steps in between).
 """
@@ -26,7 +27,8 @@ __all__ = ["AdaptiveBudget", "Rotation"]
 
 #: First check (nothing measured yet): enough for a small model's full check.
 FIRST_BUDGET = 256
-MINIMUM = 16
+#: The joint screen's cost: 2 (J twice) + 2 (half step) + 4 directions × 2.
+MINIMUM = 12
 MAXIMUM = 2000
 #: What auto mode needs to say something useful about one large tensor: a 4-direction screen
 #: and a few coordinates.

@@ -339,7 +339,7 @@ class _Engine:
         self.direction_count += directions.shape[0]
         return Directional(
             numeric=(plus - minus) / (2 * steps),
-            analytic=(np.asarray(realised) @ tensor.analytic) / steps,
+            analytic=np.einsum("kn,n->k", np.asarray(realised), tensor.analytic) / steps,
             plus=plus,
             minus=minus,
             steps=steps,
@@ -357,17 +357,20 @@ class _Engine:
 
     @property
     def precision_lost(self) -> bool:
-        """Float64 did not hold: perturbations vanish in rounding, or the evaluations are
-        noisier than float64 allows and a module was found that loses it (or the noise leaves
-        the check without resolution)."""
+        """Float64 did not hold: perturbations vanish in rounding; or the evaluations are
+        noisier than float64 at |J| allows and a module was found that loses precision, or the
+        noise is float32-like (σ/|J| > 1e-10) and leaves the check without resolution. (Noise
+        with no such module and float64-like in size is a flat loss whose terms cancel — a
+        well-fit cross-entropy — not lost precision: the check says so and reads ok.)"""
         if self.vanished:
             return True
         screen = self.screen
         if screen is None or not screen.suspicious:
             return False
         self.diagnose()
-        return bool(self.diagnosis.get("lossy_modules") or self.diagnosis.get("escaped")) \
-            or screen.unresolved
+        if self.diagnosis.get("lossy_modules") or self.diagnosis.get("escaped"):
+            return True
+        return screen.float32_like and screen.unresolved
 
     def joint(self, perturbation: Mapping[str, Vector]) -> tuple[float, float]:
         """J(θ + δ) and J(θ − δ) with several tensors perturbed at once (`JointObjective`)."""

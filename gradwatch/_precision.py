@@ -21,6 +21,7 @@ response to a perturbation of its inputs for float64 linearity.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -108,11 +109,13 @@ def _has_float64(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
 
 
 # ---------------------------------------------------------------------- the lossy-module probe
-#: Relative size of the small and the large input perturbation of a module.
+#: Relative sizes of the input perturbations of a module: two tiny ones (a float64 module
+#: answers them in proportion, to ~u/SMALL_STEP ≈ 1e-7; a float32 path answers with 0 or with
+#: rounding jumps of 2⁻²⁴), and a large one that tells "does not move at all" from "moves
+#: below float32's resolution". Tiny steps almost never cross a ReLU/max-pool kink, whose
+#: answer is not proportional either.
 SMALL_STEP = 1e-9
 LARGE_STEP = 1e-6
-#: In float64 the two responses agree to ~SMALL_STEP⁻¹·u ≈ 1e-7 (rounding) plus ~LARGE_STEP
-#: (curvature); a float32 path answers the small step with 0 or with rounding jumps.
 LINEARITY_TOLERANCE = 1e-3
 
 
@@ -130,11 +133,12 @@ def find_lossy_modules(
     shadow: Any, run_forward: Callable[[], Any], *, generator: torch.Generator,
     limit: int = 3,
 ) -> list[LossyModule]:
-    """The innermost modules of `shadow` (in forward order) whose output responds to a 1e-9
-    relative perturbation of their θ-dependent inputs differently from what a 1e-6 one
-    predicts: float64 code is linear at that scale, a float32 path is not (its output moves in
-    2⁻²⁴ jumps or not at all). `run_forward` runs one forward of the objective (with the guard
-    on, as the check does); each module is then re-run alone on its recorded inputs."""
+    """The innermost modules of `shadow` (in forward order) whose output does not respond in
+    proportion to perturbations of 1e-9 and 2e-9 (relative) of their θ-dependent inputs, or
+    does not move at all while a 1e-6 one moves it: float64 code is linear at that scale, a
+    float32 path is not (its output moves in 2⁻²⁴ jumps or not at all). `run_forward` runs
+    one forward of the objective (with the guard on, as the check does); each module is then
+    re-run alone on its recorded inputs."""
     calls: list[tuple[str, Any, tuple[Any, ...], dict[str, Any]]] = []
     handles = []
 
@@ -176,7 +180,8 @@ def _moves(value: Any) -> bool:
 def _nonlinearity(
     module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], generator: torch.Generator
 ) -> float | None:
-    """max over outputs of ||Δ_small/SMALL − Δ_large/LARGE|| / ||Δ_large/LARGE||."""
+    """max over outputs of ||Δ(2s) − 2·Δ(s)|| / ||Δ(2s)|| at s = SMALL_STEP (∞ when neither
+    tiny step moves an output that the LARGE_STEP one moves)."""
     directions = {}
 
     def shifted(step: float) -> Any:
@@ -193,16 +198,21 @@ def _nonlinearity(
         return _float_outputs(module(*moved_args, **moved_kwargs))
 
     try:
-        base, small, large = shifted(0.0), shifted(SMALL_STEP), shifted(LARGE_STEP)
+        base, small, double, large = (shifted(0.0), shifted(SMALL_STEP),
+                                      shifted(2 * SMALL_STEP), shifted(LARGE_STEP))
     except Exception:  # a module that cannot be re-run alone says nothing either way
         return None
     worst = 0.0
-    for b, s, g in zip(base, small, large):
-        predicted = (g - b) / LARGE_STEP
-        scale = float(predicted.norm())
-        if scale == 0.0 or not torch.isfinite(predicted).all():
+    for b, s, d, g in zip(base, small, double, large):
+        one, two = s - b, d - b
+        scale = float(two.norm())
+        if not (torch.isfinite(two).all() and torch.isfinite(g).all()):
             continue
-        worst = max(worst, float(((s - b) / SMALL_STEP - predicted).norm()) / scale)
+        if scale == 0.0:
+            if float((g - b).norm()) > 0.0:
+                worst = math.inf  # moves at 1e-6, not at all at 1e-9: below its resolution
+            continue
+        worst = max(worst, float((two - 2 * one).norm()) / scale)
     return worst
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gradwatch._engine import Directional
-from gradwatch._numerics import ROUNDING, ROUNDING_SAFETY
+from gradwatch._numerics import ROUNDING, ROUNDING_SAFETY, dot
 
 if TYPE_CHECKING:
     from gradwatch._engine import _Engine, _Tensor
@@ -63,6 +63,9 @@ MAX_NORM = 1e-3
 #: (≈ 3.6e-14 |J|; float32 rounds at ~6e-8), the backend looks for the module that loses
 #: float64 (`_precision.find_lossy_modules`); a clean float64 model measures ≈ 1×.
 PRECISION_MARGIN = 10.0
+#: Relative noise of one evaluation that only a lower precision explains (float64 rounds at
+#: 1.1e-16; its intermediates would have to cancel 10⁶-fold to reach this).
+FLOAT32_NOISE = 1e-10
 #: Noise above RESCALE × the assumed δJ: the steps are sized again for the measured noise.
 RESCALE = 4.0
 #: A check whose typical tensor cannot be resolved to this relative error cannot judge.
@@ -102,7 +105,10 @@ class JointScreen:
     fired: bool = False
     culprits: list[str] = field(default_factory=list)
     localise_spent: int = 0
+    kinked: bool = False  # the noise direction crossed a kink
     _limit: int = 0
+    _floor: float = 0.0  # the model-free bound (or J's repeat difference)
+    _resolutions: dict[str, float] | None = None
     spread: list[str] = field(default_factory=list)  # could not be localised further
     regions: dict[str, NDArray[np.int64]] = field(default_factory=dict)
 
@@ -114,13 +120,15 @@ class JointScreen:
 
     def resolutions(self) -> dict[str, float]:
         """Per tensor, the relative error r_t the screen sees: SIGNIFICANCE·σ_d = 2·r_t·s_t·||dθ_t||
-        (≈ SIGNIFICANCE / (2·SIGNAL) where the step is not capped)."""
-        steps = self.probes[0].steps if self.probes else {}
-        result = {}
-        for name, step in steps.items():
-            signal = 2 * step * float(np.linalg.norm(self.engine.tensors[name].analytic))
-            result[name] = SIGNIFICANCE * self.sigma / signal if signal > 0 else math.inf
-        return result
+        (≈ SIGNIFICANCE / (2·SIGNAL) where the step is not capped). Computed once."""
+        if self._resolutions is None:
+            steps = self.probes[0].steps if self.probes else {}
+            result = {}
+            for name, step in steps.items():
+                signal = 2 * step * float(np.linalg.norm(self.engine.tensors[name].analytic))
+                result[name] = SIGNIFICANCE * self.sigma / signal if signal > 0 else math.inf
+            self._resolutions = result
+        return self._resolutions
 
     def resolution(self) -> float:
         """The median of `resolutions`: the relative error of a typical tensor the screen sees
@@ -178,7 +186,7 @@ class JointScreen:
                 signs = np.where(masks[name], signs, 0.0)
             delta = signs * step
             perturbation[name] = delta
-            analytic += float(tensor.analytic @ delta)
+            analytic += dot(tensor.analytic, delta)
         plus, minus = engine.joint(perturbation)
         return JointProbe(key, dict(steps), numeric=(plus - minus) / 2, analytic=analytic,
                           second=plus + minus - 2 * engine.loss)
@@ -188,34 +196,75 @@ class JointScreen:
         engine = self.engine
         self.bound = ROUNDING_SAFETY * ROUNDING * abs(engine.loss)
         self.delta_j = max(self.bound, abs(engine.loss - engine.loss_repeat), 1e-300)
+        self._floor = self.delta_j
         steps = self.step_sizes(values)
-        first = self._measure_noise(steps)
+        first = self._noise(0, steps)
+        if self.sigma > RESCALE * self.delta_j and engine.remaining >= 4:
+            # One noisy direction may have crossed a ReLU/max-pool kink; rounding shows in
+            # every direction, a kink in few: the quieter of two measurements is kept.
+            first = min((first, self._noise(1, steps)),
+                        key=lambda item: math.hypot(item[1], item[2]))
+            self._keep(first)
         if self.sigma > RESCALE * self.delta_j and engine.remaining >= 4:
             # Rounds worse than float64 at |J| (large terms cancelling, or float32 somewhere):
             # steps sized for the measured noise keep the resolution where they can, and the
             # noise is measured again at those steps.
             self.delta_j = self.sigma
-            first = self._measure_noise(self.step_sizes(values))
-        self.probes = [first]
+            first = self._noise(0, self.step_sizes(values))
+        self.probes = [first[0]]
         for key in range(1, directions):
             if engine.remaining < 2:
                 break
-            self.probes.append(self.evaluate(key, first.steps))
+            self.probes.append(self.evaluate(key + 1, first[0].steps))
         if directions > 1:
             engine.strategy.append(
-                f"joint screen {len(self.probes)} directions × {len(first.steps)} tensors"
+                f"joint screen {len(self.probes)} directions × {len(first[0].steps)} tensors"
             )
         self.fired = any(self.significant(p.discrepancy) for p in self.probes)
+        if self.fired and directions > 1:
+            self.fired = self._confirm()
 
-    def _measure_noise(self, steps: dict[str, float]) -> JointProbe:
-        """Direction 0 at `steps` and at half of them: rounding and truncation of d."""
-        first = self.evaluate(0, steps)
-        half = self.evaluate(0, {n: s / 2 for n, s in steps.items()})
-        # rounding only: 4·D(s/2) − D(s) (the curvature cancels), std ≈ √70·δJ
-        self.delta_j = max(self.delta_j, abs(4 * half.second - first.second) / math.sqrt(70.0))
-        # n(s) − 2·n(s/2) = ¾ of n(s)'s truncation error (plus rounding)
-        self.truncation = abs(first.numeric - 2 * half.numeric) * 4 / 3
-        return first
+    def _noise(self, key: int, steps: dict[str, float]) -> tuple[JointProbe, float, float]:
+        """Direction `key` at `steps` and at half of them: the probe, the rounding of one
+        evaluation and the truncation of d (see the module docstring); kept as the screen's
+        noise at once (`_keep`)."""
+        first = self.evaluate(key, steps)
+        half = self.evaluate(key, {n: s / 2 for n, s in steps.items()})
+        if _kink_shaped(first.second, half.second, self.delta_j):
+            # D(s) ∝ s, not s²: the direction crossed a kink, which says nothing about
+            # rounding; the screen's kink logic deals with the crossing.
+            self.kinked = True
+            measured = (first, self._floor, 0.0)
+        else:
+            # rounding only: 4·D(s/2) − D(s) (the curvature cancels), std ≈ √70·δJ;
+            # n(s) − 2·n(s/2) = ¾ of n(s)'s truncation error (plus rounding)
+            measured = (first, max(self._floor, abs(4 * half.second - first.second)
+                                   / math.sqrt(70.0)),
+                        abs(first.numeric - 2 * half.numeric) * 4 / 3)
+        self._keep(measured)
+        return measured
+
+    def _keep(self, measured: tuple[JointProbe, float, float]) -> None:
+        _, rounding, truncation = measured
+        self.delta_j, self.truncation = rounding, truncation
+        self._resolutions = None
+
+    def _confirm(self) -> bool:
+        """Is the largest discrepancy a bug's? A wrong gradient makes d exactly linear in the
+        step (d = s·eᵀv), so at half the step it halves; a ReLU/max-pool kink crossed by the
+        joint step does not (at half the step it is crossed differently, or not at all).
+        2 evaluations, only when the screen fires."""
+        probe = max(self.probes, key=lambda p: abs(p.discrepancy)
+                    if math.isfinite(p.discrepancy) else math.inf)
+        if not math.isfinite(probe.discrepancy):
+            return True
+        half = self.evaluate(probe.key, {n: s / 2 for n, s in probe.steps.items()})
+        expected = probe.discrepancy / 2
+        linear = abs(half.discrepancy - expected) <= 0.25 * abs(expected) + \
+            SIGNIFICANCE * self.sigma
+        if not linear:
+            self.kinked = True
+        return linear
 
     @property
     def suspicious(self) -> bool:
@@ -227,6 +276,12 @@ class JointScreen:
     def unresolved(self) -> bool:
         """A typical tensor cannot be resolved to a relative error of RESOLUTION_LIMIT."""
         return self.resolution() > RESOLUTION_LIMIT
+
+    @property
+    def float32_like(self) -> bool:
+        """Noisier than float64 can be at |J| even with its terms cancelling a millionfold:
+        σ_d / |J| > FLOAT32_NOISE (float32 rounds at 6e-8)."""
+        return self.sigma > FLOAT32_NOISE * abs(self.engine.loss)
 
     # ------------------------------------------------------------------ localisation
     def localise(self) -> None:
@@ -334,3 +389,11 @@ class JointScreen:
         probe = self.evaluate(2000, {name: large})
         scale = abs(probe.numeric) + abs(probe.analytic)
         return scale > 0 and abs(probe.discrepancy) <= 1e-2 * scale
+
+
+def _kink_shaped(second: float, half: float, bound: float) -> bool:
+    """D(s) ≈ 2·D(s/2), far above rounding: the second difference grows like s (a kink crossed
+    between θ − s·v and θ + s·v), not like s² (smooth) nor at random (rounding)."""
+    if not (abs(second) > 100 * bound and math.isfinite(second) and math.isfinite(half)):
+        return False
+    return second * half > 0 and abs(second - 2 * half) <= 0.25 * abs(second)

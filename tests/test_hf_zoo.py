@@ -1,7 +1,7 @@
 """Verdicts on real Hugging Face architectures (tests/hf_zoo.py: 15 models built from configs,
 batches padded by the real collators, each model's own loss).
 
-With the per-check budget GradWatch's adaptive budget gives at every=1000 (its floor, 16
+With the per-check budget GradWatch's adaptive budget gives at every=1000 (its floor, 12
 evaluations): a clean model reads "ok" after a real check of every tensor (float64 verified,
 joint screen with a resolution under the warn threshold); a one-row ×1.5 backward bug in an
 attention or MLP weight reads "alert" blamed on that tensor and row; a module that computes in
@@ -19,6 +19,7 @@ import torch
 
 import gradwatch
 from gradwatch import GradWatch
+from gradwatch._budget import MINIMUM
 from tests.mlflow_server import MlflowServer
 
 pytest.importorskip("transformers")
@@ -26,7 +27,7 @@ pytest.importorskip("transformers")
 from tests.hf_zoo import ZOO, plant_float32_op, plant_row_bug
 
 #: The adaptive budget's floor: what a check of these models gets at every=1000.
-BUDGET = 16
+BUDGET = MINIMUM
 NAMES = sorted(ZOO)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch import GradWatch
+from gradwatch._budget import MINIMUM
 from tests.mlflow_server import MlflowServer
 from tests.torch_models import BuggyLinear, BugKind, seeded
 
@@ -301,7 +302,7 @@ def test_resuming_from_a_checkpoint_keeps_the_schedule_and_the_budget(tmp_path: 
     assert [r.probe["step"] for r in watch_callback.reports] == [6, 8]
     names = [name for name, _ in tiny_module().named_parameters()]
     for report in watch_callback.reports:
-        assert report.probe["budget"] == 16  # the floor
+        assert report.probe["budget"] == MINIMUM  # the adaptive budget's floor
         assert report.coverage["screened"] == len(names) == len(report.layers)
 
 
