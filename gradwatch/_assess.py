@@ -4,8 +4,10 @@ Per tensor, the distance comes from the best evidence available:
   all coordinates checked  → exact: ||n − a|| / (||n|| + ||a||)
   sketch directions        → estimated: E[(vᵀ(n − a))²] = ||n − a||² for ±1 directions v
   some coordinates         → the same formula on the checked coordinates (estimated)
-Every distance is floor-protected (`rel_distance(..., floor)`), which changes nothing unless
-both gradients are at the rounding-noise level. Kinks are counted and left out of verdicts.
+Every distance is judged by `_numerics.judged_distance`: the textbook formula when the
+discrepancy is significant, floor-protected (under warn/10) when rounding can explain it. With
+the joint screen (`_screen`) the overall distance comes from the joint directions. Kinks are
+counted and left out of verdicts; a check whose float64 was lost is "error".
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gradwatch._numerics import (
     element_rel_errors,
     find_kinks,
     judged_distance,
+    norm,
 )
 from gradwatch._report import (
     CheckReport,
@@ -376,8 +379,8 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
 
     def judged(mask: NDArray[np.bool_]) -> float:
         a, n = coords.analytic[mask], coords.numeric[mask]
-        return judged_distance(float(np.linalg.norm(n)), float(np.linalg.norm(a)),
-                               float(np.linalg.norm(n - a)),
+        return judged_distance(norm(n), norm(a),
+                               norm(n - a),
                                noise * math.sqrt(int(mask.sum())), warn)
     sketch = Directional.join(tensor.sketches) if tensor.sketches else None
     n_directions = 0 if sketch is None else int(sketch.numeric.size)
@@ -479,7 +482,7 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
         shape=tensor.shape,
         screened=screened,
         excluded=tensor.n_excluded,
-        grad_norm=float(np.linalg.norm(tensor.analytic)),
+        grad_norm=norm(tensor.analytic),
         noise_floor=math.sqrt(smooth_parts.level_sq),
         notes=notes,
     )
@@ -530,8 +533,8 @@ def _overall(
 
         def judged(mask: NDArray[np.bool_]) -> float:
             n, a = numeric[mask], analytic[mask]
-            return judged_distance(float(np.linalg.norm(n)), float(np.linalg.norm(a)),
-                                   float(np.linalg.norm(n - a)), level, warn)
+            return judged_distance(norm(n), norm(a),
+                                   norm(n - a), level, warn)
 
         return judged(np.ones_like(smooth)), judged(smooth), smooth_parts
     total, smooth_total = _Parts(), _Parts()

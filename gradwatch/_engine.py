@@ -75,12 +75,15 @@ class Objective(Protocol):
 class JointObjective(Objective, Protocol):
     """A backend that can perturb several tensors at once (the joint screen of auto mode).
 
-    `joint_losses({name: flat delta})` returns J(θ + δ) and J(θ − δ); `scales()` the RMS value
+    `joint_losses({name: (signs, step)})` returns J(θ + δ) and J(θ − δ) for δ = step·signs
+    (flat, per tensor); `scales()` the RMS value
     of each tensor (step caps); `by_design()` the elements to leave out of the check, with the
     reason, e.g. {"emb.weight": (indices, "padding_idx row 0 of nn.Embedding 'emb'")}.
     """
 
-    def joint_losses(self, perturbation: Mapping[str, Vector]) -> tuple[float, float]: ...
+    def joint_losses(
+        self, perturbation: Mapping[str, tuple[Vector, float]]
+    ) -> tuple[float, float]: ...
 
     def scales(self) -> dict[str, float]: ...
 
@@ -372,7 +375,7 @@ class _Engine:
             return True
         return screen.float32_like and screen.unresolved
 
-    def joint(self, perturbation: Mapping[str, Vector]) -> tuple[float, float]:
+    def joint(self, perturbation: Mapping[str, tuple[Vector, float]]) -> tuple[float, float]:
         """J(θ + δ) and J(θ − δ) with several tensors perturbed at once (`JointObjective`)."""
         started = time.perf_counter()
         plus, minus = self.objective.joint_losses(perturbation)  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ __all__ = [
     "find_kinks",
     "judged_distance",
     "noise_per_element",
+    "norm",
     "rel_distance",
 ]
 
@@ -55,6 +56,12 @@ def rel_distance(numeric: Vector, analytic: Vector, floor: float = 0.0) -> float
     if denominator == 0.0:
         return 0.0 if numerator == 0.0 else math.inf
     return numerator / denominator
+
+
+def norm(a: Vector) -> float:
+    """||a||₂ of a float64 vector, without BLAS (see `dot`; numpy's norm calls ddot)."""
+    flat = np.ravel(a)
+    return math.sqrt(float(np.einsum("i,i->", flat, flat)))
 
 
 def dot(a: Vector, b: Vector) -> float:

@@ -39,7 +39,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gradwatch._engine import Directional
-from gradwatch._numerics import ROUNDING, ROUNDING_SAFETY, dot
+from gradwatch._numerics import ROUNDING, ROUNDING_SAFETY, dot, norm
 
 if TYPE_CHECKING:
     from gradwatch._engine import _Engine, _Tensor
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["JointProbe", "JointScreen"]
 
 Vector = NDArray[np.float64]
+
+_SIGNS = np.array([-1.0, 1.0])
 
 #: Directions of the joint screen (a bug is missed only if every one of them is unlucky).
 SCREEN_DIRECTIONS = 4
@@ -109,6 +111,7 @@ class JointScreen:
     _limit: int = 0
     _floor: float = 0.0  # the model-free bound (or J's repeat difference)
     _resolutions: dict[str, float] | None = None
+    _signs: dict[tuple[int, str], Vector] = field(default_factory=dict)
     spread: list[str] = field(default_factory=list)  # could not be localised further
     regions: dict[str, NDArray[np.int64]] = field(default_factory=dict)
 
@@ -125,7 +128,7 @@ class JointScreen:
             steps = self.probes[0].steps if self.probes else {}
             result = {}
             for name, step in steps.items():
-                signal = 2 * step * float(np.linalg.norm(self.engine.tensors[name].analytic))
+                signal = 2 * step * norm(self.engine.tensors[name].analytic)
                 result[name] = SIGNIFICANCE * self.sigma / signal if signal > 0 else math.inf
             self._resolutions = result
         return self._resolutions
@@ -143,15 +146,18 @@ class JointScreen:
     def signs(self, key: int, tensor: _Tensor) -> Vector:
         """The ±1 vector of direction `key` over `tensor` (0 on by-design exclusions),
         regenerated identically whenever it is asked for (group testing restricts it)."""
+        cached = self._signs.get((key, tensor.name))
+        if cached is not None:
+            return cached
         index = list(self.engine.tensors).index(tensor.name)
         rng = np.random.default_rng([self.engine.settings.seed, key, index])
         bits = np.unpackbits(np.frombuffer(rng.bytes(-(-tensor.numel // 8)), dtype=np.uint8),
                              count=tensor.numel)
-        signs = bits.astype(np.float64)
-        signs *= 2.0
-        signs -= 1.0
+        signs = _SIGNS[bits]  # one pass: bit 0 → −1, bit 1 → +1
         if tensor.excluded is not None:
             signs[tensor.excluded] = 0.0
+        if len(self._signs) < 64:  # the screen's few directions, not group testing's masks
+            self._signs[(key, tensor.name)] = signs
         return signs
 
     def _active(self) -> list[str]:
@@ -164,8 +170,8 @@ class JointScreen:
         for name in self._active():
             tensor = self.engine.tensors[name]
             cap = MAX_RELATIVE_STEP * max(values.get(name, 0.0), 1e-2)
-            norm = float(np.linalg.norm(tensor.analytic))
-            steps[name] = min(c / norm, cap) if norm > 0 and math.isfinite(norm) else cap
+            size = norm(tensor.analytic)
+            steps[name] = min(c / size, cap) if size > 0 and math.isfinite(size) else cap
         length = math.sqrt(sum(s * s * self.engine.tensors[n].numel for n, s in steps.items()))
         if length > MAX_NORM:
             steps = {n: s * MAX_NORM / length for n, s in steps.items()}
@@ -177,16 +183,15 @@ class JointScreen:
         """J(θ ± δ) for direction `key` over the tensors in `steps` (optionally only some of
         a tensor's elements: those where `masks[name]` is True)."""
         engine = self.engine
-        perturbation: dict[str, Vector] = {}
+        perturbation: dict[str, tuple[Vector, float]] = {}
         analytic = 0.0
         for name, step in steps.items():
             tensor = engine.tensors[name]
             signs = self.signs(key, tensor)
             if masks is not None and name in masks:
                 signs = np.where(masks[name], signs, 0.0)
-            delta = signs * step
-            perturbation[name] = delta
-            analytic += dot(tensor.analytic, delta)
+            perturbation[name] = (signs, step)
+            analytic += step * dot(tensor.analytic, signs)
         plus, minus = engine.joint(perturbation)
         return JointProbe(key, dict(steps), numeric=(plus - minus) / 2, analytic=analytic,
                           second=plus + minus - 2 * engine.loss)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -677,8 +678,10 @@ class _ModuleObjective:
         return result[:half], result[half:-1]
 
     # -------------------------------------------------------------- joint screen
-    def joint_losses(self, perturbation: Mapping[str, Vector]) -> tuple[float, float]:
-        """J(θ + δ), J(θ − δ) with every tensor in `perturbation` moved at once."""
+    def joint_losses(
+        self, perturbation: Mapping[str, tuple[Vector, float]]
+    ) -> tuple[float, float]:
+        """J(θ + δ), J(θ − δ) with every tensor moved at once by step · signs."""
         torch = self.torch
         if self.originals is None:
             self.originals = {n: p.data.clone() for n, p in self.parameters.items()
@@ -686,14 +689,16 @@ class _ModuleObjective:
         moved = []
         try:
             deltas = {}
-            for name, delta in perturbation.items():
+            for name, (signs, step) in perturbation.items():
                 parameter = self.parameters[name]
-                deltas[name] = torch.as_tensor(delta, dtype=parameter.dtype,
-                                               device=parameter.device).view(parameter.shape)
+                deltas[name] = (torch.as_tensor(signs, dtype=parameter.dtype,
+                                                device=parameter.device).view(parameter.shape),
+                                float(step))
             values = []
             for sign in (1.0, -1.0):
-                for name, delta in deltas.items():
-                    torch.add(self.originals[name], delta, alpha=sign,
+                for name, (signs_t, step) in deltas.items():
+                    # θ ± s·v, rounded once (s·(±1) is exact)
+                    torch.add(self.originals[name], signs_t, alpha=sign * step,
                               out=self.parameters[name].data)
                     moved.append(name)
                 values.append(self.loss())
@@ -704,8 +709,9 @@ class _ModuleObjective:
 
     def scales(self) -> dict[str, float]:
         """RMS value of each checked tensor (caps the joint screen's steps)."""
-        return {name: float(self.parameters[name].detach().double().pow(2).mean().sqrt())
-                for name in self.names}
+        torch = self.torch
+        return {name: float(torch.linalg.vector_norm(self.parameters[name].detach()))
+                / math.sqrt(max(self.parameters[name].numel(), 1)) for name in self.names}
 
     def by_design(self) -> dict[str, tuple[NDArray[np.int64], str]]:
         """Elements autograd leaves without gradient on purpose: an nn.Embedding's
