@@ -77,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradwatch import CheckReport, GradWatch
 from gradwatch._budget import MINIMUM
-from tests.hf_zoo import plant_row_bug
+from tests.hf_zoo import RowBugFn, plant_row_bug
 
 EVERY = 10
 OVERHEAD = 0.5  # x EVERY = 5 training steps per check: what overhead=0.005 gives every=1000
@@ -310,28 +310,6 @@ ARCHITECTURES = (
 
 
 # ------------------------------------------------------------------ planting bugs
-class RowBugFn(torch.autograd.Function):
-    """Identity forward; the backward multiplies row `row` (dim 0) of the gradient by `factor`
-    (the same function as `tests/hf_zoo._RowBugFn`)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(weight: Tensor, row: int, factor: float) -> Tensor:
-        return weight.view_as(weight)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        _weight, ctx.row, ctx.factor = inputs
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> tuple[Tensor, None, None]:
-        (grad,) = grads
-        scale = torch.ones(grad.shape[0], dtype=grad.dtype, device=grad.device)
-        scale[ctx.row] = ctx.factor
-        return grad * scale.view(-1, *([1] * (grad.dim() - 1))), None, None
-
-
 _RNN_BUGS = "_bench_rnn_row_bugs"
 _RNN_CLASSES: dict[type[nn.RNNBase], type[nn.RNNBase]] = {}
 

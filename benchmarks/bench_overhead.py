@@ -12,8 +12,8 @@ script with MLflow logging would have it, so what is measured is the cost of the
 their record, not of creating a tracking store.
 
 Table 2 plants a backward bug in one layer at a time and reports after how many checks the
-default settings alert: the adaptive budget rotates through the tensors, so a bug in any one
-layer is still caught, a few checks later when a single check cannot cover everything.
+default settings alert: every check screens every tensor jointly (auto mode's joint screen),
+so a bug in any one layer is caught at the first check after it appears.
 """
 
 from __future__ import annotations

@@ -83,6 +83,7 @@ __all__ = [
     "ZOO",
     "AttnImplementation",
     "Kind",
+    "RowBugFn",
     "ZooEntry",
     "make_zoo",
     "plant_float32_op",
@@ -125,7 +126,7 @@ class ZooEntry:
 
 
 # ------------------------------------------------------------------ planted faults
-class _RowBugFn(torch.autograd.Function):
+class RowBugFn(torch.autograd.Function):
     """Identity forward; the backward multiplies row `row` (dim 0) of the gradient by `factor`."""
 
     generate_vmap_rule = True
@@ -177,7 +178,7 @@ _FLOAT32_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 
 
 def _row_bug_class(base: type[nn.Module]) -> type[nn.Module]:
-    """A subclass of `base` whose bugged parameters come back through `_RowBugFn` when read."""
+    """A subclass of `base` whose bugged parameters come back through `RowBugFn` when read."""
     if issubclass(base, tuple(_ROW_BUG_CLASSES.values())):  # already reads through the bug table
         return base
     cls = _ROW_BUG_CLASSES.get(base)
@@ -189,7 +190,7 @@ def _row_bug_class(base: type[nn.Module]) -> type[nn.Module]:
             bugs = self.__dict__.get(_ROW_BUG_ATTR)
             if bugs and name in bugs and isinstance(value, Tensor):
                 row, factor = bugs[name]
-                return _RowBugFn.apply(value, row, factor)
+                return RowBugFn.apply(value, row, factor)
             return value
 
         # Same name as the base class: the bug sits in "the model's code", not in a visible wrapper.
@@ -240,7 +241,7 @@ def plant_row_bug(model: nn.Module, param_name: str, row: int = 1, factor: float
     """Make backprop report row `row` of `param_name`'s gradient multiplied by `factor`.
 
     The owning module's class is swapped for a cached subclass of it (same class name) whose
-    `__getattr__` hands out the parameter through `_RowBugFn`: an identity view forward (the loss
+    `__getattr__` hands out the parameter through `RowBugFn`: an identity view forward (the loss
     is bit-identical), a backward that scales one row (dim 0). The parameter itself, its name in
     `named_parameters()` and the state dict are unchanged; `copy.deepcopy` and `.double()` keep the
     bug, and `torch.func.functional_call`/`vmap` run through it. Several bugs may be planted, also

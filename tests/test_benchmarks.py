@@ -31,3 +31,18 @@ def test_quick_engine_benchmark_runs_and_catches_its_planted_bugs(tmp_path: Path
     assert clean["verdict"] == "ok" and bug["verdict"] == "alert"
     assert clean["evaluations"] <= 2000 and bug["evaluations"] <= 2000
     assert "[17," in result.stdout.split("row bug (row 17 of 2.weight)")[1].splitlines()[0]
+
+
+def test_quick_detection_benchmark_catches_every_planted_bug_at_the_first_check() -> None:
+    """bench_detect's smoke run on the two quickest architectures (the full run's table is in
+    the README): every planted one-row bug alerts at the first check after it, on its tensor,
+    and the clean twins neither warn nor alert."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_detect.py", "--quick", "--only", "cnn,lstm"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = result.stdout.split("Summary: ")[1].splitlines()[0]
+    assert summary.startswith("6/6 bugs (100%) alert at the first check"), summary
+    assert "6/6 (100%) blame the right tensor" in summary
+    assert "0 warns, 0 alerts, 0 errors" in summary
