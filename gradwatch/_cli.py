@@ -14,7 +14,9 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +30,30 @@ EXIT_OK, EXIT_ALERT, EXIT_ERROR = 0, 1, 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 ok, 1 alert (a verdict), 2 anything else: a usage error, a check that could not
+    run, an exception (one line on stderr; the traceback too with --debug)."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
     except GradwatchError as exc:
-        print(f"gradwatch: {exc}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        print(f"gradwatch: {_without_prefix(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("gradwatch: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # never exit 1 (the "alert" code) over a crash
+        if args.debug:
+            traceback.print_exc()
+        print(f"gradwatch: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _without_prefix(message: str) -> str:
+    return message[len("gradwatch: "):] if message.startswith("gradwatch: ") else message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="gradwatch", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
+    parser.add_argument("--debug", "-v", action="store_true",
+                        help="print the traceback of an error, not just its one-line message")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a small PyTorch model with GradWatch attached")
@@ -180,6 +201,12 @@ def _load_factory(target: str) -> Any:
         raise InputError(f"expected MODULE:FACTORY (e.g. mypkg.models:make), got {target!r}.")
     module_name, _, attribute = target.rpartition(":")
     path = Path(module_name)
+    if module_name.endswith(".py") and not path.is_file():
+        raise InputError(
+            f"no such file: {module_name!r} (from {target!r}). Give the path of the Python file "
+            f"that defines {attribute}(), e.g. path/to/model.py:{attribute}, or a module "
+            f"importable from here (mypkg.models:{attribute})."
+        )
     if module_name.endswith(".py") or path.exists():
         spec = importlib.util.spec_from_file_location(path.stem, path)
         if spec is None or spec.loader is None:
@@ -191,7 +218,11 @@ def _load_factory(target: str) -> Any:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise InputError(f"cannot import module {module_name!r}: {exc}") from exc
+            raise InputError(
+                f"cannot import module {module_name!r}: {exc}. The current directory is on the "
+                f"path; for a module elsewhere set PYTHONPATH, or name the file itself: "
+                f"path/to/{module_name.replace('.', '/')}.py:{attribute}."
+            ) from exc
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise InputError(f"{module_name!r} has no callable {attribute!r}.")
@@ -199,8 +230,16 @@ def _load_factory(target: str) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from gradwatch._exceptions import LossError
     from gradwatch._torch_check import check_module
 
+    output = Path(args.json) if args.json else None
+    if output is not None and not (output.parent.is_dir() and os.access(output.parent, os.W_OK)):
+        # before the check, not after it: a bad path must not cost a whole check
+        raise InputError(
+            f"--json {args.json}: the folder {str(output.parent)!r} does not exist or is not "
+            f"writable. Create it, or give a path in a folder that exists."
+        )
     made = _load_factory(args.target)()
     if isinstance(made, dict):
         model, batch, loss_fn = made["model"], made["batch"], made.get("loss_fn")
@@ -211,11 +250,19 @@ def _check(args: argparse.Namespace) -> int:
             f"{args.target} must return (model, batch), (model, batch, loss_fn) or a dict "
             f"with those keys; got {type(made).__name__}."
         )
-    report = check_module(model, batch, loss_fn, mode=args.mode, budget=args.budget,
-                          eps=args.eps, seed=args.seed)
+    try:
+        report = check_module(model, batch, loss_fn, mode=args.mode, budget=args.budget,
+                              eps=args.eps, seed=args.seed)
+    except LossError as exc:
+        if loss_fn is not None:
+            raise
+        raise InputError(
+            f"{exc} From the command line: return (model, batch, loss_fn) from "
+            f"{args.target}, with loss_fn(model, batch) -> scalar loss tensor."
+        ) from exc
     print(report.summary())
-    if args.json:
-        Path(args.json).write_text(report.model_dump_json(indent=2))
+    if output is not None:
+        output.write_text(report.model_dump_json(indent=2))
     if report.verdict == "alert":
         return EXIT_ALERT
     return EXIT_ERROR if report.verdict == "error" else EXIT_OK

@@ -365,7 +365,7 @@ def default_loss(model: Any, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return loss_of_output(_call_model(model, batch, star=1), "model(*batch)")
     raise LossError(
-        f"gradwatch cannot tell how to compute a loss from a batch of type "
+        f"cannot tell how to compute a loss from a batch of type "
         f"{type(batch).__name__} without loss_fn (dict batches call model(**batch), tuples "
         f"model(*batch)). {LOSS_FN_HELP}"
     )

@@ -47,6 +47,12 @@ FACTORY = textwrap.dedent('''
 
     def buggy():
         return {"model": Model(True), "batch": torch.randn(5, 4), "loss_fn": loss}
+
+    def no_loss():
+        return Model(False), torch.randn(5, 4)
+
+    def crashes():
+        raise RuntimeError("the factory itself fails")
 ''')
 
 
@@ -71,6 +77,31 @@ def test_check_exits_zero_when_clean_and_one_on_alert(tmp_path: Path) -> None:
     assert report.layers["w"].rel_distance == pytest.approx(1 / 3, rel=1e-6)
     missing = gradwatch_cli("check", "factories:nothing", cwd=tmp_path)
     assert missing.returncode == 2 and "has no callable 'nothing'" in missing.stderr
+
+
+@pytest.mark.parametrize("case", ["json folder", "missing file", "no module", "no loss",
+                                  "crash"])
+def test_check_misuse_exits_two_with_one_line_and_no_traceback(tmp_path: Path,
+                                                               case: str) -> None:
+    """Exit 1 means "alert" to CI: a misuse must never exit 1, nor print a traceback."""
+    (tmp_path / "factories.py").write_text(FACTORY)
+    arguments, expected = {
+        "json folder": (["factories:clean", "--json", "/no/such/dir/x.json"],
+                        "does not exist or is not writable"),
+        "missing file": (["/missing/model.py:make"], "no such file: '/missing/model.py'"),
+        "no module": (["nomodule_here:make"], "PYTHONPATH"),
+        "no loss": (["factories:no_loss"], "return (model, batch, loss_fn) from"),
+        "crash": (["factories:crashes"], "RuntimeError: the factory itself fails"),
+    }[case]
+    result = gradwatch_cli("check", *arguments, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "gradwatch: gradwatch" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    if case == "json folder":
+        assert result.stdout == ""  # refused before the check ran
+    debug = gradwatch_cli("--debug", "check", *arguments, cwd=tmp_path)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
 def test_demo_catches_its_planted_bug(tmp_path: Path) -> None:
