@@ -65,12 +65,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="print the traceback of an error, not just its one-line message")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="train a small PyTorch model with GradWatch attached")
-    demo.add_argument("--steps", type=int, default=600)
+    demo = commands.add_parser(
+        "demo", help="train a small PyTorch model with GradWatch attached",
+        description="Train a 3-layer MLP on synthetic data with GradWatch attached (logged to "
+        "MLflow's default store, ./mlflow.db); with --bug, plant a wrong backward in layer 3 at "
+        "--bug-at and watch the next check alert and name the layer and row.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--steps", type=int, default=600, help="training steps")
     demo.add_argument("--every", type=int, default=100, help="steps between checks")
     demo.add_argument("--bug", choices=sorted(BUG_KINDS), help="plant a wrong backward")
-    demo.add_argument("--bug-at", type=int, default=300, help="step at which to plant it")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--bug-at", type=int, default=None,
+                      help="step at which to plant the bug (with --bug; default: half-way)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the model and the data")
     demo.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     demo.set_defaults(handler=_demo)
 
@@ -183,13 +190,17 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from gradwatch._demo import run_demo
+    from gradwatch._demo import run_demo, validate_demo
 
-    result = run_demo(steps=args.steps, every=args.every, bug=args.bug, bug_at=args.bug_at,
+    validate_demo(steps=args.steps, every=args.every, bug=args.bug, bug_at=args.bug_at)
+    bug_at = args.bug_at if args.bug_at is not None else args.steps // 2
+    result = run_demo(steps=args.steps, every=args.every, bug=args.bug, bug_at=bug_at,
                       seed=args.seed, mlflow=not args.no_mlflow)
     alerts = [r for r in result.reports if r.verdict == "alert"]
+    checks = len(result.reports)
     print(f"\ntrained {result.steps} steps in {result.seconds:.1f} s; final loss "
-          f"{result.final_loss:.4f}; {len(result.reports)} checks, {len(alerts)} alerting")
+          f"{result.final_loss:.4f}; {checks} check{'s' if checks != 1 else ''}, "
+          f"{len(alerts)} alerting")
     if result.run_id is not None:
         print(f"MLflow run id: {result.run_id}")
         print(f"Open it with: mlflow ui --backend-store-uri {result.tracking_uri}")

@@ -18,7 +18,7 @@ import numpy as np
 
 from gradwatch._progress import ProgressBar
 
-__all__ = ["BUG_KINDS", "DemoResult", "run_demo"]
+__all__ = ["BUG_KINDS", "DemoResult", "run_demo", "validate_demo"]
 
 #: kind → what the planted backward does to the weight gradient of the middle layer
 BUG_KINDS = {
@@ -82,6 +82,25 @@ def _buggy_linear(torch: Any) -> Any:
     return DemoLinear
 
 
+def validate_demo(*, steps: int, every: int, bug: str | None, bug_at: int | None) -> None:
+    """Refuse settings that would make the demo show nothing, saying what to change."""
+    from gradwatch._exceptions import ConfigError
+
+    if bug is not None and bug not in BUG_KINDS:
+        raise ConfigError(f"--bug must be one of {', '.join(BUG_KINDS)}, got {bug!r}.")
+    if steps < 1:
+        raise ConfigError(f"--steps must be ≥ 1 (training steps), got {steps}.")
+    if every < 1:
+        raise ConfigError(f"--every must be ≥ 1 (steps between checks), got {every}.")
+    if bug is None and bug_at is not None:
+        raise ConfigError(f"--bug-at {bug_at} needs --bug KIND (one of "
+                          f"{', '.join(BUG_KINDS)}): there is no bug to plant.")
+    if bug is not None and bug_at is not None and not 1 <= bug_at < steps:
+        raise ConfigError(
+            f"--bug-at {bug_at} is outside the training (steps 1–{steps}): the bug would never "
+            f"be planted. Use a step below --steps, e.g. --bug-at {max(1, steps // 2)}.")
+
+
 def run_demo(
     *,
     steps: int = 600,
@@ -100,10 +119,7 @@ def run_demo(
     from gradwatch._callback import GradWatch
 
     stream = out if out is not None else sys.stdout
-    if bug is not None and bug not in BUG_KINDS:
-        from gradwatch._exceptions import ConfigError
-
-        raise ConfigError(f"--bug must be one of {', '.join(BUG_KINDS)}, got {bug!r}.")
+    validate_demo(steps=steps, every=every, bug=bug, bug_at=bug_at if bug is not None else None)
     torch.manual_seed(seed)
     features, hidden, classes = 32, 64, 4
     linear = _buggy_linear(torch)

@@ -167,3 +167,24 @@ def test_assert_gradients_ok_shows_the_worst_elements() -> None:
     made = namespace["buggy"]()  # type: ignore[operator]
     with pytest.raises(AssertionError, match=r"(?s)verdict alert.*w .*analytic .* vs numeric"):
         assert_gradients_ok(made["model"], made["batch"], made["loss_fn"])
+
+
+@pytest.mark.parametrize("arguments,expected", [
+    (["--bug-at", "50"], "--bug-at 50 needs --bug KIND"),
+    (["--bug", "row", "--bug-at", "5000", "--steps", "60"], "outside the training"),
+    (["--steps", "0"], "--steps must be ≥ 1"),
+])
+def test_demo_refuses_settings_that_would_show_nothing(tmp_path: Path, arguments: list[str],
+                                                       expected: str) -> None:
+    result = gradwatch_cli("demo", "--no-mlflow", *arguments, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""  # refused before any training
+
+
+def test_demo_help_describes_it_and_its_defaults(tmp_path: Path) -> None:
+    result = gradwatch_cli("demo", "--help", cwd=tmp_path, timeout=120)
+    assert result.returncode == 0
+    assert "plant a wrong backward" in result.stdout
+    assert "training steps (default: 600)" in " ".join(result.stdout.split())
+    assert "seed of the model and the data (default: 0)" in " ".join(result.stdout.split())
