@@ -461,7 +461,9 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
             )
         if bad.any():
             verdict = "alert"
-            worst = int(np.argmax(np.where(bad, coords.errors, -1.0)))
+            # the same element the layer's worst list puts first (ties in rel_error — every
+            # element of a row scaled by 1.5 has 0.2 — go to the largest |n − a|)
+            worst = int(_ranking(coords)[0])
             index = _unravel(int(coords.indices[worst]), tensor.shape)
             reasons.append(
                 f"{int(bad.sum())} element(s) of '{tensor.name}' have rel_error ≥ "
@@ -493,9 +495,7 @@ def _worst(tensor: _Tensor, coords: _Coordinates, top_k: int) -> list[ElementRep
     if coords.indices.size == 0 or top_k == 0:
         return []
     abs_diff = np.abs(coords.numeric - coords.analytic)
-    errors = np.where(np.isfinite(coords.errors), coords.errors, np.inf)
-    # explained kinks rank last; then the largest error, then the largest absolute difference
-    order = np.lexsort((-np.nan_to_num(abs_diff, nan=np.inf), -errors, coords.kinks))
+    order = _ranking(coords)
     return [
         ElementReport(
             index=_unravel(int(coords.indices[i]), tensor.shape),
@@ -507,6 +507,14 @@ def _worst(tensor: _Tensor, coords: _Coordinates, top_k: int) -> list[ElementRep
         )
         for i in order[:top_k]
     ]
+
+
+def _ranking(coords: _Coordinates) -> NDArray[np.int64]:
+    """Checked coordinates, worst first: explained kinks last; then the largest rel_error,
+    then the largest absolute difference (the order of `worst` and of the reasons)."""
+    abs_diff = np.abs(coords.numeric - coords.analytic)
+    errors = np.where(np.isfinite(coords.errors), coords.errors, np.inf)
+    return np.lexsort((-np.nan_to_num(abs_diff, nan=np.inf), -errors, coords.kinks))
 
 
 def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -74,6 +74,11 @@ def test_one_row_bug_alerts_on_that_tensor(name: str, target: str) -> None:
     assert blamed == target, report.summary()
     assert layer.verdict == "alert" and report.coverage["localised"] >= 1
     assert layer.worst and layer.worst[0].index[0] == row  # the located row's elements
+    # the alert's reason and the layer's table name the same worst element
+    element_reason = next((r for r in report.reasons if "have rel_error" in r and target in r),
+                          None)
+    if element_reason is not None:  # (the layer may alert on its distance alone)
+        assert f"worst {list(layer.worst[0].index)}:" in element_reason
     assert report.evaluations <= BUDGET + 96  # localisation is bounded
 
 
