@@ -102,8 +102,8 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if args.check:
+        config.resolved_channels()  # a missing secret is a config error too: before printing
         print(json.dumps(config.describe(), indent=2))
-        config.resolved_channels()  # a missing secret is a config error too
         return EXIT_OK
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -51,9 +51,15 @@ class Setup:
         # the receiver ignores the query; the token stands for a secret in the URL
         self.env = {**os.environ, HOOK_ENV: receiver.url(f"/hook?token={SECRET}")}
 
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def run_with_env(self, changes: dict[str, str], *args: str,
+                     timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """`run` with some environment variables changed ("" removes one)."""
+        env = {k: v for k, v in {**self.env, **changes}.items() if v != ""}
         return subprocess.run([sys.executable, "-m", "gradwatch", "monitor", *args],
-                              capture_output=True, text=True, env=self.env, timeout=timeout)
+                              capture_output=True, text=True, env=env, timeout=timeout)
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.run_with_env({}, *args, timeout=timeout)
 
     def start(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen([sys.executable, "-m", "gradwatch", "monitor", *args],
@@ -185,6 +191,9 @@ def test_check_prints_the_config_without_secrets_and_bad_config_fails_first(
     described = json.loads(checked.stdout)
     assert described["channels"] == {"hook": f"env:{HOOK_ENV}"}
     assert SECRET not in checked.stdout
+    unset = setup.run_with_env({HOOK_ENV: ""}, "--check", "--config", str(setup.config))
+    assert unset.returncode == 2 and HOOK_ENV in unset.stderr, unset.stderr
+    assert unset.stdout == ""  # nothing printed as if valid
     bad = tmp_path / "bad.toml"
     bad.write_text('experiments = []\npoll_interval = -1\n[channels.x]\n'
                    f'url = "https://hooks.example.com/{SECRET}"\n')
