@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -224,13 +223,3 @@ def _float_outputs(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
         return [t for item in value for t in _float_outputs(item)]
     return []
-
-
-@contextmanager
-def guarded(enabled: bool) -> Iterator[Float64Guard | None]:
-    """`with guarded(True) as guard:` — the guard, or nothing when `enabled` is False."""
-    if not enabled:
-        yield None
-        return
-    with Float64Guard() as guard:
-        yield guard

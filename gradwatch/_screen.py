@@ -112,7 +112,6 @@ class JointScreen:
     _floor: float = 0.0  # the model-free bound (or J's repeat difference)
     _resolutions: dict[str, float] | None = None
     _signs: dict[tuple[int, str], Vector] = field(default_factory=dict)
-    spread: list[str] = field(default_factory=list)  # could not be localised further
     regions: dict[str, NDArray[np.int64]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ noise
@@ -204,13 +203,14 @@ class JointScreen:
         self._floor = self.delta_j
         steps = self.step_sizes(values)
         first = self._noise(0, steps)
-        if self.sigma > RESCALE * self.delta_j and engine.remaining >= 4:
+        # compared with the δJ the steps were sized for (`_noise` has replaced delta_j)
+        if self.sigma > RESCALE * self._floor and engine.remaining >= 4:
             # One noisy direction may have crossed a ReLU/max-pool kink; rounding shows in
             # every direction, a kink in few: the quieter of two measurements is kept.
             first = min((first, self._noise(1, steps)),
                         key=lambda item: math.hypot(item[1], item[2]))
             self._keep(first)
-        if self.sigma > RESCALE * self.delta_j and engine.remaining >= 4:
+        if self.sigma > RESCALE * self._floor and engine.remaining >= 4:
             # Rounds worse than float64 at |J| (large terms cancelling, or float32 somewhere):
             # steps sized for the measured noise keep the resolution where they can, and the
             # noise is measured again at those steps.
@@ -235,7 +235,7 @@ class JointScreen:
         noise at once (`_keep`)."""
         first = self.evaluate(key, steps)
         half = self.evaluate(key, {n: s / 2 for n, s in steps.items()})
-        if _kink_shaped(first.second, half.second, self.delta_j):
+        if _kink_shaped(first.second, half.second, self._floor):
             # D(s) ∝ s, not s²: the direction crossed a kink, which says nothing about
             # rounding; the screen's kink logic deals with the crossing.
             self.kinked = True
@@ -303,8 +303,7 @@ class JointScreen:
         if len(names) == 1:
             return names
         if self.engine.evaluations + 2 > self._limit:
-            self.spread.extend(names)
-            return []
+            return []  # the localisation allowance is spent
         left, right = names[: len(names) // 2], names[len(names) // 2:]
         restricted = self.evaluate(probe.key, {n: probe.steps[n] for n in left})
         d_left = restricted.discrepancy
@@ -314,10 +313,7 @@ class JointScreen:
             found += self._split(probe, left, d_left, 1.0)
         if self.significant(d_right, math.sqrt(scale + 1.0)) and len(found) < MAX_CULPRITS:
             found += self._split(probe, right, d_right, scale + 1.0)
-        if not found and not self.significant(d_left) and not self.significant(
-                d_right, math.sqrt(scale + 1.0)):
-            self.spread.extend(names)  # the discrepancy is spread over both halves
-        return found
+        return found  # empty: the discrepancy is spread over both halves
 
 
     # ------------------------------------------------------------------ measurement
