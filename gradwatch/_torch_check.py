@@ -34,7 +34,6 @@ from gradwatch._exceptions import (
     missing_dependency,
 )
 from gradwatch._numerics import ROUNDING
-from gradwatch._precision import Float64Guard, find_lossy_modules
 from gradwatch._progress import resolve_progress
 from gradwatch._report import CheckReport, Mode, Thresholds
 
@@ -445,6 +444,8 @@ class _ModuleObjective:
         # Float64 end to end: the model's own casts to float32/16 stay float64 (`_precision`).
         # The guard costs a little per op; a model that makes no such conversion in its
         # first (analytic) evaluation runs without it afterwards.
+        from gradwatch._precision import Float64Guard  # imports torch: not at gradwatch's
+
         self.guard = Float64Guard()
         self.guard_needed = True
         self.originals: dict[str, Any] | None = None
@@ -735,6 +736,8 @@ class _ModuleObjective:
 
     def precision_diagnosis(self) -> dict[str, Any]:
         """What the guard saw, and the modules that still lose float64 (see `_precision`)."""
+        from gradwatch._precision import find_lossy_modules
+
         torch = self.torch
         generator = torch.Generator().manual_seed(0)
         with self._full_precision(), self.guard:

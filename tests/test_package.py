@@ -91,3 +91,16 @@ def test_integrations_install_from_a_wheel(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().startswith(str(target))  # the wheel's copy, not the checkout
+
+
+def test_importing_gradwatch_does_not_import_torch() -> None:
+    """The core package needs only numpy, pydantic, mlflow and apscheduler; torch (a second of
+    import time, and an extra) is imported when a PyTorch check first runs."""
+    import subprocess
+    import sys
+
+    probe = "import sys, gradwatch; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
