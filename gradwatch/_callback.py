@@ -282,7 +282,8 @@ class GradWatch:
         self.tracker.key = key
         root = self.spool_root or default_spool_dir()
         deliverer = Deliverer(root / key, on_run=self._run_created)
-        self._spool = Spool(root / key, deliver=deliverer)
+        # removed at close once all is delivered (run and terminate records included)
+        self._spool = Spool(root / key, deliver=deliverer, remove_when_delivered=True)
         if self.local_id is not None:
             self._spool.append(run_payload(local_id=self.local_id, tracking_uri=uri,
                                            experiment_name=self.experiment_name))

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 import traceback
@@ -21,7 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gradwatch._exceptions import GradwatchError, InputError, SpoolLockedError
+from gradwatch._exceptions import GradwatchError, InputError
+from gradwatch._spool import REJECTED, FolderResult
 from gradwatch._version import __version__
 
 __all__ = ["main"]
@@ -94,9 +96,20 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", metavar="PATH", help="also write the report JSON here")
     check.set_defaults(handler=_check)
 
-    flush = commands.add_parser("flush", help="deliver spooled records to MLflow now")
-    flush.add_argument("--spool-dir", type=Path, default=None)
-    flush.add_argument("--timeout", type=float, default=120.0)
+    flush = commands.add_parser(
+        "flush", help="deliver spooled records to MLflow now",
+        description="Deliver what the spool folders still hold (a dead tracking server, a "
+        "crash), and remove each folder once all its records are delivered. Exit 0 when "
+        "nothing is left undelivered, 2 otherwise (records still pending, or refused by MLflow "
+        "and kept in the folder's rejected.jsonl).",
+    )
+    flush.add_argument("--spool-dir", type=Path, default=None,
+                       help="the spool root (default: $GRADWATCH_SPOOL_DIR, else "
+                       "~/.cache/gradwatch/spool)")
+    flush.add_argument("--timeout", type=float, default=120.0,
+                       help="seconds to spend on each folder (default: 120)")
+    flush.add_argument("--json", action="store_true",
+                       help="print one JSON document (totals and each folder) instead of text")
     flush.set_defaults(handler=_flush)
 
     from gradwatch._monitor_cli import add_monitor_parser
@@ -281,21 +294,87 @@ def _check(args: argparse.Namespace) -> int:
 
 def _flush(args: argparse.Namespace) -> int:
     from gradwatch._record import Deliverer
-    from gradwatch._spool import default_spool_dir, replay
+    from gradwatch._spool import default_spool_dir, replay_all
 
     root = args.spool_dir or default_spool_dir()
-    if not root.exists():
-        print(f"nothing to flush: {root} does not exist")
+    # The spool's own warnings say what the summary says, once per record: --debug shows them.
+    logger = logging.getLogger("gradwatch.flush")
+    if not args.debug:
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+    folders = replay_all(root, Deliverer, timeout=args.timeout, logger=logger)
+    if args.json:
+        print(json.dumps(_flush_document(root, folders)))
+    else:
+        for line in _flush_lines(root, folders):
+            print(line)
+    problem = _flush_problem(root, folders)
+    if problem is None:
         return EXIT_OK
-    directories = sorted(p for p in root.iterdir() if p.is_dir())
-    left = 0
-    for directory in directories:
-        try:
-            result = replay(directory, Deliverer(directory), timeout=args.timeout)
-        except SpoolLockedError as exc:  # a training run still owns it: it delivers itself
-            print(json.dumps({"spool": str(directory), "skipped": str(exc)}))
-            continue
-        left += result.pending
-        print(json.dumps({"spool": str(directory), "delivered": result.delivered,
-                          "pending": result.pending, "last_error": result.last_error}))
-    return EXIT_OK if left == 0 else EXIT_ERROR
+    print(f"gradwatch: {problem}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _flush_lines(root: Path, folders: list[FolderResult]) -> list[str]:
+    """A summary line, then one line per folder that is kept for a reason."""
+    if not folders:
+        return [f"nothing to flush: no spool in {root}"]
+    delivered = sum(f.delivered for f in folders)
+    runs = sum(1 for f in folders if f.delivered)
+    summary = [f"delivered {_count(delivered, 'record')} from {_count(runs, 'run')}"
+               if delivered else "delivered nothing",
+               f"{_count(sum(f.removed for f in folders), 'folder')} removed"]
+    in_use = [f for f in folders if f.in_use]
+    if in_use:
+        pids = ", ".join(str(f.owner_pid) for f in in_use if f.owner_pid is not None)
+        one = len(in_use) == 1
+        owners = ("a running process" if one else "running processes") + (
+            f" (PID {pids})" if pids else "")
+        summary.append(f"{_count(len(in_use), 'folder')} in use by {owners}, left to "
+                       f"{'it' if one else 'them'}")
+    lines = ["; ".join(summary)]
+    for folder in folders:
+        if folder.pending and not folder.in_use:
+            lines.append(f"kept {folder.directory}: {_count(folder.pending, 'record')} not "
+                         f"delivered ({folder.last_error or 'the timeout ran out'})")
+        if folder.rejected and not folder.in_use:
+            lines.append(f"kept {folder.directory}: {_count(folder.rejected, 'record')} "
+                         f"rejected, in {folder.directory / REJECTED} "
+                         f"({folder.rejected_reason or 'no reason recorded'})")
+    return lines
+
+
+def _flush_problem(root: Path, folders: list[FolderResult]) -> str | None:
+    """The one-line reason the flush exits 2, None when nothing is left undelivered."""
+    pending = sum(f.pending for f in folders if not f.in_use)
+    rejected = sum(f.rejected for f in folders if not f.in_use)
+    problems = []
+    if pending:
+        problems.append(f"{_count(pending, 'record')} could not be delivered yet; "
+                        f"{'it stays' if pending == 1 else 'they stay'} in {root}: run "
+                        f"`gradwatch flush` again once the tracking server answers")
+    if rejected:
+        problems.append(f"{_count(rejected, 'record')} refused by MLflow "
+                        f"{'is' if rejected == 1 else 'are'} kept in {REJECTED}: inspect, "
+                        f"then delete the folder")
+    return "; ".join(problems) or None
+
+
+def _flush_document(root: Path, folders: list[FolderResult]) -> dict[str, Any]:
+    return {
+        "spool_dir": str(root),
+        "delivered": sum(f.delivered for f in folders),
+        "pending": sum(f.pending for f in folders if not f.in_use),
+        "rejected": sum(f.rejected for f in folders if not f.in_use),
+        "removed": sum(f.removed for f in folders),
+        "in_use": sum(f.in_use for f in folders),
+        "folders": [{"spool": str(f.directory), "delivered": f.delivered, "pending": f.pending,
+                     "rejected": f.rejected, "rejected_now": f.rejected_now,
+                     "removed": f.removed, "in_use": f.in_use,
+                     "owner_pid": f.owner_pid, "last_error": f.last_error,
+                     "rejected_reason": f.rejected_reason} for f in folders],
+    }

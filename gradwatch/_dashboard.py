@@ -45,10 +45,11 @@ from urllib.parse import quote, urlsplit
 from gradwatch._dashboard_charts import (
     experiment_distance_chart,
     format_distance,
+    keep_end,
     run_distance_chart,
     run_label,
     run_layers_chart,
-    worst_elements_chart,
+    short_number,
 )
 from gradwatch._dashboard_data import (
     WORST_CHECKS,
@@ -79,6 +80,10 @@ REPORT_PNG = "gradwatch/report.png"
 SCRIPTS = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")
 LICENCES = ("vega-LICENSE.txt", "vega-lite-LICENSE.txt", "vega-embed-LICENSE.txt")
 SHOWN_ALERTED_LAYERS = 8  # per run in the experiment table; the rest behind "more"
+#: The longest a layer name is shown in a table; a longer one keeps its end (the part that
+#: tells a weight from a bias) and shows in full on hover. 60 characters of the page's font
+#: take about 420 px: the worst-elements table stays within 1,000 px.
+LAYER_NAME_CHARS = 60
 
 _JSON_ESCAPES = str.maketrans({
     "<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029",
@@ -188,16 +193,18 @@ def _run_page(data: RunData, base: str | None) -> str:
         if data.layer_order:
             spec, layout = run_layers_chart(data)
             charts["chart-layers"] = spec
+            warn, alert = (short_number(t) for t in (data.thresholds.warn,
+                                                     data.thresholds.alert))
             parts.append(_section(
                 "Per-layer distance",
-                f"{layout.describe()} Black: NaN or ±inf; blank: not checked.",
+                f"{layout.describe()} Colours are set by the run's thresholds, not by its "
+                f"range: blue-grey below warn ({warn}), darker per decade; amber from warn; "
+                f"red from alert ({alert}); black: NaN or ±inf; blank: not checked.",
                 '<div id="chart-layers" class="chart"></div>'))
         parts.append(_alerted_section(data))
     else:
         parts.append(_section("No checks yet", "This run has no gradwatch check in MLflow "
                               "(no gradwatch/rel_distance metric).", ""))
-    if data.worst_elements:
-        charts["chart-worst"] = worst_elements_chart(data)
     parts.append(_worst_section(data))
     parts.append(_settings_section(data))
     return _page(title, "\n".join(parts), charts)
@@ -235,7 +242,8 @@ def _run_cards(data: RunData) -> str:
         ("worst distance", (f"{_text(format_distance(worst_check.rel_distance))} "
                             f"<small>at step {worst_check.step}</small>") if worst_check else "–"),
         ("first alert", f"step {first_alert}" if first_alert is not None else "none"),
-        ("thresholds", f"warn {data.thresholds.warn:g} · alert {data.thresholds.alert:g}"),
+        ("thresholds", f"warn {short_number(data.thresholds.warn)} · "
+                       f"alert {short_number(data.thresholds.alert)}"),
     ]
     return '<section class="cards">' + "".join(
         f'<div class="card"><div class="label">{label}</div><div class="value">{value}</div>'
@@ -244,21 +252,22 @@ def _run_cards(data: RunData) -> str:
 
 def _alerted_section(data: RunData) -> str:
     found = alerted_layers(data.checks, data.thresholds.alert)
+    alert = short_number(data.thresholds.alert)
     if not found:
         return _section("Layers that reached the alert threshold",
-                        f"None: every layer distance stayed below {data.thresholds.alert:g}.", "")
+                        f"None: every layer distance stayed below {alert}.", "")
     counts = Counter(key for check in data.checks for key, value in check.layers.items()
                      if key in found and not (math.isfinite(value) and
                                               value < data.thresholds.alert))
     order = {key: i for i, key in enumerate(data.layer_order)}
     rows = [
-        [_text(data.layer_names.get(key, key)), str(first), _text(format_distance(worst_value)),
-         f"{counts[key]:,}"]
+        [layer_name_html(data.layer_names.get(key, key)), str(first),
+         _text(format_distance(worst_value)), f"{counts[key]:,}"]
         for key, (first, worst_value) in sorted(found.items(), key=lambda kv: order.get(kv[0], 0))
     ]
     return _section(
         "Layers that reached the alert threshold",
-        f"Layers with a distance ≥ {data.thresholds.alert:g} (or NaN/±inf) at some check.",
+        f"Layers with a distance ≥ {alert} (or NaN/±inf) at some check.",
         _table(["layer", "first step", "worst distance", "checks at or above"], rows,
                numeric=(1, 2, 3)))
 
@@ -277,9 +286,12 @@ def _worst_section(data: RunData) -> str:
     note = (f"Each check's {WORST_ELEMENTS_PER_CHECK} worst elements over all layers, for "
             f"{which}, newest first. rel. error = |numeric − analytic| / scale (floor-protected);"
             f" kink: the central difference straddles a non-differentiable point.")
+    alert = data.thresholds.alert
     rows = [
-        [str(e.step), _text(e.layer), _text(str(list(e.index))), _number(e.analytic),
-         _number(e.numeric), _number(e.abs_diff), _text(format_distance(e.rel_error)),
+        [str(e.step), layer_name_html(e.layer), _text(str(list(e.index))), _number(e.analytic),
+         _number(e.numeric), _number(e.abs_diff),
+         _severe(format_distance(e.rel_error),
+                 not math.isfinite(e.rel_error) or e.rel_error >= alert),
          "yes" if e.kink else ""]
         for e in sorted(data.worst_elements, key=lambda e: -e.step)
     ]
@@ -288,9 +300,8 @@ def _worst_section(data: RunData) -> str:
     table = _table(
         ["step", "layer", "index", "analytic", "numeric", "|diff|", "rel. error", "kink"],
         rows, numeric=(0, 3, 4, 5, 6))
-    return _section(title, note + " Red: at or above the alert threshold.",
-                    '<div id="chart-worst" class="chart"></div>'
-                    f"<details><summary>as text (to copy)</summary>{table}</details>")
+    return _section(title, note + f" Red: at or above the alert threshold ({short_number(alert)}).",
+                    table)
 
 
 def _settings_section(data: RunData) -> str:
@@ -318,9 +329,10 @@ def _experiment_page(data: ExperimentData, base: str | None) -> str:
         charts["chart-runs"] = experiment_distance_chart(data)
         parts.append(_section(
             "Overall relative distance per run",
-            "One line per run, log scale; alert/error checks and NaN/±inf are marked (NaN and "
-            "±inf at the top). Dashed lines: the thresholds most runs use. Runs with many "
-            "checks show the worst check of each group of consecutive checks.",
+            "One line per run, log scale; alert checks are red points, error checks purple, "
+            "NaN and ±inf marked at the top. Dashed lines: the thresholds most runs use "
+            "(amber warn, red alert). Runs with many checks show the worst check of each "
+            "group of consecutive checks.",
             '<div id="chart-runs" class="chart"></div>'))
     columns = ["run", "MLflow status", "latest verdict", "last step", "checks",
                "latest distance", "worst distance"]
@@ -360,9 +372,8 @@ def _layer_list(found: Mapping[str, tuple[int, float]], names: Mapping[str, str]
     if not found:
         return "none"
     items = [
-        f"<li>{_text(names.get(key, key.removeprefix('gradwatch/layer/')))} <small>from step "
-        f"{first}, worst "
-        f"{_text(format_distance(value))}</small></li>"
+        f"<li>{layer_name_html(names.get(key, key.removeprefix('gradwatch/layer/')))} "
+        f"<small>from step {first}, worst {_text(format_distance(value))}</small></li>"
         for key, (first, value) in sorted(found.items(), key=lambda kv: kv[1][0])
     ]
     shown = "<ul>" + "".join(items[:SHOWN_ALERTED_LAYERS]) + "</ul>"
@@ -377,6 +388,19 @@ def _layer_list(found: Mapping[str, tuple[int, float]], names: Mapping[str, str]
 
 def _text(value: str) -> str:
     return html.escape(value, quote=True)
+
+
+def layer_name_html(name: str, limit: int = LAYER_NAME_CHARS) -> str:
+    """A layer name for a table cell: escaped, and when longer than `limit` cut at the start
+    (see `keep_end`) with the full name in the title, shown on hover."""
+    shown = keep_end(name, limit)
+    if shown == name:
+        return _text(name)
+    return f'<span class="cut" title="{_text(name)}">{_text(shown)}</span>'
+
+
+def _severe(text: str, severe: bool) -> str:
+    return f'<span class="severe">{_text(text)}</span>' if severe else _text(text)
 
 
 def _number(value: float) -> str:
@@ -488,7 +512,9 @@ h2 { font-size: 17px; margin: 28px 0 4px; }
 table { border-collapse: collapse; margin: 6px 0; }
 th, td { border-bottom: 1px solid #e5e5e5; padding: 4px 10px; text-align: left;
          vertical-align: top; overflow-wrap: anywhere; }
-th { background: #f6f6f6; font-weight: 600; }
+th { background: #f6f6f6; font-weight: 600; overflow-wrap: normal; }  /* break at spaces */
+.severe { color: var(--alert); font-weight: 600; }
+.cut { cursor: help; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td ul { margin: 0; padding-left: 18px; }
 code { font-size: 13px; }

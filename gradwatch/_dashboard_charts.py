@@ -3,10 +3,16 @@
 
 Every value is JSON-safe: NaN and ±inf become null in the number fields (so a log scale never
 sees them) and "NaN" / "+inf" / "-inf" in the text fields; the charts draw them at the top of
-the distance axis with a cross / triangle (overall distance) or black (heatmap: Vega-Lite drops
-marks whose colour field is null, so those cells carry an in-range value and are coloured by
-their text). A distance of
+the distance axis with a cross / triangle (overall distance) or black (heatmap). A distance of
 exactly 0 is drawn at the floor of the log axis and reads "0" in tooltips.
+
+Colours. A distance's colour is fixed by the run's thresholds, never by the run's own range, so
+a healthy run does not turn red because its largest value is 1e-8 (`distance_levels`): below
+warn, blue-grey, one shade darker per decade (`CALM_COLOURS`); from warn, amber; from alert,
+red; NaN/±inf, black. The heatmap, its legend and the PNG (`gradwatch._dashboard_png`) use the
+same levels, and the verdict colours of the distance charts are the same amber and red. Runs in
+the experiment chart get distinct hues without red (the palette in experiment-distance.json),
+and its alert checks are red points.
 
 Scale. The layer × step heatmap holds at most `HEATMAP_MAX_CELLS` cells: with more checks ×
 layers than that, consecutive checks are grouped into columns of equal count (at most
@@ -36,24 +42,31 @@ from gradwatch._report import Thresholds
 
 __all__ = [
     "SPEC_NAMES",
+    "DistanceLevel",
     "HeatmapLayout",
+    "distance_level",
+    "distance_levels",
     "experiment_distance_chart",
     "format_distance",
     "group_checks",
+    "keep_end",
     "load_spec",
     "run_distance_chart",
     "run_layers_chart",
-    "worst_elements_chart",
+    "short_number",
 ]
 
-SPEC_NAMES = ("run-distance.json", "run-layers.json", "worst-elements.json",
-              "experiment-distance.json")
+SPEC_NAMES = ("run-distance.json", "run-layers.json", "experiment-distance.json")
 HEATMAP_MAX_CELLS = 20_000
 HEATMAP_MAX_COLUMNS = 200
 HEATMAP_MIN_COLUMNS = 20
 MAX_POINTS = 5_000
 MAX_POINTS_PER_RUN = 500
-WARN_COLOUR, ALERT_COLOUR = "#f2a900", "#d62728"
+WARN_COLOUR, ALERT_COLOUR, NON_FINITE_COLOUR = "#f2a900", "#d62728", "#000000"
+#: Below warn, lightest first, one per decade (the last one from warn/10 up to warn; the first
+#: everything below warn/1000, 0 included). Blue-grey: calm, and apart from amber and red also
+#: for red-green colour blindness; the lightest still stands out from a blank (unchecked) cell.
+CALM_COLOURS = ("#dce6ee", "#b9cddc", "#93b0c6", "#6e92ad")
 
 Dataset = list[dict[str, Any]]
 
@@ -116,6 +129,86 @@ def format_distance(value: float) -> str:
     return "0" if value == 0 else f"{value:.3g}"
 
 
+def short_number(value: float) -> str:
+    """A threshold as legends write it.
+
+    Example:
+        >>> [short_number(v) for v in (1e-5, 0.001, 2.5e-4, 1e-8)]
+        ['1e-5', '1e-3', '2.5e-4', '1e-8']
+    """
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+@dataclass(frozen=True)
+class DistanceLevel:
+    """One colour of the distance scale: distances from `low` (inclusive) below `high`."""
+
+    label: str
+    colour: str
+    low: float
+    high: float
+
+
+def distance_levels(thresholds: Thresholds) -> list[DistanceLevel]:
+    """The colour scale of layer distances, anchored at the thresholds: one calm shade per
+    decade below warn, amber from warn, red from alert, black for NaN/±inf (last).
+
+    Example:
+        >>> [level.label for level in distance_levels(Thresholds())]
+        ['< 1e-8', '1e-8 – 1e-7', '1e-7 – 1e-6', '1e-6 – 1e-5', 'warn 1e-5 – 1e-3',
+         'alert ≥ 1e-3', 'NaN / ±inf']
+    """
+    warn, alert = thresholds.warn, thresholds.alert
+    # one decade per calm shade, up to warn: 0, warn/1000, warn/100, warn/10, warn
+    edges = [0.0, *(warn / 10**n for n in range(len(CALM_COLOURS) - 1, 0, -1)), warn]
+    calm = [
+        DistanceLevel(f"{short_number(low)} – {short_number(high)}" if low else
+                      f"< {short_number(high)}", colour, low, high)
+        for colour, low, high in zip(CALM_COLOURS, edges[:-1], edges[1:], strict=True)
+    ]
+    return [
+        *calm,
+        DistanceLevel(f"warn {short_number(warn)} – {short_number(alert)}", WARN_COLOUR,
+                      warn, alert),
+        DistanceLevel(f"alert ≥ {short_number(alert)}", ALERT_COLOUR, alert, math.inf),
+        DistanceLevel("NaN / ±inf", NON_FINITE_COLOUR, math.nan, math.nan),
+    ]
+
+
+def distance_level(value: float, levels: Sequence[DistanceLevel]) -> int:
+    """The index in `levels` (from `distance_levels`) of a distance's colour.
+
+    Example:
+        >>> levels = distance_levels(Thresholds())
+        >>> [distance_level(v, levels) for v in (0.0, 3e-9, 1e-5, 9.9e-4, 1e-3, math.inf)]
+        [0, 0, 4, 4, 5, 6]
+    """
+    if not math.isfinite(value):
+        return len(levels) - 1
+    return next(i for i, level in enumerate(levels[:-1]) if value < level.high)
+
+
+def keep_end(name: str, limit: int) -> str:
+    """`name` in at most `limit` characters: its end after "…", from a dot when one fits, so
+    the kept part starts with a whole segment.
+
+    Example:
+        >>> keep_end("bert.encoder.layer.11.attention.output.dense.weight", 40)
+        '…layer.11.attention.output.dense.weight'
+        >>> keep_end("fc.weight", 40), keep_end("x" * 12, 8)
+        ('fc.weight', '…xxxxxxx')
+    """
+    if len(name) <= limit:
+        return name
+    start = len(name) - (limit - 1)
+    if name[start - 1] != ".":
+        dot = name.find(".", start)
+        if 0 <= dot < len(name) - 1:
+            start = dot + 1
+    return "…" + name[start:]
+
+
 def _point(value: float, bounds: Bounds) -> dict[str, Any]:
     """The fields of one plotted distance (see `dashboards/vega-lite/run-distance.json`)."""
     finite = math.isfinite(value)
@@ -131,10 +224,10 @@ def _point(value: float, bounds: Bounds) -> dict[str, Any]:
 
 def _thresholds(thresholds: Thresholds) -> Dataset:
     return [
-        {"level": "warn", "value": thresholds.warn, "label": f"warn ≥ {thresholds.warn:g}",
-         "colour": WARN_COLOUR},
-        {"level": "alert", "value": thresholds.alert, "label": f"alert ≥ {thresholds.alert:g}",
-         "colour": ALERT_COLOUR},
+        {"level": level, "value": value, "label": f"{level} ≥ {short_number(value)}",
+         "colour": colour}
+        for level, value, colour in (("warn", thresholds.warn, WARN_COLOUR),
+                                     ("alert", thresholds.alert, ALERT_COLOUR))
     ]
 
 
@@ -229,10 +322,7 @@ def run_layers_chart(data: RunData) -> tuple[dict[str, Any], HeatmapLayout]:
     layout = HeatmapLayout(layers=len(keys), checks=len(checks),
                            columns=heatmap_columns(len(checks), len(keys)))
     groups = group_checks(checks, layout.columns)
-    values = [value for check in checks for value in check.layers.values()]
-    bounds = Bounds.of(values, data.thresholds)
-    # non-finite cells are drawn black by their text; their colour-scale value stays in range
-    top = max((v for v in values if math.isfinite(v)), default=bounds.floor)
+    levels = distance_levels(data.thresholds)
     index = {key: i for i, key in enumerate(keys)}
     gaps = [b.step - a.step for a, b in itertools.pairwise(checks)]
     last_width = statistics.median(gaps) if gaps else 1
@@ -249,20 +339,19 @@ def run_layers_chart(data: RunData) -> tuple[dict[str, Any], HeatmapLayout]:
                 "layer_index": index[key], "step_from": group[0].step, "step_to": step_to,
                 "step_last": group[-1].step, "checks": len(found),
                 "distance_text": format_distance(value),
-                "plotted": _rounded(max(value if math.isfinite(value) else top, bounds.floor)),
+                "level": distance_level(value, levels),
             })
     spec = _filled("run-layers.json", {
         "layers": [{"layer_index": i, "layer": data.layer_names.get(key, key)}
                    for i, key in enumerate(keys)],
+        "levels": [{"level": i, "colour_label": level.label} for i, level in enumerate(levels)],
         "layer_cells": cells,
     })
+    # the scale is the run's: its thresholds' labels, in order, with their colours
+    spec["encoding"]["color"]["scale"] = {"domain": [level.label for level in levels],
+                                          "range": [level.colour for level in levels]}
     spec["height"] = {"step": 12 if len(keys) <= 100 else 9}
     return spec, layout
-
-
-def _rounded(value: float) -> float:
-    """4 significant digits: plenty for a colour, and a smaller page."""
-    return float(f"{value:.4g}")
 
 
 def group_checks(checks: Sequence[CheckPoint], columns: int) -> list[Sequence[CheckPoint]]:
@@ -300,32 +389,6 @@ def _severity(value: float) -> tuple[int, float]:
 def run_label(name: str, run_id: str) -> str:
     """A run's name and short id, unique in an experiment: `"train (1a2b3c4d)"`."""
     return f"{name or 'unnamed'} ({run_id[:8]})"
-
-
-def worst_elements_chart(data: RunData) -> dict[str, Any]:
-    """The worst-elements table (Vega-Lite text marks), newest check first.
-
-    Example:
-        >>> from gradwatch._dashboard_data import WorstElement
-        >>> spec = worst_elements_chart(RunData(run=None, experiment_name="e",
-        ...     thresholds=Thresholds(), checks=[], layer_order=[], layer_names={},
-        ...     artifact_steps=[10], worst_steps=[10], worst_elements=[
-        ...         WorstElement(10, "fc.weight", (1, 2), 2.0, 1.0, 1.0, 1/3, False)]))
-        >>> row = spec["datasets"]["elements"][0]
-        >>> row["layer"], row["index"], row["rel_error"], row["severe"]
-        ('fc.weight', '[1, 2]', '0.333', True)
-    """
-    alert = data.thresholds.alert
-    ordered = sorted(data.worst_elements, key=lambda e: -e.step)
-    rows: Dataset = [
-        {"row": i, "step": str(e.step), "layer": e.layer, "index": str(list(e.index)),
-         "analytic": f"{e.analytic:.6g}", "numeric": f"{e.numeric:.6g}",
-         "rel_error": format_distance(e.rel_error),
-         "severe": bool(not math.isfinite(e.rel_error) or e.rel_error >= alert),
-         "kink": "yes" if e.kink else "no"}
-        for i, e in enumerate(ordered)
-    ]
-    return _filled("worst-elements.json", {"elements": rows})
 
 
 def experiment_distance_chart(data: ExperimentData) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 Drawn on a private `matplotlib.figure.Figure` with the Agg canvas: pyplot, the global backend
 and the user's rcParams are not touched. The same data as the HTML charts: the overall distance
 per check (log scale, warn/alert bands, alert stretches shaded, NaN/±inf as × at the top) and
-the layer × step heatmap (columns grouped as in `gradwatch._dashboard_charts`; NaN/±inf black,
-not checked blank).
+the layer × step heatmap (columns grouped as in `gradwatch._dashboard_charts`, coloured by the
+same threshold-anchored levels as the HTML heatmap: blue-grey below warn, amber, red, NaN/±inf
+black; not checked blank).
 """
 
 from __future__ import annotations
@@ -14,23 +15,37 @@ from pathlib import Path
 from typing import Any
 
 from gradwatch._dashboard_charts import (
+    ALERT_COLOUR,
+    WARN_COLOUR,
     Bounds,
     alert_periods,
+    distance_level,
+    distance_levels,
     group_checks,
     heatmap_columns,
+    keep_end,
+    short_number,
     worst,
 )
 from gradwatch._dashboard_data import RunData
 
-__all__ = ["draw_run_png"]
+__all__ = ["HEATMAP_LABEL", "draw_run_png", "run_figure"]
 
-VERDICT_COLOURS = {"ok": "#2ca02c", "warn": "#f2a900", "alert": "#d62728", "error": "#6a3d9a"}
+VERDICT_COLOURS = {"ok": "#2ca02c", "warn": WARN_COLOUR, "alert": ALERT_COLOUR, "error": "#6a3d9a"}
 MAX_LAYER_LABELS = 40
+LAYER_LABEL_CHARS = 48  # longer names keep their end (weight or bias), as in the HTML tables
 DPI = 100
+HEATMAP_LABEL = "layer heatmap"  # the heatmap Axes' label, to find it in the figure
 
 
 def draw_run_png(data: RunData, path: Path) -> Path:
     """Draw `data` into a PNG at `path` (parent folders must exist); returns `path`."""
+    run_figure(data).savefig(path, format="png", dpi=DPI)
+    return path
+
+
+def run_figure(data: RunData) -> Any:
+    """The report's matplotlib `Figure` (on its own Agg canvas), as `draw_run_png` saves it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -46,8 +61,7 @@ def draw_run_png(data: RunData, path: Path) -> Path:
     _distance(axes[0], data)
     if layers:
         _heatmap(axes[1], data, figure)
-    figure.savefig(path, format="png", dpi=DPI)
-    return path
+    return figure
 
 
 def _distance(ax: Any, data: RunData) -> None:
@@ -62,8 +76,9 @@ def _distance(ax: Any, data: RunData) -> None:
     bounds = Bounds.of([c.rel_distance for c in checks], data.thresholds)
     ax.axhspan(warn, alert, color=VERDICT_COLOURS["warn"], alpha=0.1, lw=0)
     ax.axhspan(alert, bounds.ceiling, color=VERDICT_COLOURS["alert"], alpha=0.1, lw=0)
-    ax.axhline(warn, color=VERDICT_COLOURS["warn"], ls="--", lw=1, label=f"warn {warn:g}")
-    ax.axhline(alert, color=VERDICT_COLOURS["alert"], ls="--", lw=1, label=f"alert {alert:g}")
+    for level, value in (("warn", warn), ("alert", alert)):
+        ax.axhline(value, color=VERDICT_COLOURS[level], ls="--", lw=1,
+                   label=f"{level} {short_number(value)}")
     for period in alert_periods(checks):
         ax.axvspan(period["step_from"], period["step_to"], color=VERDICT_COLOURS["alert"],
                    alpha=0.18, lw=0)
@@ -85,35 +100,33 @@ def _distance(ax: Any, data: RunData) -> None:
 
 def _heatmap(ax: Any, data: RunData, figure: Any) -> None:
     import numpy as np
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import BoundaryNorm, ListedColormap
 
     keys = data.layer_order
     groups = group_checks(data.checks, heatmap_columns(len(data.checks), len(keys)))
-    grid = np.full((len(keys), len(groups)), np.nan)
+    levels = distance_levels(data.thresholds)
+    # each cell holds its colour's level (as in the HTML heatmap); unchecked cells are masked
+    grid = np.zeros((len(keys), len(groups)), dtype=int)
     missing = np.ones_like(grid, dtype=bool)
     for column, group in enumerate(groups):
         for row, key in enumerate(keys):
             found = [check.layers[key] for check in group if key in check.layers]
             if found:
-                grid[row, column] = worst(found)
+                grid[row, column] = distance_level(worst(found), levels)
                 missing[row, column] = False
-    values = grid[np.isfinite(grid)]
-    bounds = Bounds.of(list(values), data.thresholds)
-    top = float(values.max()) if values.size and values.max() > bounds.floor else bounds.floor * 10
-    # non-finite → above the colour range (drawn in the "over" colour, black); unchecked → masked
-    shown = np.where(np.isfinite(grid), np.maximum(grid, bounds.floor), top * 10)
-    from matplotlib import colormaps
-
-    cmap = colormaps["YlOrRd"].with_extremes(over="#000000", bad="#ffffff")
-    image = ax.imshow(np.ma.masked_array(shown, missing), aspect="auto", interpolation="nearest",
-                      cmap=cmap, norm=LogNorm(vmin=bounds.floor, vmax=top),
+    cmap = ListedColormap([level.colour for level in levels]).with_extremes(bad="#ffffff")
+    norm = BoundaryNorm(np.arange(len(levels) + 1) - 0.5, len(levels))
+    image = ax.imshow(np.ma.masked_array(grid, missing), aspect="auto", interpolation="nearest",
+                      cmap=cmap, norm=norm,
                       extent=(-0.5, len(groups) - 0.5, len(keys) - 0.5, -0.5))
+    ax.set_label(HEATMAP_LABEL)
     stride = max(1, math.ceil(len(keys) / MAX_LAYER_LABELS))
     ticks = list(range(0, len(keys), stride))
-    ax.set_yticks(ticks, [data.layer_names.get(keys[i], keys[i]) for i in ticks],
-                  fontsize=7, parse_math=False)
+    ax.set_yticks(ticks, [keep_end(data.layer_names.get(keys[i], keys[i]), LAYER_LABEL_CHARS)
+                          for i in ticks], fontsize=7, parse_math=False)
     x_ticks = list(range(0, len(groups), max(1, len(groups) // 10)))
     ax.set_xticks(x_ticks, [str(groups[i][0].step) for i in x_ticks], fontsize=8)
     ax.set_xlabel("step (first check of each column)" if len(groups) < len(data.checks)
                   else "step")
-    figure.colorbar(image, ax=ax, label="layer distance", extend="max")
+    bar = figure.colorbar(image, ax=ax, label="layer distance", ticks=range(len(levels)))
+    bar.ax.set_yticklabels([level.label for level in levels], fontsize=7)

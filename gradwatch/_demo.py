@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -82,6 +83,14 @@ def _buggy_linear(torch: Any) -> Any:
     return DemoLinear
 
 
+def _check_line(step: int, steps: int, elapsed: float, loss: float, report: Any) -> str:
+    """One plain line per check, readable in a CI log without the table below it."""
+    estimated = "≈" if report.estimated else ""  # the summary's mark for a sampled distance
+    return (f"\n--- check at step {step}/{steps}, {elapsed:.1f} s into training: "
+            f"{report.verdict.upper()}, rel_distance {estimated}{report.rel_distance:.2e} "
+            f"(training loss {loss:.4f})")
+
+
 def validate_demo(*, steps: int, every: int, bug: str | None, bug_at: int | None) -> None:
     """Refuse settings that would make the demo show nothing, saying what to change."""
     from gradwatch._exceptions import ConfigError
@@ -111,9 +120,15 @@ def run_demo(
     mlflow: bool = True,
     tracking_uri: str | None = None,
     out: TextIO | None = None,
+    clock: Callable[[], float] = time.monotonic,
     **watch_options: Any,
 ) -> DemoResult:
-    """Train the demo model; print a progress bar and one table per check to `out`."""
+    """Train the demo model; print a progress bar and one table per check to `out`.
+
+    `out` (default stdout) gets a redrawn bar when it is a terminal, and plain lines (about ten
+    for the bar, one per check, no carriage return) when it is a log, a pipe or a file. `clock`
+    times the training (the bar's elapsed time and `DemoResult.seconds`).
+    """
     import torch
 
     from gradwatch._callback import GradWatch
@@ -139,8 +154,8 @@ def run_demo(
     watch_options.setdefault("budget", 2000)  # enough to localise the planted bug
     watch = GradWatch(every=every, loss_fn=loss_fn, mlflow=mlflow, tracking_uri=tracking_uri,
                       experiment_name="gradwatch-demo", **watch_options)
-    bar = ProgressBar("training", stream=stream, rate=4.0, unit="steps")
-    started = time.perf_counter()
+    # one bar for the whole training: its elapsed time is the training's, across the checks
+    bar = ProgressBar("training", stream=stream, rate=4.0, unit="steps", clock=clock)
     loss_value = float("nan")
     try:
         for step in range(1, steps + 1):
@@ -150,9 +165,8 @@ def run_demo(
             if bug is not None and step == bug_at:
                 planted: Any = model[3]
                 planted.bug = bug
-                bar.close()
-                stream.write(f"\n>>> step {step}: planted bug '{bug}' in layer 3 "
-                             f"({BUG_KINDS[bug]}); the forward pass is unchanged\n")
+                bar.note(f"\n>>> step {step}: planted bug '{bug}' in layer 3 "
+                         f"({BUG_KINDS[bug]}); the forward pass is unchanged")
             model.train()
             loss = loss_fn(model, batch)
             optimizer.zero_grad()
@@ -160,18 +174,15 @@ def run_demo(
             optimizer.step()
             loss_value = float(loss.detach())
             report = watch.step(model, batch, step=step)
-            bar(step, steps)
             if report is not None:
-                bar.close()
-                stream.write(f"\n--- check at step {step} (training loss {loss_value:.4f})\n")
-                stream.write(report.summary(max_layers=8) + "\n")
-                stream.flush()
-                bar = ProgressBar("training", stream=stream, rate=4.0, unit="steps")
+                bar.note(_check_line(step, steps, bar.elapsed, loss_value, report))
+                bar.note(report.summary(max_layers=8))
+            bar(step, steps)
     finally:
         bar.close()
         watch.close()
     return DemoResult(
         run_id=watch.run_id, tracking_uri=watch._resolved_uri, reports=watch.reports,
         final_loss=loss_value, steps=steps,
-        seconds=time.perf_counter() - started,
+        seconds=bar.elapsed,
     )

@@ -100,9 +100,10 @@ def _run(args: argparse.Namespace) -> int:
     from gradwatch._monitor_metrics import serve_metrics
     from gradwatch._monitor_read import resolve_experiments
 
-    config = load_config(args.config)
+    # the channels' URLs are read with the rest, so that an unset variable is listed with the
+    # file's problems, all at once, before anything is printed as valid or started
+    config = load_config(args.config, resolve_channels=True)
     if args.check:
-        config.resolved_channels()  # a missing secret is a config error too: before printing
         print(json.dumps(config.describe(), indent=2))
         return EXIT_OK
     logging.basicConfig(level=args.log_level, stream=sys.stderr,

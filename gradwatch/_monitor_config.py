@@ -43,8 +43,9 @@ An example ``monitor.toml``::
 
 Notification URLs carry tokens, so the file never holds one in clear: a literal ``url`` is
 accepted only when `redact` would leave it unchanged (no user, password, path or query value);
-anything else is refused with the fix (``url_env`` or ``url_file``). The URLs are read once, at
-start-up, by `MonitorConfig.resolved_channels`. `repr`, `MonitorConfig.describe` and every
+anything else is refused with the fix (``url_env`` or ``url_file``). The URLs are read at
+start-up, by `MonitorConfig.resolved_channels`; ``load_config(..., resolve_channels=True)`` reads
+them too, to list an unset one with the file's problems. `repr`, `MonitorConfig.describe` and every
 error message are safe to log: channels show where their URL comes from, never the URL.
 
 Environment variables (``environ``, default `os.environ`) override the file, one value each:
@@ -89,7 +90,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from gradwatch._alerts import AlertPolicy
-from gradwatch._exceptions import ConfigError, missing_dependency
+from gradwatch._exceptions import ConfigError, MissingDependencyError, missing_dependency
 from gradwatch._monitor_schema import _parse_url, default_state_url
 from gradwatch._notify import Notifier, _scrub_urls, make_notifier, redact
 from gradwatch._report import Thresholds
@@ -415,12 +416,18 @@ class MonitorConfig(_Section):
 
 # ---------------------------------------------------------------------------- loading
 def load_config(
-    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None,
+    *, resolve_channels: bool = False,
 ) -> MonitorConfig:
     """Read `path` (TOML, or YAML with PyYAML), apply ``GRADWATCH_*`` overrides, validate.
 
     `path` None: ``$GRADWATCH_CONFIG``, else the environment alone. `environ` defaults to
     `os.environ`. Every problem is reported at once, one line each, in one `ConfigError`.
+    `resolve_channels` also reads each channel's URL now (from `environ` or its file) and
+    builds its notifier, so that an unset variable or a URL no notifier takes is listed with
+    the file's problems (`gradwatch monitor --check`, and the monitor before it starts).
+    It is off by default because `status` and `silence` read the config only for its state and
+    must work from a shell that does not hold the channels' secrets.
 
     Example:
         >>> config = load_config(None, {"GRADWATCH_EXPERIMENTS": "a,b",
@@ -450,14 +457,37 @@ def load_config(
         data["tracking_uri"] = env["MLFLOW_TRACKING_URI"]
         sources[("tracking_uri",)] = "MLFLOW_TRACKING_URI"
     data.setdefault("state_url", default_state_url(env))
+    config: MonitorConfig | None = None
     try:
         config = MonitorConfig.model_validate(data)
     except ValidationError as exc:
         problems += _describe_errors(exc, sources)
-    else:
-        if not problems:
-            return config
+    if resolve_channels:
+        problems += _channel_problems(data.get("channels"), env)
+    if config is not None and not problems:
+        return config
     raise ConfigError(_summary(f"Invalid gradwatch monitor config ({origin})", problems))
+
+
+def _channel_problems(channels: Any, environ: Mapping[str, str]) -> list[str]:
+    """One line per channel whose URL cannot be read, or that no notifier accepts.
+
+    Reads the raw table, so that the channels are checked even when another part of the config
+    is invalid; a channel that is itself malformed is already among the validation errors.
+    """
+    if not isinstance(channels, Mapping):
+        return []
+    problems = []
+    for name, raw in channels.items():
+        try:
+            spec = ChannelSpec.model_validate(raw)
+        except ValidationError:
+            continue
+        try:
+            make_notifier(spec.resolve(environ).get_secret_value())
+        except (ConfigError, MissingDependencyError) as exc:  # apprise URLs need apprise
+            problems.append(f"channels.{name}: {exc}")
+    return problems
 
 
 def _summary(title: str, problems: list[str]) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from gradwatch._report import CheckReport
+from gradwatch._spool import RUN_FILE  # in a local id's spool: the run it became
 
 __all__ = [
     "COVERAGE_PREFIX",
@@ -234,10 +235,6 @@ def terminate_payload(*, run_id: str | None, local_id: str | None,
 def new_local_id() -> str:
     """A spool key for a run that is not known yet (`local-` + 32 hex digits)."""
     return "local-" + uuid.uuid4().hex
-
-
-#: In a spool keyed by a local id: the run that id became (written once it is known).
-RUN_FILE = "run.json"
 
 
 class Deliverer:

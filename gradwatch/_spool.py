@@ -4,18 +4,27 @@ Each check's record is appended to a journal on local disk (one fsync'd JSON lin
 training goes on; a background thread hands it to `deliver` (which logs it to MLflow) and marks
 it delivered. Nothing in training waits on the network and nothing is lost when the process
 dies: what is left is delivered by the next `Spool` on the same directory, or by hand with
-`gradwatch flush` (`replay`).
+`gradwatch flush` (`replay`, `replay_all`).
 
 Files in the spool directory::
 
     journal.jsonl   one envelope per line, UTF-8, appended and fsync'd by `append`:
                     {"id": "<uuid4 hex>", "created": <unix seconds>, "payload": {...}}
     delivered       one record id per line, appended and fsync'd after `deliver` returned
+    rejected.jsonl  the envelopes the receiver refused for good (`RejectedRecord`), with why
+    run.json        written by the deliverer of a spool whose run was not known yet
+                    (`_record.Deliverer`): the run its local id became
     .lock           flock'd by the one process that owns the spool; holds that process's PID
 
 A record is pending iff its id is in the journal and not in `delivered`. A torn line (a crash
 in the middle of a write) is skipped with a warning. `compact` rewrites both files (temporary
 file + `os.replace`) so that only pending records remain.
+
+Housekeeping: a spool opened with `remove_when_delivered=True` (GradWatch's own, and every
+`replay`) deletes its folder when it is closed with nothing pending and nothing rejected,
+holding its lock while it does; a folder with a pending or a rejected record is never deleted.
+The journal goes first, so a crash halfway leaves a folder with nothing pending, which the next
+replay removes. `replay` only locks a folder that has something to deliver or to remove.
 
 Delivery is at least once: a crash between `deliver` returning and its mark reaching the disk
 delivers that record again, so `deliver` must be idempotent. MLflow's SQL store ignores a metric
@@ -27,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import math
@@ -41,16 +49,30 @@ from types import TracebackType
 from typing import Any, NamedTuple
 
 from gradwatch._exceptions import ConfigError, InputError, SpoolLockedError
+from gradwatch._files import (
+    acquire_pid_lock,
+    count_lines,
+    fsync_directory,
+    open_append,
+    replace_file,
+    truncate_quietly,
+    write_all,
+)
 
 __all__ = [
+    "RUN_FILE",
     "Deliver",
     "FlushResult",
+    "FolderResult",
     "RejectedRecord",
     "Spool",
     "SpoolLockedError",
+    "SpoolState",
     "acquire_pid_lock",
     "default_spool_dir",
+    "peek",
     "replay",
+    "replay_all",
 ]
 
 Payload = dict[str, Any]
@@ -63,7 +85,13 @@ Deliver = Callable[[Payload], None]
 JOURNAL = "journal.jsonl"
 DELIVERED = "delivered"
 REJECTED = "rejected.jsonl"
+RUN_FILE = "run.json"
 LOCK = ".lock"
+#: What a spool folder may hold, in the order a removal deletes it: the journal first (without
+#: it nothing is pending, so a crash after it loses nothing), the lock last. `.tmp` files are
+#: what a crash in `replace_file` or the deliverer's atomic write leaves.
+_REMOVAL_ORDER = (JOURNAL, JOURNAL + ".tmp", DELIVERED, DELIVERED + ".tmp", RUN_FILE,
+                  RUN_FILE + ".tmp", LOCK)
 
 _ID_LENGTH = 32  # uuid4().hex
 _LOGGER = logging.getLogger("gradwatch")
@@ -85,6 +113,34 @@ class FlushResult(NamedTuple):
     delivered: int
     pending: int
     last_error: str | None
+
+
+class SpoolState(NamedTuple):
+    """What a spool folder holds, as `peek` reads it without taking the lock."""
+
+    pending: int
+    rejected: int
+
+
+class FolderResult(NamedTuple):
+    """What `replay_all` did with one spool folder.
+
+    `delivered`: records the receiver accepted now. `rejected`: records kept in rejected.jsonl,
+    refused now (`rejected_now` of them) or before; `rejected_reason` is the first one's reason.
+    `in_use`: another live process owns the folder (`owner_pid`, None when unknown), which was
+    left alone; `pending` is then what that process still has to deliver.
+    """
+
+    directory: Path
+    delivered: int
+    pending: int
+    rejected: int
+    removed: bool
+    last_error: str | None = None
+    rejected_reason: str | None = None
+    rejected_now: int = 0
+    in_use: bool = False
+    owner_pid: int | None = None
 
 
 class _Slot(NamedTuple):
@@ -131,6 +187,8 @@ class Spool:
     exponential backoff (`backoff_initial` · 2ⁿ seconds, at most `backoff_max`); `flush`
     delivers on the caller's thread; `close` stops the thread and leaves what is pending on disk.
     Opening a spool takes `<directory>/.lock`; a second owner gets `SpoolLockedError`.
+    With `remove_when_delivered`, `close` deletes the folder when nothing in it is pending or
+    rejected (`removed` says whether it did).
 
     >>> import tempfile
     >>> received = []
@@ -153,10 +211,11 @@ class Spool:
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
         compact_after_bytes: int = 1 << 20,
+        remove_when_delivered: bool = False,
         logger: logging.Logger = _LOGGER,
     ) -> None:
         _validate_settings(deliver, backoff_initial, backoff_max, compact_after_bytes)
-        self.directory = _make_directory(Path(directory))
+        self.directory = Path(directory)
         self._deliver = deliver
         self._clock = clock
         self._stop = threading.Event()
@@ -179,21 +238,26 @@ class Spool:
         self._thread: threading.Thread | None = None
         self._closed = False  # no new work; whoever ends the last delivery closes the files
         self._released = False  # files closed, lock released
-        self._lock_fd = acquire_pid_lock(
-            self.directory / LOCK, lambda pid: SpoolLockedError(self.directory, pid)
-        )
+        self._remove_when_delivered = remove_when_delivered
+        self._removed = False
+        self._lock_fd = _lock_folder(self.directory)
         self._journal_fd = self._delivered_fd = -1
         self._journal_size = self._delivered_size = 0  # bytes; the next append's offset
         try:
-            self._journal_fd = _open_append(self.directory / JOURNAL)
-            self._delivered_fd = _open_append(self.directory / DELIVERED)
-            _fsync_directory(self.directory)  # the files' names are durable too
+            self._journal_fd = open_append(self.directory / JOURNAL)
+            self._delivered_fd = open_append(self.directory / DELIVERED)
+            fsync_directory(self.directory)  # the files' names are durable too
             self._load()
         except BaseException:
             for fd in (self._journal_fd, self._delivered_fd, self._lock_fd):
                 if fd >= 0:
                     os.close(fd)
             raise
+
+    @property
+    def removed(self) -> bool:
+        """True once `close` deleted the folder (all delivered, nothing rejected)."""
+        return self._removed
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._thread else "idle"
@@ -227,11 +291,11 @@ class Spool:
             self._check_open("append")
             offset = self._journal_size
             try:
-                _write_all(self._journal_fd, line)
+                write_all(self._journal_fd, line)
                 os.fsync(self._journal_fd)
             except OSError:
                 # Never leave half a line for the next append to be glued onto.
-                _truncate_quietly(self._journal_fd, offset)
+                truncate_quietly(self._journal_fd, offset)
                 raise
             self._journal_size = offset + len(line)
             self._pending[record_id] = _Slot(offset, len(line))
@@ -317,7 +381,8 @@ class Spool:
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the background thread, waiting up to `timeout` seconds for a delivery in
-        flight, and release the spool; pending records stay on disk for the next owner.
+        flight, and release the spool; pending records stay on disk for the next owner. With
+        `remove_when_delivered`, a folder with nothing pending nor rejected is deleted.
 
         If the delivery outlasts `timeout`, the lock stays held until it returns (or the
         process exits), so that no other process delivers the same record meanwhile.
@@ -353,17 +418,17 @@ class Spool:
         with self._delivery_lock, self._lock:
             self._check_open("compact")
             lines = [os.pread(self._journal_fd, s.length, s.offset) for s in self._pending.values()]
-            _replace_file(self.directory / JOURNAL, b"".join(lines))
+            replace_file(self.directory / JOURNAL, b"".join(lines))
             os.close(self._journal_fd)
-            self._journal_fd = _open_append(self.directory / JOURNAL)
+            self._journal_fd = open_append(self.directory / JOURNAL)
             offset = 0
             for record_id, line in zip(self._pending, lines):
                 self._pending[record_id] = _Slot(offset, len(line))
                 offset += len(line)
             self._journal_size = offset
-            _replace_file(self.directory / DELIVERED, b"")
+            replace_file(self.directory / DELIVERED, b"")
             os.close(self._delivered_fd)
-            self._delivered_fd = _open_append(self.directory / DELIVERED)
+            self._delivered_fd = open_append(self.directory / DELIVERED)
             self._delivered_size = 0
 
     # -- internals ---------------------------------------------------------------------------
@@ -424,10 +489,10 @@ class Spool:
             with self._lock:
                 mark = f"{record_id}\n".encode("ascii")
                 try:
-                    _write_all(self._delivered_fd, mark)
+                    write_all(self._delivered_fd, mark)
                     os.fsync(self._delivered_fd)
                 except OSError as error:  # delivered, but it will be delivered again
-                    _truncate_quietly(self._delivered_fd, self._delivered_size)
+                    truncate_quietly(self._delivered_fd, self._delivered_size)
                     return _Attempt(record_id, error)
                 self._delivered_size += len(mark)
                 del self._pending[record_id]
@@ -489,8 +554,45 @@ class Spool:
             if self._released:
                 return
             self._released = True
-            for fd in (self._journal_fd, self._delivered_fd, self._lock_fd):
-                os.close(fd)
+            try:
+                if self._remove_when_delivered and not self._pending:
+                    self._remove_folder()  # while the flock is still ours
+            finally:
+                for fd in (self._journal_fd, self._delivered_fd, self._lock_fd):
+                    os.close(fd)
+
+    def _remove_folder(self) -> None:
+        """Delete the spool's folder: called under `_lock`, with the flock held and nothing
+        pending. Anything rejected, or a file the spool did not write, keeps it."""
+        try:
+            rejected = count_lines(self.directory / REJECTED)
+            if rejected:
+                self._logger.warning(
+                    "gradwatch spool %s: kept: %d record(s) the receiver refused are in %s; "
+                    "inspect them, then delete the folder", self.directory, rejected, REJECTED,
+                )
+                return
+            unknown = set(os.listdir(self.directory)) - set(_REMOVAL_ORDER)
+            if unknown:
+                self._logger.info("gradwatch spool %s: kept: it holds files gradwatch did not "
+                                  "write (%s)", self.directory, ", ".join(sorted(unknown)))
+                return
+            for name in _REMOVAL_ORDER:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.directory / name)
+                if name == JOURNAL:  # the journal's removal is durable before the rest goes
+                    fsync_directory(self.directory)
+        except OSError as error:  # nothing pending: whatever is left loses nothing
+            self._logger.warning("gradwatch spool %s: could not remove the delivered spool: %s",
+                                 self.directory, _describe(error))
+            return
+        try:
+            os.rmdir(self.directory)
+            self._removed = True
+        except OSError:
+            # Another process made a new lock here the moment ours was unlinked (the folder is
+            # its spool from then on), or the folder is gone already: either way, not ours.
+            self._logger.debug("gradwatch spool %s: not removed, in use again", self.directory)
 
     def _load(self) -> None:
         """Read both files once: the pending ids and where their lines lie."""
@@ -522,7 +624,7 @@ class Spool:
                         "gradwatch spool %s: the last line of %s is torn (a crash mid-write?)",
                         self.directory, name,
                     )
-                    _write_all(fd, b"\n")
+                    write_all(fd, b"\n")
                     os.fsync(fd)
                     line += b"\n"
                 if len(line) > 1:
@@ -530,33 +632,115 @@ class Spool:
                 offset += len(line)
 
 
+def peek(directory: str | os.PathLike[str]) -> SpoolState | None:
+    """How many records a spool folder has pending and rejected, read without its lock (so a
+    live owner may change it meanwhile: decide nothing destructive on it). None when it holds
+    no spool (no journal and no lock file)."""
+    path = Path(directory)
+    try:
+        journal = (path / JOURNAL).read_bytes()
+    except FileNotFoundError:
+        if not (path / LOCK).exists():
+            return None
+        journal = b""
+    except NotADirectoryError:
+        return None
+    try:
+        delivered = set((path / DELIVERED).read_bytes().split())
+    except FileNotFoundError:
+        delivered = set()
+    pending = 0
+    for line in journal.splitlines():
+        # `_encode` writes the id first: a slice, not a JSON parse, for the common case.
+        fast = line[7:39] if line.startswith(b'{"id":"') and line[39:40] == b'"' else None
+        record_id = fast if fast is not None else (_envelope_id(line) or "").encode("ascii")
+        if record_id and record_id not in delivered:
+            pending += 1
+    return SpoolState(pending, count_lines(path / REJECTED))
+
+
 def replay(
     directory: str | os.PathLike[str],
     deliver: Deliver,
     *,
     timeout: float | None = None,
+    remove_when_delivered: bool = True,
     logger: logging.Logger = _LOGGER,
 ) -> FlushResult:
     """Deliver what a spool holds, now, on this thread (the `gradwatch flush` command).
 
     Takes the spool's lock (`SpoolLockedError` if a training process still owns it), flushes,
-    compacts when everything is delivered, and releases it.
+    compacts when everything is delivered, and releases it — deleting the folder when nothing
+    is pending or rejected (unless `remove_when_delivered=False`). A folder with nothing to
+    deliver and something rejected, or no spool at all, is left as it is, unlocked.
 
-    >>> import tempfile
-    >>> with tempfile.TemporaryDirectory() as directory:
+    >>> import pathlib, tempfile
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     directory = pathlib.Path(root) / "run-1"
     ...     with Spool(directory, deliver=print) as spool:  # never started nor flushed
     ...         record_id = spool.append({"step": 7})
-    ...     replay(directory, print, timeout=5.0)
+    ...     print(replay(directory, print, timeout=5.0), directory.exists())
     {'step': 7}
-    FlushResult(delivered=1, pending=0, last_error=None)
+    FlushResult(delivered=1, pending=0, last_error=None) False
     """
-    if not Path(directory).is_dir():
+    done = _replay_folder(Path(directory), deliver, timeout, remove_when_delivered, logger)
+    if done is None:
         return FlushResult(0, 0, None)
-    with Spool(directory, deliver=deliver, logger=logger) as spool:
+    # as Spool.flush counts: a record set aside in rejected.jsonl is done with
+    return FlushResult(done.delivered + done.rejected_now, done.pending, done.last_error)
+
+
+def replay_all(
+    root: str | os.PathLike[str],
+    deliverer: Callable[[Path], Deliver],
+    *,
+    timeout: float | None = None,
+    skip: Path | None = None,
+    logger: logging.Logger = _LOGGER,
+) -> list[FolderResult]:
+    """`replay` each spool folder under `root` (sorted by name; `skip` and folders holding no
+    spool are left out), with `deliverer(folder)` as its `deliver`. A folder another live
+    process owns is left to it (`in_use`); `timeout` is per folder."""
+    try:
+        folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and p != skip)
+    except FileNotFoundError:
+        return []
+    results = []
+    for folder in folders:
+        try:
+            done = _replay_folder(folder, deliverer(folder), timeout, True, logger)
+        except SpoolLockedError as exc:
+            state = peek(folder) or SpoolState(0, 0)
+            done = FolderResult(folder, 0, state.pending, state.rejected, False, in_use=True,
+                                owner_pid=exc.pid)
+        if done is not None:  # None: not a spool
+            results.append(done)
+    return results
+
+
+def _replay_folder(
+    directory: Path, deliver: Deliver, timeout: float | None, remove: bool,
+    logger: logging.Logger,
+) -> FolderResult | None:
+    state = peek(directory)
+    if state is None:  # nothing there, or not a spool: never create one here
+        return None
+    if state.pending == 0 and state.rejected:
+        # Kept for its rejected records, nothing to deliver: no lock taken, nothing opened, so
+        # a GradWatch start costs one read of each such folder.
+        return FolderResult(directory, 0, 0, state.rejected, False,
+                            rejected_reason=_first_rejection(directory))
+    with Spool(directory, deliver=deliver, logger=logger,
+               remove_when_delivered=remove) as spool:
+        before = count_lines(directory / REJECTED)
         result = spool.flush(timeout)
         if result.pending == 0:
             spool.compact()
-    return result
+    rejected = 0 if spool.removed else count_lines(directory / REJECTED)
+    now = max(rejected - before, 0)  # flush counts them as done; they were not delivered
+    return FolderResult(directory, result.delivered - now, result.pending, rejected,
+                        spool.removed, result.last_error,
+                        _first_rejection(directory) if rejected else None, now)
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -587,76 +771,44 @@ def _validate_settings(
         )
 
 
+def _lock_folder(directory: Path) -> int:
+    """Make the spool's folder and take its lock. The folder's last owner may delete it (all
+    delivered) between our mkdir and our open of the lock: then make it again."""
+    attempts = 3
+    for attempt in range(attempts):
+        try:
+            _make_directory(directory)
+            return acquire_pid_lock(directory / LOCK,
+                                    lambda pid: SpoolLockedError(directory, pid))
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _make_directory(directory: Path) -> Path:
-    if directory.exists() and not directory.is_dir():
-        raise ConfigError(
-            f"directory must be a directory for the spool, got {directory}, which is a file. "
-            f"Pass another path or set GRADWATCH_SPOOL_DIR."
-        )
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:  # what is there is not a directory, or no longer there at all
+        if os.path.lexists(directory) and not directory.is_dir():
+            raise ConfigError(
+                f"directory must be a directory for the spool, got {directory}, which is a "
+                f"file. Pass another path or set GRADWATCH_SPOOL_DIR."
+            ) from None
+        if not directory.is_dir():  # a folder, removed the moment after: `_lock_folder` retries
+            raise FileNotFoundError(errno.ENOENT, "spool folder removed meanwhile",
+                                    str(directory)) from None
     return directory
 
 
-def acquire_pid_lock(path: Path, locked: Callable[[int | None], Exception]) -> int:
-    """flock `path` without waiting and write our PID into it; closing the returned descriptor
-    releases it. When another process (or descriptor) holds it, raise `locked(its PID)`."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+def _first_rejection(directory: Path) -> str | None:
+    """The reason the first record in rejected.jsonl was refused."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        holder = _read_pid(fd)
-        os.close(fd)
-        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise locked(holder) from None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    return fd
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 32, 0).decode("ascii").strip())
-    except (OSError, ValueError):
+        with open(directory / REJECTED, encoding="utf-8") as reader:
+            reason = json.loads(reader.readline()).get("rejected")
+    except (OSError, ValueError, AttributeError):
         return None
-
-
-def _open_append(path: Path) -> int:
-    # O_RDWR so that the same descriptor serves `os.pread`; O_APPEND puts writes at the end.
-    return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _truncate_quietly(fd: int, size: int) -> None:
-    """Cut a half-written line off (best effort: the disk may be what failed)."""
-    with contextlib.suppress(OSError):
-        os.ftruncate(fd, size)
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: temporary file, fsync, os.replace, fsync directory."""
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return str(reason) if reason is not None else None
 
 
 def _encode(envelope: Envelope) -> bytes:

@@ -87,3 +87,34 @@ def a_run_with_everything(client: MlflowClient) -> tuple[str, str]:
     checks.append((130, report({"encoder.weight": math.nan, EVIL_LAYER: math.nan,
                                 "head.bias": math.nan}, verdict="error")))
     return experiment_id, write_run(client, experiment_id, checks, name=EVIL_RUN)
+
+
+#: Real parameter names (T5, BERT, a PEFT LoRA adapter on Llama) longer than the ~32 characters
+#: the worst-elements table used to leave a name before it ran into the next column.
+LONG_LAYERS = (
+    "model.encoder.block.11.layer.1.DenseReluDense.wo.weight",
+    "bert.encoder.layer.11.attention.output.dense.weight",
+    "bert.encoder.layer.11.attention.output.dense.bias",
+    "base_model.model.model.layers.31.self_attn.q_proj.lora_A.default.weight",
+)
+
+
+def a_run_with_long_names(client: MlflowClient, experiment_id: str) -> str:
+    """A run named "bert-finetune" with 10 checks at steps 10..100 of LONG_LAYERS and
+    "head.bias", healthy (1e-10…1e-8) but for an alert in the BERT weight (step 60), a warn in
+    the BERT bias (step 70) and a NaN in head.bias (step 80); every layer reports two worst
+    elements with wide indices, so the worst-elements table fills with long names."""
+    checks = []
+    for step in range(10, 110, 10):
+        layers = {name: 1e-10 * (i + 1) * step / 10 for i, name in enumerate(LONG_LAYERS)}
+        layers["head.bias"] = 2e-10
+        if step == 60:
+            layers[LONG_LAYERS[1]] = 0.02
+        if step == 70:
+            layers[LONG_LAYERS[2]] = 3e-5
+        if step == 80:
+            layers["head.bias"] = math.nan
+        worst = {name: [element((3071 - i, 767), 2.0, 1.0), element((i, 1023), 1.5, 1.5)]
+                 for i, name in enumerate(layers)}
+        checks.append((step, report(layers, worst=worst)))
+    return write_run(client, experiment_id, checks, name="bert-finetune")

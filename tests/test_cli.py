@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,8 +14,10 @@ from pathlib import Path
 import pytest
 
 import gradwatch
+from gradwatch._demo import run_demo
+from gradwatch._progress import ProgressBar
 from gradwatch.testing import assert_gradients_ok
-from tests.mlflow_server import MlflowServer
+from tests.mlflow_server import FAIL_FAST_CLIENT_ENV, MlflowServer, free_port
 
 FACTORY = textwrap.dedent('''
     import torch
@@ -114,6 +118,9 @@ def test_demo_catches_its_planted_bug(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
+    # stdout is a pipe, as in CI: plain lines only, a bounded number of progress lines
+    assert "\r" not in out + result.stderr
+    assert len([line for line in out.splitlines() if line.startswith("training [")]) <= 10
     assert "planted bug 'row' in layer 3" in out
     before, after = out.split("planted bug")
     assert "gradwatch check: ALERT" not in before  # steps 1, 50, 100 are clean
@@ -133,7 +140,19 @@ def test_demo_catches_its_planted_bug(tmp_path: Path) -> None:
     assert max(m.value for m in verdicts) == 2.0
 
 
-def test_flush_delivers_what_a_dead_server_left_behind(
+def _spool_with(directory: Path, *payloads: dict[str, object]) -> None:
+    """A spool folder holding `payloads`, undelivered (as a dead server leaves them)."""
+    from gradwatch._spool import Spool
+
+    def unreachable(payload: dict[str, object]) -> None:
+        raise ConnectionError("tracking server down")
+
+    with Spool(directory, deliver=unreachable) as spool:
+        for payload in payloads:
+            spool.append(payload)
+
+
+def test_flush_delivers_what_a_dead_server_left_behind_and_removes_its_folder(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
     from mlflow import MlflowClient
@@ -144,19 +163,80 @@ def test_flush_delivers_what_a_dead_server_left_behind(
     client = MlflowClient(mlflow_server.url)
     experiment = client.create_experiment(f"flush-{tmp_path.name}")
     run_id = client.create_run(experiment).info.run_id
-
-    def unreachable(payload: dict[str, object]) -> None:
-        raise ConnectionError("tracking server down")
-
-    with Spool(tmp_path / "spool" / run_id, deliver=unreachable) as spool:
-        spool.append(params_payload({"gradwatch.every": 7}, run_id=run_id,
-                                    tracking_uri=mlflow_server.url))
-        assert len(spool.pending()) == 1
-    result = gradwatch_cli("flush", "--spool-dir", str(tmp_path / "spool"), cwd=tmp_path)
+    root = tmp_path / "spool"
+    _spool_with(root / run_id, params_payload({"gradwatch.every": 7}, run_id=run_id,
+                                               tracking_uri=mlflow_server.url))
+    Spool(root / "local-0123", deliver=print).close()  # an empty one, as they piled up before
+    result = gradwatch_cli("flush", "--spool-dir", str(root), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    line = json.loads(result.stdout.splitlines()[0])
-    assert line["delivered"] == 1 and line["pending"] == 0
+    assert result.stdout == "delivered 1 record from 1 run; 2 folders removed\n"
+    assert result.stderr == ""
     assert client.get_run(run_id).data.params["gradwatch.every"] == "7"
+    assert list(root.iterdir()) == []
+    again = gradwatch_cli("flush", "--spool-dir", str(root), cwd=tmp_path)
+    assert (again.returncode, again.stdout) == (0, f"nothing to flush: no spool in {root}\n")
+
+
+def test_flush_keeps_what_it_cannot_deliver_says_why_and_exits_2(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from gradwatch._record import params_payload
+    from gradwatch._spool import REJECTED, peek
+
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment(f"kept-{tmp_path.name}")).info.run_id
+    client.log_param(run_id, "gradwatch.every", "5")
+    root, dead = tmp_path / "spool", f"http://127.0.0.1:{free_port()}"
+    down, refused = root / "run-down", root / "run-refused"
+    _spool_with(down, params_payload({"gradwatch.every": 5}, run_id=run_id, tracking_uri=dead))
+    journal = (down / "journal.jsonl").read_bytes()
+    _spool_with(refused, params_payload({"gradwatch.every": 7}, run_id=run_id,  # changed
+                                        tracking_uri=mlflow_server.url))
+    result = gradwatch_cli("flush", "--spool-dir", str(root), cwd=tmp_path,
+                           env=FAIL_FAST_CLIENT_ENV)
+    assert result.returncode == 2, result.stdout + result.stderr
+    summary, *kept = result.stdout.splitlines()
+    assert summary == "delivered nothing; 0 folders removed"
+    assert kept[0].startswith(f"kept {down}: 1 record not delivered (MlflowException: ")
+    assert kept[1].startswith(f"kept {refused}: 1 record rejected, in {refused / REJECTED} "
+                              f"(MLflow refused it: INVALID_PARAMETER_VALUE: ")
+    assert len(kept) == 2
+    [reason] = result.stderr.splitlines()
+    assert reason.startswith("gradwatch: 1 record could not be delivered yet; it stays in ")
+    assert "1 record refused by MLflow is kept in rejected.jsonl" in reason
+    assert (down / "journal.jsonl").read_bytes() == journal  # intact, for the next flush
+    assert peek(refused) is not None and peek(refused) == (0, 1)
+
+    machine = gradwatch_cli("flush", "--json", "--spool-dir", str(root), cwd=tmp_path,
+                            env=FAIL_FAST_CLIENT_ENV)
+    assert machine.returncode == 2
+    document = json.loads(machine.stdout)  # one document, not a line per folder
+    assert {k: document[k] for k in ("delivered", "pending", "rejected", "removed")} == {
+        "delivered": 0, "pending": 1, "rejected": 1, "removed": 0}
+    assert [f["spool"] for f in document["folders"]] == [str(down), str(refused)]
+    assert "INVALID_PARAMETER_VALUE" in document["folders"][1]["rejected_reason"]
+
+
+def test_flush_leaves_a_running_trainings_folder_alone(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    owner = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from gradwatch._spool import Spool\n"
+         f"spool = Spool({str(root / 'live')!r}, deliver=print)\n"
+         "spool.append({'step': 1}); print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == "ready\n"
+        files = {p.name: p.read_bytes() for p in (root / "live").iterdir()}
+        result = gradwatch_cli("flush", "--spool-dir", str(root), cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout == (f"delivered nothing; 0 folders removed; 1 folder in use by a "
+                                 f"running process (PID {owner.pid}), left to it\n")
+        assert {p.name: p.read_bytes() for p in (root / "live").iterdir()} == files
+    finally:
+        owner.communicate("", timeout=30)
 
 
 def test_assert_gradients_ok_shows_the_worst_elements() -> None:
@@ -188,3 +268,85 @@ def test_demo_help_describes_it_and_its_defaults(tmp_path: Path) -> None:
     assert "plant a wrong backward" in result.stdout
     assert "training steps (default: 600)" in " ".join(result.stdout.split())
     assert "seed of the model and the data (default: 0)" in " ".join(result.stdout.split())
+
+
+# ---------------------------------------------------------------------------- progress output
+class TerminalStream(io.StringIO):
+    """A stream that says it is a terminal, as sys.stdout does in an interactive shell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class ManualClock:
+    """A clock the test sets: `now` seconds."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _seconds(lines: list[str]) -> list[float]:
+    """The elapsed time each progress or check line shows."""
+    found = [re.search(r"([0-9.]+) s( into training|$)", line) for line in lines]
+    assert all(found), lines
+    return [float(match.group(1)) for match in found if match]
+
+
+def test_demo_outside_a_terminal_writes_plain_lines_with_the_trainings_elapsed_time() -> None:
+    log = io.StringIO()  # a CI log: isatty() is False
+    result = run_demo(steps=40, every=20, mlflow=False, out=log)
+    text = log.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    checks = [line for line in lines if line.startswith("--- check at step")]
+    bars = [line for line in lines if line.startswith("training [")]
+    assert len(checks) == len(result.reports) == 3  # steps 1, 20, 40
+    assert checks[1].startswith("--- check at step 20/40, ")
+    assert ": OK, rel_distance " in checks[1] and "(training loss " in checks[1]
+    assert 1 <= len(bars) <= 10  # a few progress lines, not one per step
+    progress = [line for line in lines if line in checks or line in bars]
+    elapsed = _seconds(progress)
+    # the training's time throughout: it never restarts from 0 after a check
+    assert elapsed == sorted(elapsed) and elapsed[-1] > elapsed[0]
+    assert elapsed[-1] == pytest.approx(result.seconds, abs=0.2)
+
+
+def test_demo_in_a_terminal_redraws_one_line() -> None:
+    screen = TerminalStream()
+    run_demo(steps=40, every=20, mlflow=False, out=screen)
+    text = screen.getvalue()
+    assert text.count("\r") >= 2 and "\rtraining [" in text
+    assert "\n--- check at step 20/40, " in text  # a check starts on a line of its own
+    drawn = [part.splitlines()[0].rstrip() for part in text.split("\r")
+             if part.startswith("training [")]
+    assert _seconds(drawn) == sorted(_seconds(drawn))  # no restart after a check
+
+
+def test_progress_lines_outside_a_terminal_are_bounded_whatever_the_length() -> None:
+    log, clock = io.StringIO(), ManualClock()
+    bar = ProgressBar("training", stream=log, unit="steps", clock=clock)
+    for step in range(1, 100_001):
+        clock.now = step / 2  # half a second a step
+        bar(step, 100_000)
+        if step % 25_000 == 0:
+            bar.note(f"--- check at step {step}, {bar.elapsed:.1f} s into training")
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert len(lines) == 10 + 4  # one per tenth, one per check
+    assert lines[0] == "training [###...........................] 10,000/100,000 steps, 5000.0 s"
+    assert _seconds(lines) == sorted(_seconds(lines))
+
+    screen, clock = TerminalStream(), ManualClock()
+    bar = ProgressBar("training", stream=screen, unit="steps", rate=1.0, clock=clock)
+    for step in range(1, 11):
+        clock.now = step / 2
+        bar(step, 10)
+    bar.note("--- check at step 10")
+    bar.close()
+    drawn = screen.getvalue()
+    assert drawn.startswith("\rtraining [###") and drawn.count("\r") == 6  # at most 1 a second
+    assert "10/10 steps" in drawn and drawn.endswith("\n--- check at step 10\n")

@@ -28,7 +28,9 @@ from gradwatch._dashboard import (
 from tests.dashboard_runs import (
     EVIL_LAYER,
     EVIL_RUN,
+    LONG_LAYERS,
     a_run_with_everything,
+    a_run_with_long_names,
     element,
     new_experiment,
     report,
@@ -126,10 +128,30 @@ def test_worst_elements_of_every_check_when_there_are_few(client: MlflowClient) 
     table = page.split("Worst elements")[1].split("</table>")[0]
     rows = re.findall(r"<tr>(.*?)</tr>", table)[1:]
     assert [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in rows] == [
-        ["7", "w", "[3]", "1", "-1", "2", "1", ""],
+        ["7", "w", "[3]", "1", "-1", "2", '<span class="severe">1</span>', ""],
         ["7", "w", "[4]", "0.5", "0.5", "0", "0", "yes"],
     ]
     assert f'href="https://mlflow.example/prefix/#/experiments/{experiment_id}/runs/' in page
+
+
+def test_long_layer_names_keep_their_end_and_show_in_full_on_hover(client: MlflowClient) -> None:
+    _, experiment_id = new_experiment(client)
+    page = build_run_report(client, a_run_with_long_names(client, experiment_id))
+    worst = page.split("<h2>Worst elements</h2>")[1].split("</table>")[0]
+    lora = LONG_LAYERS[3]  # 71 characters: cut at a dot, keeping ".lora_A.default.weight"
+    cut = (f'<td><span class="cut" title="{lora}">'
+           f'…model.layers.31.self_attn.q_proj.lora_A.default.weight</span></td>')
+    assert worst.count(cut) == 10  # one worst element of it per check
+    assert outside_scripts(page).count(lora) == outside_scripts(page).count(f'title="{lora}"')
+    assert f"<td>{LONG_LAYERS[0]}</td>" in worst  # 55 characters: shown whole
+    assert f"<td>{LONG_LAYERS[1]}</td>" in page.split("Layers that reached")[1]
+
+    # the heatmap's colours and legend are the thresholds', and the page says so
+    scale = chart_data(page)["chart-layers"]["encoding"]["color"]["scale"]
+    assert scale["domain"][-3:] == ["warn 1e-5 – 1e-3", "alert ≥ 1e-3", "NaN / ±inf"]
+    assert scale["range"][-3:] == ["#f2a900", "#d62728", "#000000"]
+    assert "blue-grey below warn (1e-5), darker per decade; amber from warn; red from alert " \
+           "(1e-3); black: NaN or ±inf" in page
 
 
 def test_a_run_without_checks_gets_a_page_without_charts(client: MlflowClient) -> None:

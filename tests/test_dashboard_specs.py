@@ -1,9 +1,12 @@
 """The Vega-Lite specs shipped in gradwatch.dashboards, as files and filled with data, against
-the Vega-Lite v6 JSON schema that Altair bundles; and how the chart data are shaped (non-finite
-values, alert periods, heatmap grouping at 200 layers × 1,000 checks). No MLflow here."""
+the Vega-Lite v6 JSON schema that Altair bundles; how the chart data are shaped (non-finite
+values, alert periods, heatmap grouping at 200 layers × 1,000 checks); and the colours: the
+heatmap's scale anchored at the run's thresholds, in the spec and in the PNG's pixels, and the
+experiment chart's run colours. No MLflow here."""
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 from collections.abc import Mapping
@@ -16,17 +19,22 @@ import pytest
 
 from gradwatch import Thresholds
 from gradwatch._dashboard_charts import (
+    ALERT_COLOUR,
+    CALM_COLOURS,
     HEATMAP_MAX_CELLS,
     SPEC_NAMES,
+    WARN_COLOUR,
     alert_periods,
     experiment_distance_chart,
     heatmap_columns,
+    keep_end,
     load_spec,
     run_distance_chart,
     run_layers_chart,
     thin,
 )
 from gradwatch._dashboard_data import ExperimentData, RunData, RunSummary
+from gradwatch._dashboard_png import HEATMAP_LABEL, run_figure
 from gradwatch._monitor_read import CheckPoint, MonitoredRun
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -57,9 +65,11 @@ def monitored(run_id: str = "r1", name: str = "train") -> MonitoredRun:
                         params={"gradwatch.every": "10"})
 
 
-def run_data(checks: list[CheckPoint], layer_keys: list[str]) -> RunData:
+def run_data(checks: list[CheckPoint], layer_keys: list[str],
+             thresholds: Thresholds | None = None) -> RunData:
     return RunData(
-        run=monitored(), experiment_name="exp", thresholds=Thresholds(), checks=checks,
+        run=monitored(), experiment_name="exp", thresholds=thresholds or Thresholds(),
+        checks=checks,
         layer_names={key: key.removeprefix("gradwatch/layer/") for key in layer_keys},
         layer_order=layer_keys, worst_elements=[], worst_steps=[], artifact_steps=[],
     )
@@ -138,7 +148,8 @@ def test_a_run_of_200_layers_and_1000_checks_is_grouped_keeping_the_worst() -> N
     assert (alerting["step_from"], alerting["step_to"], alerting["step_last"]) == (4310, 4410, 4400)
     assert alerting["distance_text"] == "0.3" and alerting["checks"] == 10
     (nan_cell,) = [c for c in cells if c["layer_index"] == 18 and c["distance_text"] == "NaN"]
-    assert nan_cell["plotted"] == 0.3  # in the colour range (drawn black by its text)
+    assert cell_colour(spec, nan_cell) == "#000000"
+    assert cell_colour(spec, alerting) == ALERT_COLOUR
     assert [row["layer"] for row in spec["datasets"]["layers"]][:2] == [
         "block0.weight", "block1.weight"]
     assert spec["height"] == {"step": 9}
@@ -164,3 +175,113 @@ def test_load_spec_refuses_unknown_names_and_returns_copies() -> None:
     spec = load_spec("run-layers.json")
     spec["mark"] = "changed"
     assert load_spec("run-layers.json")["mark"] == {"type": "rect"}
+
+
+def cell_colour(spec: Mapping[str, Any], cell: Mapping[str, Any]) -> str:
+    """A heatmap cell's colour as the spec draws it: its level's label (the `levels` lookup)
+    through the colour scale's domain and range."""
+    labels = {row["level"]: row["colour_label"] for row in spec["datasets"]["levels"]}
+    scale = spec["encoding"]["color"]["scale"]
+    colour: str = scale["range"][scale["domain"].index(labels[cell["level"]])]
+    return colour
+
+
+def hue_and_saturation(colour: str) -> tuple[float, float]:
+    red, green, blue = (int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    hue, _, saturation = colorsys.rgb_to_hls(red, green, blue)
+    return hue * 360, saturation
+
+
+@pytest.mark.parametrize(("warn", "alert", "labels"), [
+    (1e-5, 1e-3, ["< 1e-8", "1e-8 – 1e-7", "1e-7 – 1e-6", "1e-6 – 1e-5", "warn 1e-5 – 1e-3",
+                  "alert ≥ 1e-3", "NaN / ±inf"]),
+    (1e-6, 0.05, ["< 1e-9", "1e-9 – 1e-8", "1e-8 – 1e-7", "1e-7 – 1e-6", "warn 1e-6 – 5e-2",
+                  "alert ≥ 5e-2", "NaN / ±inf"]),
+])
+def test_heatmap_colours_are_anchored_at_the_runs_thresholds(
+    warn: float, alert: float, labels: list[str]
+) -> None:
+    expected = {  # value → colour: the calm shades by decade below warn, then amber, red, black
+        0.0: CALM_COLOURS[0], warn / 1000 * 0.99: CALM_COLOURS[0], warn / 1000: CALM_COLOURS[1],
+        warn / 50: CALM_COLOURS[2], warn / 10: CALM_COLOURS[3], warn * 0.999: CALM_COLOURS[3],
+        warn: WARN_COLOUR, alert * 0.999: WARN_COLOUR, alert: ALERT_COLOUR, 0.7: ALERT_COLOUR,
+        math.inf: "#000000", math.nan: "#000000",
+    }
+    keys = [f"gradwatch/layer/l{i}" for i in range(len(expected))]
+    check = CheckPoint(10, 0, 1e-9, 0, None, dict(zip(keys, expected, strict=True)))
+    spec, _ = run_layers_chart(run_data([check], keys, Thresholds(warn=warn, alert=alert)))
+    assert schema_errors(spec) == []
+    drawn = [cell_colour(spec, cell) for cell in sorted(spec["datasets"]["layer_cells"],
+                                                         key=lambda cell: cell["layer_index"])]
+    assert drawn == list(expected.values())
+    for shade in CALM_COLOURS:  # blue-grey: nothing calm looks like amber or red
+        hue, _ = hue_and_saturation(shade)
+        assert 180 <= hue <= 240
+    # the legend is the scale, and says where its edges are
+    assert spec["encoding"]["color"]["scale"]["domain"] == labels
+    assert spec["encoding"]["color"]["legend"]["orient"] == "bottom"  # inside the chart
+
+
+def test_a_healthy_run_is_calm_whatever_its_range() -> None:
+    """1e-10…1e-8 was deep red when the scale spanned the run's own range."""
+    keys = ["gradwatch/layer/a", "gradwatch/layer/b"]
+    checks = [CheckPoint(step, 0, 1e-8, 0, None, {keys[0]: 1e-10 * step, keys[1]: 1e-8})
+              for step in range(1, 101)]
+    spec, _ = run_layers_chart(run_data(checks, keys))
+    colours = {cell_colour(spec, cell) for cell in spec["datasets"]["layer_cells"]}
+    assert colours == set(CALM_COLOURS[:2])  # the two lightest calm shades, nothing else
+
+
+def png_pixel(path: Path, figure: Any, column: int, row: int) -> tuple[int, ...]:
+    """The PNG's pixel at the centre of heatmap cell (column, row)."""
+    from PIL import Image
+
+    (axes,) = [ax for ax in figure.axes if ax.get_label() == HEATMAP_LABEL]
+    x, y = axes.transData.transform((column, row))
+    with Image.open(path) as image:
+        pixel: tuple[int, ...] = image.convert("RGB").getpixel(
+            (round(x), image.height - round(y)))
+    return pixel
+
+
+def test_png_heatmap_pixels_use_the_same_threshold_colours(tmp_path: Path) -> None:
+    keys = ["gradwatch/layer/encoder.weight", "gradwatch/layer/head.bias"]
+    checks = [CheckPoint(step, 0, 1e-9, 0, None, {keys[0]: 1e-9, keys[1]: 2e-9})
+              for step in range(10, 110, 10)]
+    checks[4] = CheckPoint(50, 0, 0.2, 2, None, {keys[0]: 0.2, keys[1]: 3e-5})
+    checks[7] = CheckPoint(80, 0, math.nan, 3, None, {keys[0]: math.nan, keys[1]: 2e-9})
+    figure = run_figure(run_data(checks, keys))
+    path = tmp_path / "report.png"
+    figure.savefig(path, format="png", dpi=figure.dpi)
+
+    def rgb(colour: str) -> tuple[int, ...]:
+        return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+
+    assert png_pixel(path, figure, 0, 0) == rgb(CALM_COLOURS[0])  # healthy: the lightest
+    assert png_pixel(path, figure, 4, 0) == rgb(ALERT_COLOUR)  # 0.2 ≥ alert
+    assert png_pixel(path, figure, 4, 1) == rgb(WARN_COLOUR)  # 3e-5: warn
+    assert png_pixel(path, figure, 7, 0) == (0, 0, 0)  # NaN
+
+
+def test_experiment_runs_get_distinct_hues_and_alert_checks_red() -> None:
+    spec = load_spec("experiment-distance.json")
+    lines, points = spec["layer"][1], spec["layer"][2]
+    palette = lines["encoding"]["color"]["scale"]["range"]
+    hues = [hue_and_saturation(colour) for colour in palette]
+    first = [hue for hue, _ in hues[:4]]
+    for i, a in enumerate(first):  # the first runs: hues at least 60° apart
+        for b in first[i + 1:]:
+            assert min(abs(a - b), 360 - abs(a - b)) >= 60, palette
+    for hue, saturation in hues:  # no run looks like an alert
+        assert saturation < 0.2 or min(hue, 360 - hue) >= 20, palette
+    assert spec["resolve"] == {"scale": {"color": "independent"}}  # points have their own
+    scale = points["encoding"]["color"]["scale"]
+    assert dict(zip(scale["domain"], scale["range"], strict=True))["alert"] == ALERT_COLOUR
+
+
+def test_keep_end_keeps_what_tells_weight_from_bias() -> None:
+    name = "base_model.model.model.layers.31.self_attn.q_proj.lora_A.default.weight"
+    assert keep_end(name, 60) == "…model.layers.31.self_attn.q_proj.lora_A.default.weight"
+    assert keep_end(name, 30) == "…q_proj.lora_A.default.weight"
+    assert len(keep_end(name, 30)) <= 30 and keep_end(name, 71) == name
+    assert keep_end("a." + "b" * 40, 10) == "…bbbbbbbbb"  # no dot to start at: a hard cut

@@ -207,3 +207,31 @@ def test_check_prints_the_config_without_secrets_and_bad_config_fails_first(
     missing = setup.run("status", "--state", str(nowhere))
     assert missing.returncode == 2 and "No monitor state at" in missing.stderr
     assert not nowhere.parent.exists()  # status creates nothing
+
+
+def test_check_lists_channel_problems_with_the_files_problems(tmp_path: Path) -> None:
+    """An unset channel variable and a value that is no URL come in the same listing as the
+    file's own problems, nothing printed as valid (MLflow is not needed to check a config)."""
+    config = tmp_path / "monitor.toml"
+    config.write_text(
+        'experiments = ["x"]\n'
+        "poll_intervall = 30\n"
+        "[thresholds]\nwarn = 1e-2\nalert = 1e-3\n"
+        f'[channels.hook]\nurl_env = "{HOOK_ENV}"\n'
+        '[channels.pager]\nurl_env = "GRADWATCH_TEST_PAGER"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
+    env["GRADWATCH_TEST_PAGER"] = SECRET  # a token without its URL
+    checked = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "monitor", "--check", "--config", str(config)],
+        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert checked.stdout == ""  # nothing printed as if valid
+    assert f"Invalid gradwatch monitor config (in {config}), 4 problems:" in checked.stderr
+    problems = [line.strip() for line in checked.stderr.splitlines()
+                if line.strip().startswith("- ")]
+    where = {line.split(":")[0].removeprefix("- "): line for line in problems}
+    assert set(where) == {"poll_intervall", "thresholds", "channels.hook", "channels.pager"}
+    assert f"environment variable {HOOK_ENV} is not set" in where["channels.hook"]
+    assert "does not hold a URL with a scheme" in where["channels.pager"]
+    assert SECRET not in checked.stderr and "Traceback" not in checked.stderr

@@ -324,3 +324,41 @@ def test_yaml_without_pyyaml_names_the_package(
     monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now raises ImportError
     with pytest.raises(ImportError, match="'PyYAML' package is not installed"):
         load_config(write(tmp_path, "experiments: [x]\n", "monitor.yaml"), BASE_ENV)
+
+
+def test_channels_resolved_with_the_config_add_their_problems_to_the_same_error(
+    tmp_path: Path,
+) -> None:
+    channels = """\
+        [channels.ops]
+        url_env = "SLACK_URL"
+        [channels.oncall]
+        url_file = "secrets/oncall"
+        [channels.pager]
+        url_env = "PAGER_URL"
+        """
+    path = write(tmp_path, 'experiments = ["x"]\npoll_interval = -1\n' + textwrap.dedent(
+        channels) + '[channels.broken]\nurl_env = "A"\nurl_file = "/b"\n')
+    env = {**BASE_ENV, "PAGER_URL": "xoxbSuperSecretToken42"}  # a token, not a URL
+    with pytest.raises(ConfigError) as unresolved:
+        load_config(path, env)  # the file alone: status and silence need no secrets
+    assert len(problems(unresolved)) == 2
+    with pytest.raises(ConfigError) as error:
+        load_config(path, env, resolve_channels=True)
+    lines = problems(error)
+    assert str(error.value).startswith(f"Invalid gradwatch monitor config (in {path}), "
+                                       f"5 problems:")
+    assert [line[4:].split(":")[0] for line in lines] == [
+        "poll_interval", "channels.broken", "channels.ops", "channels.oncall", "channels.pager"]
+    assert "environment variable SLACK_URL is not set" in lines[2]
+    assert f"cannot read url_file {tmp_path / 'secrets' / 'oncall'}" in lines[3]
+    assert "does not hold a URL with a scheme" in lines[4]
+    assert "xoxbSuperSecretToken42" not in str(error.value)
+
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "oncall").write_text(SECRET_URL, encoding="utf-8")
+    fixed = write(tmp_path, 'experiments = ["x"]\n' + textwrap.dedent(channels), "fixed.toml")
+    config = load_config(fixed, {**env, "SLACK_URL": SECRET_URL,
+                                 "PAGER_URL": "https://pager.example.com/p"},
+                         resolve_channels=True)
+    assert set(config.channels) == {"ops", "oncall", "pager"}

@@ -22,7 +22,20 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from gradwatch import ConfigError, GradwatchError, InputError
-from gradwatch._spool import DELIVERED, JOURNAL, FlushResult, Spool, SpoolLockedError, replay
+from gradwatch._spool import (
+    DELIVERED,
+    JOURNAL,
+    LOCK,
+    REJECTED,
+    FlushResult,
+    RejectedRecord,
+    Spool,
+    SpoolLockedError,
+    SpoolState,
+    peek,
+    replay,
+    replay_all,
+)
 from tests.mlflow_server import MlflowServer
 
 T0 = 1_700_000_000.0  # a fixed "now" for the injected clock
@@ -272,26 +285,267 @@ def test_a_second_spool_in_the_same_process_is_refused(tmp_path: Path) -> None:
     Spool(tmp_path, deliver=FlakyDeliver()).close()  # free again once closed
 
 
-def test_a_second_process_is_refused_with_the_owner_pid(tmp_path: Path) -> None:
+def _owner(directory: Path, *steps: int) -> subprocess.Popen[str]:
+    """Another live process that owns the spool at `directory`, with `steps` appended and not
+    delivered; it lets go when its stdin closes."""
     owner = subprocess.Popen(
         [
             sys.executable, "-c",
             "import sys; from gradwatch._spool import Spool\n"
-            f"spool = Spool({str(tmp_path)!r}, deliver=print)\n"
+            f"spool = Spool({str(directory)!r}, deliver=print)\n"
+            f"for step in {list(steps)!r}: spool.append({{'step': step}})\n"
             "print('ready', flush=True); sys.stdin.read(); spool.close()",
         ],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert owner.stdout is not None and owner.stdout.readline() == "ready\n"
+    return owner
+
+
+def test_a_second_process_is_refused_with_the_owner_pid(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    owner = _owner(directory)
     try:
-        assert owner.stdout is not None and owner.stdout.readline() == "ready\n"
         with pytest.raises(SpoolLockedError, match=rf"PID {owner.pid}\b") as caught:
-            Spool(tmp_path, deliver=FlakyDeliver())
-        assert caught.value.pid == owner.pid and caught.value.directory == tmp_path
+            Spool(directory, deliver=FlakyDeliver())
+        assert caught.value.pid == owner.pid and caught.value.directory == directory
         with pytest.raises(SpoolLockedError):
-            replay(tmp_path, FlakyDeliver(), timeout=1.0)
+            replay(directory, FlakyDeliver(), timeout=1.0)
     finally:
         owner.communicate("", timeout=30)
-    assert replay(tmp_path, FlakyDeliver(), timeout=1.0) == FlushResult(0, 0, None)
+    assert replay(directory, FlakyDeliver(), timeout=1.0) == FlushResult(0, 0, None)
+    assert not directory.exists()  # its owner gone and nothing in it: removed
+
+
+# -- housekeeping: a delivered folder goes, one with anything undelivered or rejected stays ------
+
+
+class Refuse:
+    """Refuses the records of `steps` for good (as MLflow refuses a changed param), takes the
+    others."""
+
+    def __init__(self, *steps: int) -> None:
+        self.steps = steps
+        self.received: list[dict[str, Any]] = []
+
+    def __call__(self, payload: dict[str, Any]) -> None:
+        if payload.get("step") in self.steps:
+            raise RejectedRecord("MLflow refused it: INVALID_PARAMETER_VALUE: changed param")
+        self.received.append(payload)
+
+
+def test_a_spool_removes_its_folder_once_everything_is_delivered(tmp_path: Path) -> None:
+    directory, deliver = tmp_path / "run-1", FlakyDeliver()
+    with Spool(directory, deliver=deliver, remove_when_delivered=True) as spool:
+        spool.append({"step": 1})
+        spool.append({"step": 2})
+        assert spool.flush(timeout=5.0) == FlushResult(2, 0, None)
+        assert directory.is_dir()  # open: more records may come
+    assert spool.removed and not directory.exists()
+    assert [payload["step"] for payload in deliver.received] == [1, 2]
+
+    kept = tmp_path / "kept"  # without remove_when_delivered, the files are the caller's
+    with Spool(kept, deliver=FlakyDeliver()) as spool:
+        spool.append({"step": 1})
+        spool.flush(timeout=5.0)
+    assert not spool.removed and len(_lines(kept / JOURNAL)) == 1
+
+
+def test_a_folder_with_an_undelivered_record_is_kept_with_its_records(tmp_path: Path) -> None:
+    directory = tmp_path / "run-1"
+
+    def step_1_only(payload: dict[str, Any]) -> None:
+        if payload["step"] != 1:
+            raise ConnectionError("tracking server down")
+
+    with Spool(directory, deliver=step_1_only, remove_when_delivered=True) as spool:
+        ids = [spool.append({"step": step}) for step in (1, 2, 3)]
+        assert spool.flush(timeout=5.0).pending == 2
+    assert not spool.removed
+    journal = (directory / JOURNAL).read_bytes()
+    assert peek(directory) == SpoolState(pending=2, rejected=0)
+
+    down = replay(directory, FlakyDeliver(failures=100), timeout=5.0)
+    assert (down.delivered, down.pending) == (0, 2)
+    assert down.last_error is not None and "ConnectionError" in down.last_error
+    assert (directory / JOURNAL).read_bytes() == journal  # not even compacted
+    with Spool(directory, deliver=FlakyDeliver()) as reopened:
+        assert [e["id"] for e in reopened.pending()] == ids[1:]
+
+    deliver = FlakyDeliver()
+    assert replay(directory, deliver, timeout=5.0) == FlushResult(2, 0, None)
+    assert [payload["step"] for payload in deliver.received] == [2, 3]
+    assert not directory.exists()
+
+
+def test_a_rejected_record_keeps_its_folder_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "run-1"
+    with caplog.at_level(logging.WARNING, logger="gradwatch"), \
+            Spool(directory, deliver=Refuse(2), remove_when_delivered=True) as spool:
+        for step in (1, 2, 3):
+            spool.append({"step": step})
+        assert spool.flush(timeout=5.0) == FlushResult(3, 0, None)
+    assert not spool.removed
+    [kept] = [json.loads(line) for line in _lines(directory / REJECTED)]
+    assert kept["payload"] == {"step": 2} and "INVALID_PARAMETER_VALUE" in kept["rejected"]
+    assert f"kept: 1 record(s) the receiver refused are in {REJECTED}" in caplog.text
+    assert peek(directory) == SpoolState(pending=0, rejected=1)
+
+    # Nothing to deliver: replays leave it alone without taking its lock (held here).
+    with Spool(directory, deliver=FlakyDeliver()):
+        assert replay(directory, FlakyDeliver(), timeout=1.0) == FlushResult(0, 0, None)
+        [result] = replay_all(tmp_path, lambda folder: FlakyDeliver(), timeout=1.0)
+    assert not result.in_use and (result.rejected, result.removed) == (1, False)
+    assert result.rejected_reason is not None and "changed param" in result.rejected_reason
+    assert len(_lines(directory / REJECTED)) == 1
+
+
+def test_a_folder_another_live_process_owns_is_left_alone(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    owner = _owner(root / "theirs", 1, 2)
+    try:
+        files = {p.name: p.read_bytes() for p in (root / "theirs").iterdir()}
+        deliver = FlakyDeliver()
+        [result] = replay_all(root, lambda folder: deliver, timeout=5.0)
+        assert result.in_use and result.owner_pid == owner.pid
+        assert (result.delivered, result.pending, result.removed) == (0, 2, False)
+        assert deliver.received == []
+        assert {p.name: p.read_bytes() for p in (root / "theirs").iterdir()} == files
+    finally:
+        owner.communicate("", timeout=30)
+    [result] = replay_all(root, lambda folder: deliver, timeout=5.0)  # its owner is gone
+    assert (result.delivered, result.removed, result.in_use) == (2, True, False)
+    assert list(root.iterdir()) == []
+
+
+def test_replay_all_clears_an_afternoon_of_leftovers(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    for index in range(12):  # delivered, never removed (as before housekeeping existed)
+        with Spool(root / f"old-{index:02d}", deliver=FlakyDeliver()) as spool:
+            spool.append({"step": index})
+            spool.flush(timeout=5.0)
+    with Spool(root / "pending", deliver=FlakyDeliver(failures=100)) as spool:
+        spool.append({"step": 1})
+    with Spool(root / "refused", deliver=Refuse(1)) as spool:
+        spool.append({"step": 1})
+        spool.flush(timeout=5.0)
+    with Spool(root / "half-removed", deliver=FlakyDeliver()):  # a crash after its journal went
+        pass
+    (root / "half-removed" / JOURNAL).unlink()
+    (root / "notes").mkdir()  # not a spool: never touched
+    (root / "notes" / "mine.txt").write_text("keep me")
+
+    deliver = FlakyDeliver()
+    results = {r.directory.name: r for r in replay_all(root, lambda f: deliver, timeout=5.0)}
+    assert "notes" not in results and len(results) == 15
+    assert all(results[f"old-{i:02d}"][1:5] == (0, 0, 0, True) for i in range(12))
+    assert results["pending"][1:5] == (1, 0, 0, True)
+    assert results["half-removed"].removed
+    refused = results["refused"]
+    assert (refused.rejected, refused.rejected_now, refused.removed) == (1, 0, False)
+    assert sorted(p.name for p in root.iterdir()) == ["notes", "refused"]
+    assert (root / "notes" / "mine.txt").read_text() == "keep me"
+    assert {p.name for p in (root / "refused").iterdir()} == {DELIVERED, JOURNAL, LOCK, REJECTED}
+    assert [payload["step"] for payload in deliver.received] == [1]
+
+
+#: Another process opening a spool, stopped (by an audit hook, which runs just before the call)
+#: between opening the lock file and flock-ing it, until its stdin says "go".
+PAUSED_WRITER = """
+import sys
+from gradwatch._spool import Spool
+
+paused = []
+
+def pause_before_the_first_flock(event, args):
+    if event == "fcntl.flock" and not paused:
+        paused.append(True)
+        print("opened", flush=True)
+        sys.stdin.readline()
+
+sys.addaudithook(pause_before_the_first_flock)
+spool = Spool(sys.argv[1], deliver=print)
+spool.append({"step": 7})
+print("appended", flush=True)
+sys.stdin.readline()
+spool.close()
+"""
+
+
+def test_a_spool_opened_while_its_last_owner_removes_it_gets_a_live_folder(
+    tmp_path: Path,
+) -> None:
+    """The race of housekeeping: B opens the lock file, A (all delivered) deletes the folder
+    and lets go, B's flock then succeeds — on a deleted file. B must see that and lock the
+    folder anew, or it would write into a folder that is gone (or that a third process owns)."""
+    directory = tmp_path / "run-1"
+    first = Spool(directory, deliver=FlakyDeliver(), remove_when_delivered=True)
+    first.append({"step": 1})
+    first.flush(timeout=5.0)
+    writer = subprocess.Popen([sys.executable, "-c", PAUSED_WRITER, str(directory)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdin is not None
+        assert writer.stdout.readline() == "opened\n"  # B holds the old lock file open
+        first.close()
+        assert first.removed and not directory.exists()
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline() == "appended\n", writer.communicate(timeout=30)
+        with pytest.raises(SpoolLockedError, match=rf"PID {writer.pid}\b"):
+            Spool(directory, deliver=FlakyDeliver())  # B owns the folder's real lock
+        assert peek(directory) == SpoolState(pending=1, rejected=0)
+    finally:
+        writer.communicate("", timeout=30)
+    assert writer.returncode == 0
+    deliver = FlakyDeliver()
+    assert replay(directory, deliver, timeout=5.0) == FlushResult(1, 0, None)
+    assert deliver.received == [{"step": 7}]
+
+
+def test_opening_and_removing_a_spool_at_once_loses_nothing(tmp_path: Path) -> None:
+    """A stress test of the same race: one thread replays the folder (delivers, removes it)
+    over and over while another opens it and appends, as training processes and `gradwatch
+    flush` may."""
+    directory, stop = tmp_path / "run-1", threading.Event()
+    delivered: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def remover() -> None:
+        while not stop.is_set():
+            try:
+                replay(directory, delivered.append, timeout=5.0)
+            except SpoolLockedError:
+                pass
+            except BaseException as error:
+                errors.append(error)
+                return
+            time.sleep(0.0005)  # let the writer in
+
+    thread = threading.Thread(target=remover)
+    thread.start()
+    written = []
+    deadline = time.monotonic() + 1.0
+    try:
+        while time.monotonic() < deadline:
+            step = len(written)
+            try:
+                with Spool(directory, deliver=FlakyDeliver(failures=100)) as spool:
+                    spool.append({"step": step})
+            except SpoolLockedError:
+                continue
+            written.append(step)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert errors == []
+    left = FlakyDeliver()
+    replay(directory, left, timeout=5.0)
+    assert sorted(p["step"] for p in delivered + left.received) == written
+    assert len(written) > 5  # the two really took turns
 
 
 # -- settings and inputs -----------------------------------------------------------------------
@@ -444,3 +698,38 @@ def test_records_survive_a_server_outage_and_replays_add_no_duplicates(
     assert replay(spool_dir, deliver_to_mlflow, timeout=60.0) == FlushResult(10, 0, None)
     _assert_exactly_once(client, run_id, range(1, 11))
     print(f"mlflow server start-up: {', '.join(f'{s:.1f} s' for s in server.startup_seconds)}")
+
+
+@pytest.mark.slow
+def test_a_spool_whose_run_is_not_ended_yet_is_kept_until_it_is(
+    restartable_mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """A spool keyed by a local id is all delivered only once its run exists and is ended:
+    the "run" record creates it, the "terminate" record, last, ends it."""
+    from gradwatch._record import (
+        RUN_FILE,
+        Deliverer,
+        new_local_id,
+        params_payload,
+        run_payload,
+        terminate_payload,
+    )
+
+    server, local_id = restartable_mlflow_server, new_local_id()
+    directory = tmp_path / "spool" / local_id
+    with Spool(directory, deliver=Deliverer(directory), remove_when_delivered=True) as spool:
+        spool.append(run_payload(local_id=local_id, tracking_uri=server.url,
+                                 experiment_name=f"housekeeping-{tmp_path.name}"))
+        spool.append(params_payload({"gradwatch.every": 5}, run_id=None,
+                                    tracking_uri=server.url, local_id=local_id))
+        assert spool.flush(timeout=60.0) == FlushResult(2, 0, None)
+        server.stop()
+        spool.append(terminate_payload(run_id=None, local_id=local_id, tracking_uri=server.url))
+        assert spool.flush(timeout=30.0).pending == 1
+    assert not spool.removed and peek(directory) == SpoolState(pending=1, rejected=0)
+    run_id = json.loads((directory / RUN_FILE).read_text())["run_id"]
+    server.start()
+    assert replay(directory, Deliverer(directory), timeout=60.0) == FlushResult(1, 0, None)
+    assert not directory.exists()
+    run = mlflow.MlflowClient(server.url).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["gradwatch.every"] == "5"
