@@ -129,14 +129,16 @@ def assess(engine: _Engine, *, seconds: float, probe: dict[str, object]) -> Chec
 
     common["precision"] = _precision_record(engine)
     common["coverage"] = _coverage(engine)
-    problem = _precision_problem(engine)
-    if problem is not None:
-        return CheckReport(
-            rel_distance=math.nan, verdict="error", coordinates=0, reasons=[problem],
-            layers={name: _unchecked(t, "error", "not judged: float64 precision was lost")
-                    for name, t in engine.tensors.items()},
-            **common,  # type: ignore[arg-type]
-        )
+    # a check that could not measure says "error" and why, with every layer unjudged
+    for problem, note in ((_precision_problem(engine), "float64 precision was lost"),
+                          (_resolution_problem(engine), "the loss is too flat here")):
+        if problem is not None:
+            return CheckReport(
+                rel_distance=math.nan, verdict="error", coordinates=0, reasons=[problem],
+                layers={name: _unchecked(t, "error", f"not judged: {note}")
+                        for name, t in engine.tensors.items()},
+                **common,  # type: ignore[arg-type]
+            )
 
     noise = engine.noise()
     results = {
@@ -232,10 +234,13 @@ def _joint_distance(screen: JointScreen) -> tuple[float, bool]:
     """Overall distance estimated from the joint directions, and whether any was significant:
     sqrt(mean d²) / (sqrt(mean a²) + sqrt(mean n²)), the recipe's formula in the screen's
     metric (each tensor weighted by its step); rounding alone reads ≤ 1/SIGNAL."""
-    d = np.array([p.discrepancy for p in screen.probes])
-    a = np.array([p.analytic for p in screen.probes])
-    n = np.array([p.numeric for p in screen.probes])
     significant = screen.fired  # confirmed: a kink crossed by the joint step is not
+    probes = screen.probes
+    if not significant:  # a direction shown to cross a kink measures the kink: left out
+        probes = [p for p in probes if not screen.significant(p.discrepancy)] or probes
+    d = np.array([p.discrepancy for p in probes])
+    a = np.array([p.analytic for p in probes])
+    n = np.array([p.numeric for p in probes])
     diff = math.sqrt(float(np.mean(d**2)))
     denominator = math.sqrt(float(np.mean(a**2))) + math.sqrt(float(np.mean(n**2)))
     if not significant:
@@ -312,6 +317,28 @@ def _precision_problem(engine: _Engine) -> str | None:
             f"{', '.join(repr(n) for n in engine.vanished)} vanish in rounding "
             f"(J(θ+δ) == J(θ−δ) exactly) while a 1e4× larger step agrees with backprop"
             f"{where}. " + PRECISION_HELP)
+
+
+def _resolution_problem(engine: _Engine) -> str | None:
+    """The screen saw nothing, but could not have seen an alert-sized error either: the loss
+    is so flat at the checked rows that its rounding hides the gradient (J ≈ 0, a model that
+    fits them almost exactly). Saying "ok" would be a verdict on nothing."""
+    screen = engine.screen if engine.joint_mode else None
+    if screen is None or screen.fired or not screen.probes:
+        return None
+    resolution = screen.resolution()
+    # judged against the alert threshold, but never below the default's: thresholds set under
+    # the rounding noise on purpose (to see every check alert) do not turn checks into errors
+    limit = max(engine.settings.thresholds.alert, Thresholds().alert)
+    if resolution <= limit:
+        return None
+    return (f"error: the check could not resolve the gradient: the loss is nearly flat at the "
+            f"checked rows (J = {engine.loss:.2g}, one evaluation rounds at "
+            f"{screen.sigma:.1e}), so a relative error below {resolution:.1e} in a typical "
+            f"tensor would not show — above the alert threshold {limit:.0e}. The model fits "
+            f"these rows almost exactly; "
+            f"a check on rows it does not fit yet can judge (more probe_rows, or a batch the "
+            f"model has not memorised).")
 
 
 def _rank(report: LayerReport) -> float:

@@ -16,11 +16,13 @@ judged against the measured noise of d — a significance test — so that a scr
 when |d| > SIGNIFICANCE · σ_d. A relative error r is then seen when 2·r·SIGNAL > SIGNIFICANCE:
 r ≥ 5e-6 with the constants below, under the warn threshold.
 
-The noise σ_d is measured, not assumed: the first direction is evaluated again at half its
-step. With D(s) = J(θ+sv) + J(θ−sv) − 2J(θ) = s²·vᵀHv + rounding, the combination
-4·D(s/2) − D(s) cancels the curvature and leaves rounding only (≈ √70·δJ); and
-n(s) − n(s/2) = ¾ of the truncation error of n(s). A δJ far above float64's own rounding means
-float64 was not kept end to end (see `_precision`).
+The noise σ_d is measured, not assumed: the first direction is evaluated again at r = 0.6 of
+its step. With D(s) = J(θ+sv) + J(θ−sv) − 2J(θ) = s²·vᵀHv + rounding, the combination
+D(r·s) − r²·D(s) cancels the curvature and leaves rounding only (≈ 2·δJ); and
+n(s) − n(r·s)/r = (1 − r²) × the truncation error of n(s). (Not r = ½: a loss rounded to a
+coarse grid — J near 0 made of larger terms, as a confident cross-entropy — doubles exactly
+on that grid and would read as noiseless.) A δJ far above float64's own rounding at
+max(|J|, 1) means float64 was not kept end to end (see `_precision`).
 
 When the screen fires, group testing localises: the firing direction restricted to half of the
 tensors gives d_left; d_right = d − d_left by linearity (2 evaluations per level, O(log K)
@@ -48,14 +50,21 @@ __all__ = ["JointProbe", "JointScreen"]
 
 Vector = NDArray[np.float64]
 
-_SIGNS = np.array([-1.0, 1.0])
-
 #: Directions of the joint screen (a bug is missed only if every one of them is unlucky).
 SCREEN_DIRECTIONS = 4
 #: |d| above SIGNIFICANCE · σ_d is a discrepancy; below it, rounding can explain it.
 SIGNIFICANCE = 10.0
 #: Each tensor's share of the analytic projection, in units of δJ: c = SIGNAL · δJ.
 SIGNAL = 1e6
+#: The shorter step of the noise measurement and of the confirmation, as a fraction of the
+#: first: not ½, whose exact doubling would let losses rounded to a coarse grid (J near 0
+#: made of larger terms) read as perfectly smooth and noiseless.
+RATIO = 0.6
+#: The confirmation's second ratio (1/√2: no small k makes both k·0.6 and k/√2 integers).
+CONFIRM_RATIO = 1 / math.sqrt(2)
+#: Std of D(r·s) − r²·D(s) in units of one evaluation's rounding δJ: √(6 + 6r⁴ − 8r²) (J(θ)
+#: is shared by both second differences).
+NOISE_SPREAD = math.sqrt(6 + 6 * RATIO**4 - 8 * RATIO**2)
 #: Largest step per element, relative to the tensor's RMS value (at least 1e-2 of it, so
 #: zero-initialised tensors move too): keeps truncation (∝ s³) below rounding.
 MAX_RELATIVE_STEP = 1e-4
@@ -68,6 +77,10 @@ PRECISION_MARGIN = 10.0
 #: Relative noise of one evaluation that only a lower precision explains (float64 rounds at
 #: 1.1e-16; its intermediates would have to cancel 10⁶-fold to reach this).
 FLOAT32_NOISE = 1e-10
+#: Losses are computed from quantities of order one or more (probabilities, log-sum-exps,
+#: normalised targets), so float64 rounds an evaluation at ≈ u·max(|J|, LOSS_SCALE) however
+#: small J gets (a cross-entropy of 1e-9 still rounds at ~1e-17): noise is judged against that.
+LOSS_SCALE = 1.0
 #: Noise above RESCALE × the assumed δJ: the steps are sized again for the measured noise.
 RESCALE = 4.0
 #: A check whose typical tensor cannot be resolved to this relative error cannot judge.
@@ -152,7 +165,9 @@ class JointScreen:
         rng = np.random.default_rng([self.engine.settings.seed, key, index])
         bits = np.unpackbits(np.frombuffer(rng.bytes(-(-tensor.numel // 8)), dtype=np.uint8),
                              count=tensor.numel)
-        signs = _SIGNS[bits]  # one pass: bit 0 → −1, bit 1 → +1
+        signs = bits.astype(np.float64)  # bit 0 → −1, bit 1 → +1, in place (3× a lookup)
+        signs *= 2.0
+        signs -= 1.0
         if tensor.excluded is not None:
             signs[tensor.excluded] = 0.0
         if len(self._signs) < 64:  # the screen's few directions, not group testing's masks
@@ -199,18 +214,33 @@ class JointScreen:
     def run(self, directions: int, values: dict[str, float]) -> None:
         engine = self.engine
         self.bound = ROUNDING_SAFETY * ROUNDING * abs(engine.loss)
-        self.delta_j = max(self.bound, abs(engine.loss - engine.loss_repeat), 1e-300)
+        # At least u·LOSS_SCALE: a J near 0 is still computed from terms of order one
+        # (module docstring), and a noise measurement may land exactly on their rounding grid.
+        self.delta_j = max(self.bound, ROUNDING * LOSS_SCALE,
+                           abs(engine.loss - engine.loss_repeat), 1e-300)
         self._floor = self.delta_j
         steps = self.step_sizes(values)
         first = self._noise(0, steps)
         # compared with the δJ the steps were sized for (`_noise` has replaced delta_j)
-        if self.sigma > RESCALE * self._floor and engine.remaining >= 4:
-            # One noisy direction may have crossed a ReLU/max-pool kink; rounding shows in
-            # every direction, a kink in few: the quieter of two measurements is kept.
-            first = min((first, self._noise(1, steps)),
-                        key=lambda item: math.hypot(item[1], item[2]))
+        # The screen always completes (a check that cannot tell its noise cannot judge): the
+        # two re-measurements below may take 8 evaluations over the budget.
+        if self.kinked or self.sigma > RESCALE * self._floor:
+            # The direction crossed a kink (or its rounding happened to grow like s), or it is
+            # noisy — perhaps a kink crossed: a kink is crossed in few directions, rounding
+            # shows in every one, so a second direction is measured. A kink-shaped measurement
+            # says nothing about rounding: the other one is kept, the quieter of two clean
+            # ones, and the floor only when both crossed a kink.
+            first_kinked, self.kinked = self.kinked, False
+            other = self._noise(1, steps)
+            other_kinked, self.kinked = self.kinked, self.kinked or first_kinked
+            if first_kinked and other_kinked:
+                first = (first[0], self._floor, 0.0)
+            elif first_kinked:
+                first = other
+            elif not other_kinked:
+                first = min((first, other), key=lambda item: math.hypot(item[1], item[2]))
             self._keep(first)
-        if self.sigma > RESCALE * self._floor and engine.remaining >= 4:
+        if self.sigma > RESCALE * self._floor:
             # Rounds worse than float64 at |J| (large terms cancelling, or float32 somewhere):
             # steps sized for the measured noise keep the resolution where they can, and the
             # noise is measured again at those steps.
@@ -218,8 +248,6 @@ class JointScreen:
             first = self._noise(0, self.step_sizes(values))
         self.probes = [first[0]]
         for key in range(1, directions):
-            if engine.remaining < 2:
-                break
             self.probes.append(self.evaluate(key + 1, first[0].steps))
         if directions > 1:
             engine.strategy.append(
@@ -230,22 +258,26 @@ class JointScreen:
             self.fired = self._confirm()
 
     def _noise(self, key: int, steps: dict[str, float]) -> tuple[JointProbe, float, float]:
-        """Direction `key` at `steps` and at half of them: the probe, the rounding of one
+        """Direction `key` at `steps` and at RATIO of them: the probe, the rounding of one
         evaluation and the truncation of d (see the module docstring); kept as the screen's
         noise at once (`_keep`)."""
         first = self.evaluate(key, steps)
-        half = self.evaluate(key, {n: s / 2 for n, s in steps.items()})
-        if _kink_shaped(first.second, half.second, self._floor):
+        second = self.evaluate(key, {n: s * RATIO for n, s in steps.items()})
+        # D(s) = s²·vᵀHv + rounding: D(r·s) − r²·D(s) leaves the rounding only, of std
+        # NOISE_SPREAD·δJ; n(s) − n(r·s)/r = (1 − r²)·(n(s)'s truncation error) + rounding
+        rounding = max(self._floor, abs(second.second - RATIO**2 * first.second) / NOISE_SPREAD)
+        truncation = abs(first.numeric - second.numeric / RATIO) / (1 - RATIO**2)
+        if first.numeric == 0 and first.second == 0:
+            # J(θ + δ) == J(θ − δ) == J(θ): the whole step sank below the losses' rounding
+            # (J near 0 on a coarse grid), which is then at least the change backprop expects
+            rounding = max(rounding, abs(first.analytic))
+        if _kink_shaped(first.second, second.second, self._floor):
             # D(s) ∝ s, not s²: the direction crossed a kink, which says nothing about
-            # rounding; the screen's kink logic deals with the crossing.
+            # rounding; the screen's kink logic deals with the crossing. (Far above the floor
+            # u·max(16|J|, LOSS_SCALE), so not a coarse rounding grid that happens to look so.)
             self.kinked = True
-            measured = (first, self._floor, 0.0)
-        else:
-            # rounding only: 4·D(s/2) − D(s) (the curvature cancels), std ≈ √70·δJ;
-            # n(s) − 2·n(s/2) = ¾ of n(s)'s truncation error (plus rounding)
-            measured = (first, max(self._floor, abs(4 * half.second - first.second)
-                                   / math.sqrt(70.0)),
-                        abs(first.numeric - 2 * half.numeric) * 4 / 3)
+            rounding, truncation = self._floor, 0.0
+        measured = (first, rounding, truncation)
         self._keep(measured)
         return measured
 
@@ -256,26 +288,36 @@ class JointScreen:
 
     def _confirm(self) -> bool:
         """Is the largest discrepancy a bug's? A wrong gradient makes d exactly linear in the
-        step (d = s·eᵀv), so at half the step it halves; a ReLU/max-pool kink crossed by the
-        joint step does not (at half the step it is crossed differently, or not at all).
-        2 evaluations, only when the screen fires."""
+        step (d = s·eᵀv), so at r·s it is r·d; a ReLU/max-pool kink crossed by the joint step
+        is not (at r·s it is crossed differently, or not at all), nor is a coarse rounding
+        grid — except by coincidence (k grid steps with k·r an integer), hence two unrelated
+        ratios. 2–4 evaluations, only when the screen fires."""
         probe = max(self.probes, key=lambda p: abs(p.discrepancy)
                     if math.isfinite(p.discrepancy) else math.inf)
         if not math.isfinite(probe.discrepancy):
             return True
-        half = self.evaluate(probe.key, {n: s / 2 for n, s in probe.steps.items()})
-        expected = probe.discrepancy / 2
-        linear = abs(half.discrepancy - expected) <= 0.25 * abs(expected) + \
-            SIGNIFICANCE * self.sigma
-        if not linear:
-            self.kinked = True
-        return linear
+        for ratio in (RATIO, CONFIRM_RATIO):
+            shorter = self.evaluate(probe.key, {n: s * ratio for n, s in probe.steps.items()})
+            expected = probe.discrepancy * ratio
+            nonlinear = abs(shorter.discrepancy - expected) > 0.25 * abs(expected) + \
+                SIGNIFICANCE * self.sigma
+            # A kink crossed just beside θ moves one side only, by an amount ∝ s: d is then
+            # linear too, but D = J(θ+δ) + J(θ−δ) − 2J(θ) grows like s (not s², as curvature
+            # does) and is as large as d: the kink explains the discrepancy.
+            crossed = _kink_shaped(probe.second, shorter.second, self._floor, ratio) and \
+                abs(probe.discrepancy) <= abs(probe.second)
+            if nonlinear or crossed:
+                self.kinked = True
+                return False
+        return True
 
     @property
     def suspicious(self) -> bool:
-        """One evaluation is noisier than float64 at |J| allows by PRECISION_MARGIN: a float32
-        path, or large terms cancelling (the backend's probe tells which)."""
-        return self.sigma > PRECISION_MARGIN * self.bound
+        """One evaluation is noisier than float64 at max(|J|, LOSS_SCALE) allows by
+        PRECISION_MARGIN: a float32 path, or large terms cancelling (the backend's probe tells
+        which)."""
+        scale = max(abs(self.engine.loss), LOSS_SCALE)
+        return self.sigma > PRECISION_MARGIN * ROUNDING_SAFETY * ROUNDING * scale
 
     @property
     def unresolved(self) -> bool:
@@ -284,9 +326,9 @@ class JointScreen:
 
     @property
     def float32_like(self) -> bool:
-        """Noisier than float64 can be at |J| even with its terms cancelling a millionfold:
-        σ_d / |J| > FLOAT32_NOISE (float32 rounds at 6e-8)."""
-        return self.sigma > FLOAT32_NOISE * abs(self.engine.loss)
+        """Noisier than float64 can be at max(|J|, LOSS_SCALE) even with its terms cancelling
+        a millionfold: σ_d > FLOAT32_NOISE · that (float32 rounds at 6e-8)."""
+        return self.sigma > FLOAT32_NOISE * max(abs(self.engine.loss), LOSS_SCALE)
 
     # ------------------------------------------------------------------ localisation
     def localise(self) -> None:
@@ -392,9 +434,9 @@ class JointScreen:
         return scale > 0 and abs(probe.discrepancy) <= 1e-2 * scale
 
 
-def _kink_shaped(second: float, half: float, bound: float) -> bool:
-    """D(s) ≈ 2·D(s/2), far above rounding: the second difference grows like s (a kink crossed
+def _kink_shaped(second: float, shorter: float, bound: float, ratio: float = RATIO) -> bool:
+    """D(s) ≈ D(r·s)/r, far above rounding: the second difference grows like s (a kink crossed
     between θ − s·v and θ + s·v), not like s² (smooth) nor at random (rounding)."""
-    if not (abs(second) > 100 * bound and math.isfinite(second) and math.isfinite(half)):
+    if not (abs(second) > 100 * bound and math.isfinite(second) and math.isfinite(shorter)):
         return False
-    return second * half > 0 and abs(second - 2 * half) <= 0.25 * abs(second)
+    return second * shorter > 0 and abs(second - shorter / ratio) <= 0.25 * abs(second)
