@@ -263,3 +263,34 @@ def test_small_real_gradient_is_judged_on_its_own_scale(mode: str) -> None:
     if layer.rel_distance == layer.rel_distance:  # measured on its own (not only screened)
         assert layer.rel_distance == pytest.approx(0.03 / 2.03, rel=0.3)
     assert gradwatch.check_module(clean, batch, _ce, mode=mode, budget=60).verdict == "ok"
+
+
+# ---------------------------------------------------------------------- a loss near 0
+def test_a_memorising_classifier_never_alerts_and_says_when_it_cannot_judge() -> None:
+    """A correct MLP memorises 8 rows: its cross-entropy falls to ~1e-8, which float64 rounds
+    on a grid of ~1e-17 (log(1 + ε) rounds at u·1 however small J is), 10⁶× the bound
+    16·u·|J|. Measured with that bound and s/2 steps, the same run read 5 alerts and 20 "float64
+    precision was lost" errors; every check must read ok, or an error that says the loss is
+    too flat to judge — never warn/alert, never lost precision."""
+    with seeded(0):
+        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                              nn.Linear(64, 4))
+    generator = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 16, generator=generator),
+             torch.randint(0, 4, (8,), generator=generator))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    reports = []
+    for step in range(1, 1501):
+        loss = _ce(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0:  # at the adaptive budget's floor, as at every=1000
+            reports.append(gradwatch.check_module(model, batch, _ce, budget=12))
+    assert max(r.loss for r in reports) < 1e-7  # the regime this is about
+    verdicts = [r.verdict for r in reports]
+    assert "warn" not in verdicts and "alert" not in verdicts, [r.summary() for r in reports]
+    errors = [r for r in reports if r.verdict == "error"]
+    assert all(r.reasons[0].startswith("error: the check could not resolve the gradient: the "
+                                       "loss is nearly flat") for r in errors)
+    assert verdicts.count("ok") >= len(reports) // 2
