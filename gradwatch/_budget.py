@@ -11,8 +11,10 @@ evaluations, clamped to [MINIMUM, MAXIMUM]. MINIMUM is what PyTorch's joint scre
 tensor costs (`_screen`: J twice, the noise measurement, 4 directions), so even a check at the
 floor looks at every tensor. Backends that perturb one tensor at a time (Keras, JAX) cover the
 next tensors of a rotation instead, the following checks covering the rest. The seconds per
-training step are the wall time of the loop between two checks divided by the steps between
-them (nothing is timed on the steps in between).
+training step are the wall time of the loop over the STEP_WINDOW steps before a check, divided
+by those steps: nothing is timed on the steps before, and a pause of the loop earlier in the
+interval (an evaluation, a checkpoint, another job on the machine) does not inflate what a check
+may spend. (With a wall-clock schedule the next due step is unknown: the whole interval.)
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["AdaptiveBudget", "Rotation"]
+__all__ = ["STEP_WINDOW", "AdaptiveBudget", "Rotation"]
+
+#: Training steps timed before each check (the seconds per step the allowance is built on).
+STEP_WINDOW = 20
 
 #: First check (nothing measured yet): enough for a small model's full check.
 FIRST_BUDGET = 256

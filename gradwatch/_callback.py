@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gradwatch._alerts import AlertPolicy, AlertTracker
-from gradwatch._budget import AdaptiveBudget, Rotation
+from gradwatch._budget import STEP_WINDOW, AdaptiveBudget, Rotation
 from gradwatch._distributed import agree, world
 from gradwatch._engine import make_settings
 from gradwatch._exceptions import (
@@ -385,9 +385,12 @@ class GradWatch:
         if size > 1 and self.every.steps is None:
             due = agree(due)  # only rank zero runs the wall-clock scheduler
         if not due:
-            self._quiet_until = self.schedule.next_due(self.last_checked)
-            if self._interval is None:
-                self._interval = (time.perf_counter(), step)
+            next_due = self.schedule.next_due(self.last_checked)
+            if self._interval is None and step >= next_due - STEP_WINDOW:
+                self._interval = (time.perf_counter(), step)  # the window starts
+            # quiet until the window before the next due step, then until that step
+            self._quiet_until = next_due if self._interval is not None else \
+                next_due - STEP_WINDOW
             return None
         if rank == 0:
             self._training_steps_until(step)
@@ -400,8 +403,12 @@ class GradWatch:
         except BaseException as exc:  # strict=True or on_alert="raise": the others must stop too
             failure = exc
         finally:
-            self._interval = (time.perf_counter(), step)  # the check is not training time
-            self._quiet_until = self.schedule.next_due(self.last_checked)
+            # timed again over the STEP_WINDOW steps before the next check (from here on when
+            # that is closer; the check itself is not training time)
+            next_due = self.schedule.next_due(self.last_checked)
+            window_open = next_due - STEP_WINDOW <= step
+            self._interval = (time.perf_counter(), step) if window_open else None
+            self._quiet_until = next_due if window_open else next_due - STEP_WINDOW
         if size > 1:
             self.should_stop = agree(self.should_stop or failure is not None)
         if failure is not None:
@@ -409,8 +416,11 @@ class GradWatch:
         return report
 
     def _training_steps_until(self, step: int) -> None:
-        """Feed the adaptive budget the training time per step since the last check: the
-        wall time of the loop between the two, so nothing is timed on the steps between."""
+        """Feed the adaptive budget the training time per step: the wall time of the loop over
+        the STEP_WINDOW steps before this check (the whole interval when the schedule cannot
+        tell the next due step, as with wall-clock schedules), so the steps before are not
+        timed at all, and pauses of the loop (evaluation, checkpoints, other work on the
+        machine) earlier in the interval do not inflate the allowance."""
         if self._interval is not None and self.adaptive is not None:
             started, first = self._interval
             if step > first:

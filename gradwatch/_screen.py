@@ -89,6 +89,11 @@ RESOLUTION_LIMIT = 1e-4
 LOCALISE_LIMIT = 96
 #: Coordinates checked by central differences inside a located region.
 REGION_COORDINATES = 8
+#: Direction keys from here on are one tensor's (measurement, vanishing, spare budget).
+MEASURE_KEYS = 1000
+#: Sign vectors kept during one check, in float64 elements (2²³: 64 MiB): the screen's
+#: directions are asked for again by the confirmation and the localisation.
+SIGN_CACHE = 2**23
 #: Tensors followed at once when several halves disagree (several bugs).
 MAX_CULPRITS = 3
 
@@ -125,6 +130,7 @@ class JointScreen:
     _floor: float = 0.0  # the model-free bound (or J's repeat difference)
     _resolutions: dict[str, float] | None = None
     _signs: dict[tuple[int, str], Vector] = field(default_factory=dict)
+    _cached: int = 0  # elements in _signs
     regions: dict[str, NDArray[np.int64]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ noise
@@ -157,22 +163,32 @@ class JointScreen:
     # ------------------------------------------------------------------ directions
     def signs(self, key: int, tensor: _Tensor) -> Vector:
         """The ±1 vector of direction `key` over `tensor` (0 on by-design exclusions),
-        regenerated identically whenever it is asked for (group testing restricts it)."""
+        regenerated identically whenever it is asked for (group testing restricts it).
+
+        The screen's directions (keys below MEASURE_KEYS) cover every tensor: while the model
+        fits the cache they are drawn for all tensors at once from one stream per key (one
+        generator instead of one per tensor: most of their cost on a model of many small
+        tensors); otherwise, and for the per-tensor keys, from one stream per tensor."""
         cached = self._signs.get((key, tensor.name))
         if cached is not None:
             return cached
-        index = list(self.engine.tensors).index(tensor.name)
-        rng = np.random.default_rng([self.engine.settings.seed, key, index])
-        bits = np.unpackbits(np.frombuffer(rng.bytes(-(-tensor.numel // 8)), dtype=np.uint8),
-                             count=tensor.numel)
-        signs = bits.astype(np.float64)  # bit 0 → −1, bit 1 → +1, in place (3× a lookup)
-        signs *= 2.0
-        signs -= 1.0
-        if tensor.excluded is not None:
-            signs[tensor.excluded] = 0.0
-        if len(self._signs) < 64:  # the screen's few directions, not group testing's masks
-            self._signs[(key, tensor.name)] = signs
+        tensors = self.engine.tensors
+        seed = self.engine.settings.seed
+        total = sum(t.numel for t in tensors.values())
+        if key < MEASURE_KEYS and self._cached + total <= SIGN_CACHE:
+            rng = np.random.default_rng([seed, key])
+            for other in tensors.values():  # in the engine's order: deterministic
+                self._keep_signs(key, other, _rademacher(rng, other))
+            return self._signs[(key, tensor.name)]
+        index = list(tensors).index(tensor.name)
+        signs = _rademacher(np.random.default_rng([seed, key, index]), tensor)
+        if self._cached + tensor.numel <= SIGN_CACHE:
+            self._keep_signs(key, tensor, signs)
         return signs
+
+    def _keep_signs(self, key: int, tensor: _Tensor, signs: Vector) -> None:
+        self._signs[(key, tensor.name)] = signs
+        self._cached += signs.size
 
     def _active(self) -> list[str]:
         return [t.name for t in self.engine.tensors.values() if t.active]
@@ -432,6 +448,18 @@ class JointScreen:
         probe = self.evaluate(2000, {name: large})
         scale = abs(probe.numeric) + abs(probe.analytic)
         return scale > 0 and abs(probe.discrepancy) <= 1e-2 * scale
+
+
+def _rademacher(rng: np.random.Generator, tensor: _Tensor) -> Vector:
+    """±1 for each of `tensor`'s elements, one random bit each (0 on by-design exclusions)."""
+    bits = np.unpackbits(np.frombuffer(rng.bytes(-(-tensor.numel // 8)), dtype=np.uint8),
+                         count=tensor.numel)
+    signs = bits.astype(np.float64)  # bit 0 → −1, bit 1 → +1, in place (3× a lookup)
+    signs *= 2.0
+    signs -= 1.0
+    if tensor.excluded is not None:
+        signs[tensor.excluded] = 0.0
+    return signs
 
 
 def _kink_shaped(second: float, shorter: float, bound: float, ratio: float = RATIO) -> bool:

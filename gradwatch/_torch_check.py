@@ -701,7 +701,8 @@ class _ModuleObjective:
                     # θ ± s·v, rounded once (s·(±1) is exact)
                     torch.add(self.originals[name], signs_t, alpha=sign * step,
                               out=self.parameters[name].data)
-                    moved.append(name)
+                    if sign > 0:
+                        moved.append(name)  # restored once, below
                 values.append(self.loss())
         finally:
             for name in moved:

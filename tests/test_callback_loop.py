@@ -353,3 +353,23 @@ def test_a_resumed_training_records_into_the_framework_run_not_the_checkpoint_ru
     alone.setup(make_model())  # no framework run: continue the checkpoint's run
     assert alone.run_id == old_run and not alone.created_run
     alone.close()
+
+
+def test_the_allowance_is_sized_from_the_steps_before_a_check_not_from_pauses() -> None:
+    """The adaptive budget's seconds per step come from the STEP_WINDOW steps before each
+    check: an evaluation-like pause earlier in the interval (0.4 s at step 105, against
+    steps of about a millisecond) must not inflate what the next check may spend; with the
+    whole interval timed, one step would read ≥ 4 ms."""
+    from gradwatch._budget import STEP_WINDOW
+
+    def pause(step: int) -> None:
+        if step == 105:
+            time.sleep(0.4)
+
+    watch = GradWatch(every=100, loss_fn=loss_fn, mlflow=False)
+    train(watch, 300, on_step=pause)
+    assert watch.adaptive is not None
+    seconds = list(watch.adaptive.step_seconds)  # one per check after the first
+    assert len(seconds) == 3  # checks at 1, 100, 200, 300
+    assert max(seconds) < 0.4 / 100, seconds  # the pause (in 100..200) is outside the window
+    assert STEP_WINDOW < 100
