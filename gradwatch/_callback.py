@@ -14,6 +14,7 @@ caught, recorded as an "error" check and training goes on (`strict=True` re-rais
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import logging
 import math
@@ -59,6 +60,9 @@ OnAlert = Literal["continue", "stop", "raise"]
 ON_ALERT = ("continue", "stop", "raise")
 #: How long train end waits for the spool to reach MLflow before leaving the rest on disk.
 FLUSH_TIMEOUT = 30.0
+#: close() at interpreter exit, when the program did not call it: bounded, the spool keeps
+#: what is not delivered by then for the next start or `gradwatch flush`.
+EXIT_TIMEOUT = 10.0
 #: Loss evaluations of a check when `budget=` is fixed but None reaches the engine.
 DEFAULT_BUDGET = 2000
 
@@ -245,6 +249,10 @@ class GradWatch:
         if self._ready:
             return
         self._ready = True
+        # A plain loop may end without close(): the interpreter's exit then closes (bounded),
+        # so the background delivery is not killed inside native code at finalisation (which
+        # aborts the process) and what it holds reaches MLflow.
+        atexit.register(self._close_at_exit)
         if model is not None and self.probe is None:
             self.capture.attach(model)
         self.schedule.start()
@@ -314,6 +322,7 @@ class GradWatch:
     def close(self, timeout: float = FLUSH_TIMEOUT) -> None:
         """Stop the scheduler, deliver what the spool holds (what is left stays on disk for
         `gradwatch flush`), drain notifications, end the run if gradwatch created it."""
+        atexit.unregister(self._close_at_exit)
         self.schedule.shutdown()
         self.capture.detach()
         if self._spool is not None:
@@ -340,6 +349,12 @@ class GradWatch:
             self._dispatcher.close(timeout=timeout)
             self._dispatcher = None
         self._ready = False
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close(timeout=EXIT_TIMEOUT)
+        except Exception:  # the user's process is exiting: say so, never raise from atexit
+            logger.exception("gradwatch: closing at interpreter exit failed")
 
     def __enter__(self) -> GradWatch:
         return self

@@ -274,7 +274,15 @@ def _read_checks(client: Any, run: MonitoredRun, pool: ThreadPoolExecutor) -> li
 
 
 def _map(pool: ThreadPoolExecutor, function: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
-    return list(pool.map(function, items))
+    items = list(items)
+    try:
+        return list(pool.map(function, items))
+    except RuntimeError as error:
+        # A report built while the interpreter exits (GradWatch closed at exit): the pool
+        # takes no new work then, so the reads run one after the other.
+        if "interpreter shutdown" not in str(error):
+            raise
+        return [function(item) for item in items]
 
 
 def _get_run(client: Any, run_id: str) -> Any:

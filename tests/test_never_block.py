@@ -285,3 +285,45 @@ def test_bad_input_is_a_gradwatch_error_that_says_what_to_do(case: str) -> None:
 def test_numpy_check_with_a_cost_that_is_not_callable() -> None:
     with pytest.raises(gradwatch.ConfigError, match="cost must be a function"):
         gradwatch.check(3, {"w": [1.0]}, {"w": [1.0]})  # type: ignore[arg-type]
+
+
+_FORGETS_CLOSE = """
+import sys, torch
+from torch import nn
+from gradwatch import GradWatch
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+watch = GradWatch(every=5, loss_fn=loss_fn, tracking_uri=sys.argv[1],
+                  experiment_name="forgot-close", spool_dir=sys.argv[2])
+for step in range(1, 31):
+    loss = loss_fn(model, batch)
+    optimizer.zero_grad(); loss.backward(); optimizer.step()
+    watch.step(model, batch, step=step)
+print(watch.run_id or watch.local_id)
+"""
+
+
+def test_a_loop_that_never_calls_close_is_closed_at_exit(tmp_path: Path) -> None:
+    """A plain loop that ends without `watch.close()`: the interpreter's exit closes the
+    watch (bounded), so the process exits 0 — not killed inside native code while the
+    background thread delivers or builds the report — and every record reaches MLflow (the
+    run's spool folder, all delivered, is gone)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spool = tmp_path / "spool"
+    done = subprocess.run([sys.executable, "-c", _FORGETS_CLOSE, uri, str(spool)],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not [p for p in spool.iterdir() if p.is_dir()], list(spool.iterdir())
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("forgot-close")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(run.info.run_id, "gradwatch/rel_distance")
+    assert [m.step for m in history] == [1, 5, 10, 15, 20, 25, 30]
+    assert run.info.status == "FINISHED"
