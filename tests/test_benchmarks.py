@@ -46,3 +46,16 @@ def test_quick_detection_benchmark_catches_every_planted_bug_at_the_first_check(
     assert summary.startswith("6/6 bugs (100%) alert at the first check"), summary
     assert "6/6 (100%) blame the right tensor" in summary
     assert "0 warns, 0 alerts, 0 errors" in summary
+
+
+def test_quick_flat_loss_benchmark_reads_no_warn_or_alert_on_a_correct_model() -> None:
+    """bench_flat's smoke run (3,000 steps of the memorising MLP): its table prints, and the
+    script itself exits non-zero if a correct model read warn or alert."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_flat.py", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    total = next(line for line in result.stdout.splitlines() if line.startswith("| all |"))
+    checks, ok, warn, alert, error = (int(cell) for cell in total.strip("|").split("|")[1:])
+    assert checks == 31 and warn == 0 and alert == 0 and ok + error == checks
