@@ -224,6 +224,7 @@ class GradWatch:
         self._quiet_until = 0
         self._alerting_tensors: set[str] = set()
         self.reports: list[CheckReport] = []
+        self._loss_scale = 0.0  # the largest loss of the checks so far (`check_module`)
         self.last_checked: int | None = None
         self.should_stop = False
         #: Why this model cannot be checked at all (sharded); no more checks run once set.
@@ -499,6 +500,8 @@ class GradWatch:
             logger.exception("gradwatch: the check at step %d failed; training goes on", step)
             report = error_report(exc, self.settings, time.perf_counter() - started, step)
         self.reports.append(report)
+        if math.isfinite(report.loss):  # the loss's scale: its rounding, as it falls to ~0
+            self._loss_scale = max(self._loss_scale, abs(report.loss))
         transition = self._observe(report, step)
         alert_tag = None
         if transition is not None:
@@ -561,7 +564,7 @@ class GradWatch:
         include, exclude = self.include, self.exclude
         report = check_module(
             model, batch, loss_fn or self.loss_fn or default_loss, include=include,
-            exclude=exclude, **plan.check_kwargs(),
+            exclude=exclude, loss_scale=self._loss_scale or None, **plan.check_kwargs(),
         )
         report.probe.update({"step": step, "from": source})
         return report
@@ -607,7 +610,8 @@ class GradWatch:
     def state_dict(self) -> dict[str, Any]:
         return {"last_checked": self.last_checked, "alert": self.tracker.state_dict(),
                 "run_id": self.run_id, "rotation": self.rotation.state_dict(),
-                "budget": self.adaptive.state_dict() if self.adaptive else {}}
+                "budget": self.adaptive.state_dict() if self.adaptive else {},
+                "loss_scale": self._loss_scale}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.last_checked = state.get("last_checked", self.last_checked)
@@ -616,6 +620,9 @@ class GradWatch:
             self.tracker.load_state_dict(state["alert"])
         self._restored_run_id = state.get("run_id") or self._restored_run_id
         self.rotation.load_state_dict(state.get("rotation", {}))
+        scale = state.get("loss_scale")
+        if isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0:
+            self._loss_scale = float(scale)
         if self.adaptive is not None:
             self.adaptive.load_state_dict(state.get("budget", {}))
 

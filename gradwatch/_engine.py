@@ -102,6 +102,7 @@ class CheckSettings:
     samples: int = 16
     directions: int = 8
     top_k: int = 5
+    loss_scale: float = 0.0  # size of the terms the loss is computed from (0: |J|)
 
 
 def glob_list(value: str | Sequence[str] | None, argument: str) -> list[str]:
@@ -153,8 +154,14 @@ def make_settings(
     samples: int = 16,
     directions: int = 8,
     top_k: int = 5,
+    loss_scale: float | None = None,
 ) -> CheckSettings:
     """Validate user settings; every failure names the argument and the fix."""
+    if loss_scale is not None and (isinstance(loss_scale, bool) or not isinstance(
+            loss_scale, (int, float)) or not math.isfinite(loss_scale) or loss_scale < 0):
+        raise ConfigError(f"loss_scale must be a finite float ≥ 0 (the size of the terms the "
+                          f"loss is computed from, e.g. its value at initialisation) or None, "
+                          f"got {loss_scale!r}.")
     if mode not in MODES:
         raise ConfigError(
             f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}. "
@@ -200,6 +207,7 @@ def make_settings(
         eps=float(eps), mode=mode,  # type: ignore[arg-type]
         thresholds=resolved, budget=budget, seed=seed,
         samples=samples, directions=directions, top_k=top_k,
+        loss_scale=float(loss_scale or 0.0),
     )
 
 

@@ -21,8 +21,10 @@ its step. With D(s) = J(θ+sv) + J(θ−sv) − 2J(θ) = s²·vᵀHv + rounding,
 D(r·s) − r²·D(s) cancels the curvature and leaves rounding only (≈ 2·δJ); and
 n(s) − n(r·s)/r = (1 − r²) × the truncation error of n(s). (Not r = ½: a loss rounded to a
 coarse grid — J near 0 made of larger terms, as a confident cross-entropy — doubles exactly
-on that grid and would read as noiseless.) A δJ far above float64's own rounding at
-max(|J|, 1) means float64 was not kept end to end (see `_precision`).
+on that grid and would read as noiseless.) A δJ far above float64's own rounding at the
+loss's scale — max(|J|, the caller's `loss_scale`: GradWatch passes the largest loss of its
+checks, since a loss driven towards 0 is still computed from terms of its initial size) —
+means float64 was not kept end to end (see `_precision`).
 
 When the screen fires, group testing localises: the firing direction restricted to half of the
 tensors gives d_left; d_right = d − d_left by linearity (2 evaluations per level, O(log K)
@@ -77,10 +79,6 @@ PRECISION_MARGIN = 10.0
 #: Relative noise of one evaluation that only a lower precision explains (float64 rounds at
 #: 1.1e-16; its intermediates would have to cancel 10⁶-fold to reach this).
 FLOAT32_NOISE = 1e-10
-#: Losses are computed from quantities of order one or more (probabilities, log-sum-exps,
-#: normalised targets), so float64 rounds an evaluation at ≈ u·max(|J|, LOSS_SCALE) however
-#: small J gets (a cross-entropy of 1e-9 still rounds at ~1e-17): noise is judged against that.
-LOSS_SCALE = 1.0
 #: Noise above RESCALE × the assumed δJ: the steps are sized again for the measured noise.
 RESCALE = 4.0
 #: A check whose typical tensor cannot be resolved to this relative error cannot judge.
@@ -230,9 +228,10 @@ class JointScreen:
     def run(self, directions: int, values: dict[str, float]) -> None:
         engine = self.engine
         self.bound = ROUNDING_SAFETY * ROUNDING * abs(engine.loss)
-        # At least u·LOSS_SCALE: a J near 0 is still computed from terms of order one
-        # (module docstring), and a noise measurement may land exactly on their rounding grid.
-        self.delta_j = max(self.bound, ROUNDING * LOSS_SCALE,
+        # At least u·(the loss's scale): a J near 0 is still computed from terms of that
+        # size (a cross-entropy of 1e-9 rounds at ~1e-17 in log(1 + ε)), and a noise
+        # measurement may land exactly on their rounding grid.
+        self.delta_j = max(self.bound, ROUNDING * self.scale,
                            abs(engine.loss - engine.loss_repeat), 1e-300)
         self._floor = self.delta_j
         steps = self.step_sizes(values)
@@ -290,7 +289,7 @@ class JointScreen:
         if _kink_shaped(first.second, second.second, self._floor):
             # D(s) ∝ s, not s²: the direction crossed a kink, which says nothing about
             # rounding; the screen's kink logic deals with the crossing. (Far above the floor
-            # u·max(16|J|, LOSS_SCALE), so not a coarse rounding grid that happens to look so.)
+            # u·max(16|J|, scale), so not a coarse rounding grid that happens to look so.)
             self.kinked = True
             rounding, truncation = self._floor, 0.0
         measured = (first, rounding, truncation)
@@ -329,11 +328,17 @@ class JointScreen:
 
     @property
     def suspicious(self) -> bool:
-        """One evaluation is noisier than float64 at max(|J|, LOSS_SCALE) allows by
+        """One evaluation is noisier than float64 at the loss's scale allows by
         PRECISION_MARGIN: a float32 path, or large terms cancelling (the backend's probe tells
         which)."""
-        scale = max(abs(self.engine.loss), LOSS_SCALE)
-        return self.sigma > PRECISION_MARGIN * ROUNDING_SAFETY * ROUNDING * scale
+        return self.sigma > PRECISION_MARGIN * ROUNDING_SAFETY * ROUNDING * self.scale
+
+    @property
+    def scale(self) -> float:
+        """The size of the terms J is computed from: max(|J|, settings.loss_scale) — the
+        caller's reference (GradWatch: the largest loss of its checks), since a loss driven
+        towards 0 is still computed from terms of its initial size."""
+        return max(abs(self.engine.loss), self.engine.settings.loss_scale)
 
     @property
     def unresolved(self) -> bool:
@@ -342,9 +347,9 @@ class JointScreen:
 
     @property
     def float32_like(self) -> bool:
-        """Noisier than float64 can be at max(|J|, LOSS_SCALE) even with its terms cancelling
-        a millionfold: σ_d > FLOAT32_NOISE · that (float32 rounds at 6e-8)."""
-        return self.sigma > FLOAT32_NOISE * max(abs(self.engine.loss), LOSS_SCALE)
+        """Noisier than float64 can be at the loss's scale even with its terms cancelling a
+        millionfold: σ_d > FLOAT32_NOISE · scale (float32 rounds at 6e-8)."""
+        return self.sigma > FLOAT32_NOISE * self.scale
 
     # ------------------------------------------------------------------ localisation
     def localise(self) -> None:

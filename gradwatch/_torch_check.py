@@ -70,6 +70,7 @@ def check_module(
     top_k: int = 5,
     batching: Batching = "auto",
     progress: bool | Callable[[int, int], None] = False,
+    loss_scale: float | None = None,
 ) -> CheckReport:
     """Check the backward pass of a PyTorch `nn.Module` on one batch.
 
@@ -86,6 +87,10 @@ def check_module(
         budget: most loss evaluations for "auto", "sample" and "sketch".
         include, exclude: name globs (`fnmatch`) over `model.named_parameters()`.
         batching: "auto" measures vmap against a plain loop per tensor; "loop"/"vmap" force one.
+        loss_scale: the size of the terms the loss is computed from (its value at
+            initialisation is a good one; default: the loss itself). A loss near 0 made of
+            larger terms — a cross-entropy the model has driven to 1e-9 — rounds at
+            u·loss_scale, not at u·|J|; `GradWatch` passes the largest loss of its checks.
 
     Example:
         >>> import torch, gradwatch
@@ -100,7 +105,7 @@ def check_module(
     torch = _require_torch()
     settings = make_settings(
         eps=1e-7 if eps is None else eps, mode=mode, thresholds=thresholds, budget=budget,
-        seed=seed, samples=samples, directions=directions, top_k=top_k,
+        seed=seed, samples=samples, directions=directions, top_k=top_k, loss_scale=loss_scale,
     )
     if batching not in ("auto", "loop", "vmap"):
         raise ConfigError(f"batching must be 'auto', 'loop' or 'vmap', got {batching!r}.")

@@ -270,8 +270,9 @@ def test_a_memorising_classifier_never_alerts_and_says_when_it_cannot_judge() ->
     """A correct MLP memorises 8 rows: its cross-entropy falls to ~1e-8, which float64 rounds
     on a grid of ~1e-17 (log(1 + ε) rounds at u·1 however small J is), 10⁶× the bound
     16·u·|J|. Measured with that bound and s/2 steps, the same run read 5 alerts and 20 "float64
-    precision was lost" errors; every check must read ok, or an error that says the loss is
-    too flat to judge — never warn/alert, never lost precision."""
+    precision was lost" errors. Through GradWatch (whose first check, at step 1, gives the
+    loss's scale), every check must read ok, or an error that says the loss is too flat to
+    judge — never warn/alert, never lost precision."""
     with seeded(0):
         model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                               nn.Linear(64, 4))
@@ -279,18 +280,40 @@ def test_a_memorising_classifier_never_alerts_and_says_when_it_cannot_judge() ->
     batch = (torch.randn(8, 16, generator=generator),
              torch.randint(0, 4, (8,), generator=generator))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    reports = []
-    for step in range(1, 1501):
+    watch = gradwatch.GradWatch(every=50, loss_fn=_ce, mlflow=False, budget=12)
+    for step in range(1, 1501):  # at the adaptive budget's floor, as at every=1000
         loss = _ce(model, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 50 == 0:  # at the adaptive budget's floor, as at every=1000
-            reports.append(gradwatch.check_module(model, batch, _ce, budget=12))
-    assert max(r.loss for r in reports) < 1e-7  # the regime this is about
+        watch.step(model, batch, step=step)
+    watch.close()
+    reports = watch.reports[1:]  # after the first check, at step 1
+    assert len(reports) == 30 and max(r.loss for r in reports) < 1e-7  # the regime
     verdicts = [r.verdict for r in reports]
     assert "warn" not in verdicts and "alert" not in verdicts, [r.summary() for r in reports]
     errors = [r for r in reports if r.verdict == "error"]
     assert all(r.reasons[0].startswith("error: the check could not resolve the gradient: the "
                                        "loss is nearly flat") for r in errors)
     assert verdicts.count("ok") >= len(reports) // 2
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-12])
+def test_a_loss_small_by_construction_is_judged_at_its_own_scale(scale: float) -> None:
+    """A loss whose terms are all small (physical units, a tiny weight) rounds at u·|J|: it
+    must keep the screen's full resolution — not be judged on the rounding of a loss of order
+    one — and read "ok" when correct, standalone and through GradWatch."""
+    with seeded(0):
+        model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 4))
+
+    def small(m: nn.Module, b: Any) -> torch.Tensor:
+        return scale * _ce(m, b)
+
+    report = gradwatch.check_module(model, _batch(), small, budget=12)
+    assert report.verdict == "ok", report.summary()
+    assert report.precision["screen_resolution"] < 1e-5  # type: ignore[operator]
+    watch = gradwatch.GradWatch(every=1, loss_fn=small, mlflow=False, budget=12)
+    for step in (1, 2):
+        watch.step(model, _batch(), step=step)
+    watch.close()
+    assert [r.verdict for r in watch.reports] == ["ok", "ok"]
