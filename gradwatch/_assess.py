@@ -130,8 +130,9 @@ def assess(engine: _Engine, *, seconds: float, probe: dict[str, object]) -> Chec
     common["precision"] = _precision_record(engine)
     common["coverage"] = _coverage(engine)
     # a check that could not measure says "error" and why, with every layer unjudged
-    for problem, note in ((_precision_problem(engine), "float64 precision was lost"),
-                          (_resolution_problem(engine), "the loss is too flat here")):
+    for find, note in ((_precision_problem, "float64 precision was lost"),
+                       (_resolution_problem, "the loss is too flat here")):
+        problem = find(engine)
         if problem is not None:
             return CheckReport(
                 rel_distance=math.nan, verdict="error", coordinates=0, reasons=[problem],

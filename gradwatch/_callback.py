@@ -401,12 +401,7 @@ class GradWatch:
         if size > 1 and self.every.steps is None:
             due = agree(due)  # only rank zero runs the wall-clock scheduler
         if not due:
-            next_due = self.schedule.next_due(self.last_checked)
-            if self._interval is None and step >= next_due - STEP_WINDOW:
-                self._interval = (time.perf_counter(), step)  # the window starts
-            # quiet until the window before the next due step, then until that step
-            self._quiet_until = next_due if self._interval is not None else \
-                next_due - STEP_WINDOW
+            self._arm_window(step)
             return None
         if rank == 0:
             self._training_steps_until(step)
@@ -419,17 +414,21 @@ class GradWatch:
         except BaseException as exc:  # strict=True or on_alert="raise": the others must stop too
             failure = exc
         finally:
-            # timed again over the STEP_WINDOW steps before the next check (from here on when
-            # that is closer; the check itself is not training time)
-            next_due = self.schedule.next_due(self.last_checked)
-            window_open = next_due - STEP_WINDOW <= step
-            self._interval = (time.perf_counter(), step) if window_open else None
-            self._quiet_until = next_due if window_open else next_due - STEP_WINDOW
+            self._interval = None  # the check itself is not training time
+            self._arm_window(step)
         if size > 1:
             self.should_stop = agree(self.should_stop or failure is not None)
         if failure is not None:
             raise failure
         return report
+
+    def _arm_window(self, step: int) -> None:
+        """Quiet until STEP_WINDOW steps before the next due step; from there on, the steps
+        are timed (`_training_steps_until`)."""
+        next_due = self.schedule.next_due(self.last_checked)
+        if self._interval is None and step >= next_due - STEP_WINDOW:
+            self._interval = (time.perf_counter(), step)  # the window starts
+        self._quiet_until = next_due if self._interval is not None else next_due - STEP_WINDOW
 
     def _training_steps_until(self, step: int) -> None:
         """Feed the adaptive budget the training time per step: the wall time of the loop over

@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gradwatch._exceptions import ConfigError
-from gradwatch._numerics import ROUNDING, noise_per_element
+from gradwatch._numerics import ROUNDING, noise_per_element, rademacher
 from gradwatch._progress import Progress
 from gradwatch._report import CheckReport, Mode, Thresholds
 
@@ -369,10 +369,12 @@ class _Engine:
     @property
     def precision_lost(self) -> bool:
         """Float64 did not hold: perturbations vanish in rounding; or the evaluations are
-        noisier than float64 at |J| allows and a module was found that loses precision, or the
-        noise is float32-like (σ/|J| > 1e-10) and leaves the check without resolution. (Noise
-        with no such module and float64-like in size is a flat loss whose terms cancel — a
-        well-fit cross-entropy — not lost precision: the check says so and reads ok.)"""
+        noisier than float64 at the loss's scale allows and a module was found that loses
+        precision, or the noise is float32-like (σ > 1e-10 × the loss's scale) and leaves the
+        check without resolution. (Noise with no such module and float64-like in size is a
+        flat loss whose terms cancel — a well-fit cross-entropy — not lost precision: the
+        check reads ok, or "error: the loss is nearly flat" when it cannot resolve an
+        alert-sized error, `_assess._resolution_problem`.)"""
         if self.vanished:
             return True
         screen = self.screen
@@ -396,13 +398,8 @@ class _Engine:
         tensor.sketches.append(self.directions(tensor, self.rademacher(k, tensor.numel)))
 
     def rademacher(self, k: int, m: int) -> Vector:
-        """k×m independent ±1 entries: one random bit each, eight from every random byte."""
-        bits = np.unpackbits(np.frombuffer(self.rng.bytes(-(-k * m // 8)), dtype=np.uint8),
-                             count=k * m)
-        signs = bits.astype(np.float64)
-        signs *= 2.0
-        signs -= 1.0
-        return signs.reshape(k, m)
+        """k×m independent ±1 entries (`_numerics.rademacher`)."""
+        return rademacher(self.rng, k * m).reshape(k, m)
 
     def _spent(self, n: int) -> None:
         self.evaluations += n

@@ -4,6 +4,7 @@ gradients (padding_idx) are excluded, and noise floors do not mask small real gr
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -317,3 +318,12 @@ def test_a_loss_small_by_construction_is_judged_at_its_own_scale(scale: float) -
         watch.step(model, _batch(), step=step)
     watch.close()
     assert [r.verdict for r in watch.reports] == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, "1", True])
+def test_a_bad_loss_scale_is_refused_with_what_it_means(bad: Any) -> None:
+    with seeded(0):
+        model = nn.Sequential(nn.Linear(6, 4))
+    with pytest.raises(gradwatch.ConfigError, match=r"loss_scale must be a finite float ≥ 0 "
+                                                     r"\(the size of the terms"):
+        gradwatch.check_module(model, _batch(), _ce, loss_scale=bad)
