@@ -243,6 +243,11 @@ def _joint_distance(screen: JointScreen) -> tuple[float, bool]:
     a = np.array([p.analytic for p in probes])
     n = np.array([p.numeric for p in probes])
     diff = math.sqrt(float(np.mean(d**2)))
+    if not significant:
+        # every direction crossed a kink (the confirmation said so): the logged distance,
+        # which the monitor and the dashboards read, stays at the rounding level where "no
+        # discrepancy" reads (≤ 1/SIGNAL), not at the size of the kinks
+        diff = min(diff, screen.sigma)
     denominator = math.sqrt(float(np.mean(a**2))) + math.sqrt(float(np.mean(n**2)))
     if not significant:
         denominator = max(denominator, SIGNAL * screen.sigma)

@@ -327,3 +327,25 @@ def test_a_bad_loss_scale_is_refused_with_what_it_means(bad: Any) -> None:
     with pytest.raises(gradwatch.ConfigError, match=r"loss_scale must be a finite float ≥ 0 "
                                                      r"\(the size of the terms"):
         gradwatch.check_module(model, _batch(), _ce, loss_scale=bad)
+
+
+def test_an_ok_check_whose_directions_all_crossed_kinks_logs_a_rounding_level_distance() -> None:
+    """The overall distance is what the monitor pages on and the dashboards colour. When the
+    confirmation found every joint direction's discrepancy to be a kink crossed (the screen
+    did not fire), the logged distance must read as "no discrepancy" (≤ 1/SIGNAL), not as
+    the size of the kinks (a clean CNN logged 5e-4 on an "ok" check before)."""
+    from typing import cast
+
+    from gradwatch._assess import _joint_distance
+    from gradwatch._screen import SIGNAL, JointProbe, JointScreen
+
+    screen = JointScreen(engine=cast(Any, None), delta_j=1e-16)
+    # four directions, each moved one-sidedly by a kink: |d| ≫ 10σ, not confirmed as a bug
+    screen.probes = [JointProbe(k, {"w": 1e-6}, numeric=1e-10 + 4e-13, analytic=1e-10,
+                                second=8e-13) for k in range(4)]
+    screen.fired = False
+    distance, significant = _joint_distance(screen)
+    assert not significant and distance <= 1 / SIGNAL
+    screen.fired = True  # a confirmed discrepancy is reported at its size
+    distance, significant = _joint_distance(screen)
+    assert significant and distance == pytest.approx(4e-13 / (2e-10 + 4e-13), rel=1e-6)
