@@ -517,7 +517,7 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
         shape=tensor.shape,
         screened=screened,
         excluded=tensor.n_excluded,
-        grad_norm=norm(tensor.analytic),
+        grad_norm=tensor.analytic_norm,
         noise_floor=math.sqrt(smooth_parts.level_sq),
         notes=notes,
     )

@@ -33,7 +33,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gradwatch._engine import Directional
-from gradwatch._numerics import norm
 from gradwatch._screen import SCREEN_DIRECTIONS, JointScreen
 
 if TYPE_CHECKING:
@@ -164,7 +163,7 @@ def _screen_distance(tensor: _Tensor, noise: float) -> float:
         return 0.0
     sketch = Directional.join(tensor.sketches)
     diff = math.sqrt(float(np.mean((sketch.numeric - sketch.analytic) ** 2)))
-    denominator = norm(tensor.analytic) + math.sqrt(
+    denominator = tensor.analytic_norm + math.sqrt(
         float(np.mean(sketch.numeric**2))
     )
     if not math.isfinite(diff) or not math.isfinite(denominator):

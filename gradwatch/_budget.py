@@ -8,7 +8,7 @@ previous checks (medians of the last few, robust to a slow spell). The next chec
     n = (overhead · (steps since the last check) · (seconds per training step) − F) / e
 
 evaluations, clamped to [MINIMUM, MAXIMUM]. MINIMUM is what PyTorch's joint screen of every
-tensor costs (`_screen`: J twice, the noise measurement, 4 directions), so even a check at the
+tensor costs (`_screen`: J twice, the noise measurement, 3 directions), so even a check at the
 floor looks at every tensor. Backends that perturb one tensor at a time (Keras, JAX) cover the
 next tensors of a rotation instead, the following checks covering the rest. The seconds per
 training step are the wall time of the loop over the STEP_WINDOW steps before a check, divided
@@ -32,8 +32,9 @@ STEP_WINDOW = 20
 
 #: First check (nothing measured yet): enough for a small model's full check.
 FIRST_BUDGET = 256
-#: The joint screen's cost: 2 (J twice) + 2 (half step) + 4 directions × 2.
-MINIMUM = 12
+#: The joint screen's cost: 2 (J twice) + 2 (half step) + 3 directions × 2
+#: (`_screen.SCREEN_DIRECTIONS`).
+MINIMUM = 10
 MAXIMUM = 2000
 #: What auto mode needs to say something useful about one large tensor: a 4-direction screen
 #: and a few coordinates.

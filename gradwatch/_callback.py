@@ -572,21 +572,25 @@ class GradWatch:
         if self._spool is None:
             return
         try:
-            self._spool.append(check_payload(
+            payloads = [check_payload(
                 report, step=step, timestamp_ms=timestamp_ms, run_id=self.run_id,
                 tracking_uri=self._resolved_uri, alert=alert, local_id=self.local_id,
-            ))
+            )]
+            if self.report and (self._recorded + 1) % self.report_every == 0:
+                payloads.append(self._report_payload())
+            self._spool.append_many(payloads)  # one fsync for the check and its report
             self._recorded += 1
-            if self.report and self._recorded % self.report_every == 0:
-                self._request_report()
         except Exception as exc:
             if self.strict:
                 raise
             logger.error("gradwatch: could not spool the check at step %d: %s", step, exc)
 
     def _request_report(self, *, png: bool = False) -> None:
-        self._append(report_payload(run_id=self.run_id, tracking_uri=self._resolved_uri,
-                                    png=png, local_id=self.local_id), "ask for the run report")
+        self._append(self._report_payload(png=png), "ask for the run report")
+
+    def _report_payload(self, *, png: bool = False) -> dict[str, Any]:
+        return report_payload(run_id=self.run_id, tracking_uri=self._resolved_uri, png=png,
+                              local_id=self.local_id)
 
     def _append(self, payload: dict[str, Any], what: str) -> None:
         if self._spool is None:

@@ -19,6 +19,7 @@ row) are excluded by the backend (`Objective.by_design`): never perturbed, never
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import sys
 import time
@@ -30,7 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gradwatch._exceptions import ConfigError
-from gradwatch._numerics import ROUNDING, noise_per_element, rademacher
+from gradwatch._numerics import ROUNDING, Signs, noise_per_element, norm, rademacher
 from gradwatch._progress import Progress
 from gradwatch._report import CheckReport, Mode, Thresholds
 
@@ -76,13 +77,13 @@ class JointObjective(Objective, Protocol):
     """A backend that can perturb several tensors at once (the joint screen of auto mode).
 
     `joint_losses({name: (signs, step)})` returns J(θ + δ) and J(θ − δ) for δ = step·signs
-    (flat, per tensor); `scales()` the RMS value
+    (signs: flat int8 ±1, 0 where left out, per tensor); `scales()` the RMS value
     of each tensor (step caps); `by_design()` the elements to leave out of the check, with the
     reason, e.g. {"emb.weight": (indices, "padding_idx row 0 of nn.Embedding 'emb'")}.
     """
 
     def joint_losses(
-        self, perturbation: Mapping[str, tuple[Vector, float]]
+        self, perturbation: Mapping[str, tuple[Signs, float]]
     ) -> tuple[float, float]: ...
 
     def scales(self) -> dict[str, float]: ...
@@ -254,6 +255,11 @@ class _Tensor:
     def numel(self) -> int:
         return int(self.analytic.size)
 
+    @functools.cached_property
+    def analytic_norm(self) -> float:
+        """||dθ||₂ (the gradient does not change during a check: computed once)."""
+        return norm(self.analytic)
+
     @property
     def n_excluded(self) -> int:
         return 0 if self.excluded is None else int(self.excluded.size)
@@ -385,7 +391,7 @@ class _Engine:
             return True
         return screen.float32_like and screen.unresolved
 
-    def joint(self, perturbation: Mapping[str, tuple[Vector, float]]) -> tuple[float, float]:
+    def joint(self, perturbation: Mapping[str, tuple[Signs, float]]) -> tuple[float, float]:
         """J(θ + δ) and J(θ − δ) with several tensors perturbed at once (`JointObjective`)."""
         started = time.perf_counter()
         plus, minus = self.objective.joint_losses(perturbation)  # type: ignore[attr-defined]

@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gradwatch._engine import Directional
-from gradwatch._numerics import ROUNDING, ROUNDING_SAFETY, dot, norm, rademacher
+from gradwatch._numerics import ROUNDING, ROUNDING_SAFETY, Signs, dot, rademacher_int8
 
 if TYPE_CHECKING:
     from gradwatch._engine import _Engine, _Tensor
@@ -53,8 +53,11 @@ __all__ = ["JointProbe", "JointScreen"]
 
 Vector = NDArray[np.float64]
 
-#: Directions of the joint screen (a bug is missed only if every one of them is unlucky).
-SCREEN_DIRECTIONS = 4
+#: Directions of the joint screen (a bug is missed only if every one of them is unlucky: a
+#: one-row bug carrying a share ρ of its tensor's gradient norm shows as |d| ≈ r·ρ·c·|Z|,
+#: Z ~ N(0, 1), so with c = 10⁶·δJ a direction misses it only when |Z| < ~2e-5 / (r·ρ);
+#: for r = 0.5, ρ = 1/16: P ≈ 5e-4 per direction, ~1e-10 for three).
+SCREEN_DIRECTIONS = 3
 #: |d| above SIGNIFICANCE · σ_d is a discrepancy; below it, rounding can explain it.
 SIGNIFICANCE = 10.0
 #: Each tensor's share of the analytic projection, in units of δJ: c = SIGNAL · δJ.
@@ -128,7 +131,7 @@ class JointScreen:
     _limit: int = 0
     _floor: float = 0.0  # the model-free bound (or J's repeat difference)
     _resolutions: dict[str, float] | None = None
-    _signs: dict[tuple[int, str], Vector] = field(default_factory=dict)
+    _signs: dict[tuple[int, str], Signs] = field(default_factory=dict)
     _cached: int = 0  # elements in _signs
     regions: dict[str, NDArray[np.int64]] = field(default_factory=dict)
 
@@ -145,7 +148,7 @@ class JointScreen:
             steps = self.probes[0].steps if self.probes else {}
             result = {}
             for name, step in steps.items():
-                signal = 2 * step * norm(self.engine.tensors[name].analytic)
+                signal = 2 * step * self.engine.tensors[name].analytic_norm
                 result[name] = SIGNIFICANCE * self.sigma / signal if signal > 0 else math.inf
             self._resolutions = result
         return self._resolutions
@@ -160,7 +163,7 @@ class JointScreen:
         return not math.isfinite(d) or abs(d) > SIGNIFICANCE * self.sigma * scale
 
     # ------------------------------------------------------------------ directions
-    def signs(self, key: int, tensor: _Tensor) -> Vector:
+    def signs(self, key: int, tensor: _Tensor) -> Signs:
         """The ±1 vector of direction `key` over `tensor` (0 on by-design exclusions),
         regenerated identically whenever it is asked for (group testing restricts it).
 
@@ -174,9 +177,15 @@ class JointScreen:
         tensors = self.engine.tensors
         seed = self.engine.settings.seed
         if key < MEASURE_KEYS and self._cached + self._numel <= SIGN_CACHE:
-            rng = np.random.default_rng([seed, key])
-            for other in tensors.values():  # in the engine's order: deterministic
-                self._keep_signs(key, other, _tensor_signs(rng, other))
+            # one draw over all tensors, cut into per-tensor views in the engine's order
+            signs = rademacher_int8(np.random.default_rng([seed, key]), self._numel)
+            start = 0
+            for other in tensors.values():
+                part = signs[start:start + other.numel]
+                start += other.numel
+                if other.excluded is not None:
+                    part[other.excluded] = 0
+                self._keep_signs(key, other, part)
             return self._signs[(key, tensor.name)]
         index = list(tensors).index(tensor.name)
         signs = _tensor_signs(np.random.default_rng([seed, key, index]), tensor)
@@ -188,7 +197,7 @@ class JointScreen:
     def _numel(self) -> int:
         return sum(t.numel for t in self.engine.tensors.values())
 
-    def _keep_signs(self, key: int, tensor: _Tensor, signs: Vector) -> None:
+    def _keep_signs(self, key: int, tensor: _Tensor, signs: Signs) -> None:
         self._signs[(key, tensor.name)] = signs
         self._cached += signs.size
 
@@ -202,7 +211,7 @@ class JointScreen:
         for name in self._active():
             tensor = self.engine.tensors[name]
             cap = MAX_RELATIVE_STEP * max(values.get(name, 0.0), 1e-2)
-            size = norm(tensor.analytic)
+            size = tensor.analytic_norm
             steps[name] = min(c / size, cap) if size > 0 and math.isfinite(size) else cap
         length = math.sqrt(sum(s * s * self.engine.tensors[n].numel for n, s in steps.items()))
         if length > MAX_NORM:
@@ -215,13 +224,13 @@ class JointScreen:
         """J(θ ± δ) for direction `key` over the tensors in `steps` (optionally only some of
         a tensor's elements: those where `masks[name]` is True)."""
         engine = self.engine
-        perturbation: dict[str, tuple[Vector, float]] = {}
+        perturbation: dict[str, tuple[Signs, float]] = {}
         analytic = 0.0
         for name, step in steps.items():
             tensor = engine.tensors[name]
             signs = self.signs(key, tensor)
             if masks is not None and name in masks:
-                signs = np.where(masks[name], signs, 0.0)
+                signs = np.where(masks[name], signs, np.int8(0))
             perturbation[name] = (signs, step)
             analytic += step * dot(tensor.analytic, signs)
         plus, minus = engine.joint(perturbation)
@@ -459,11 +468,11 @@ class JointScreen:
         return scale > 0 and abs(probe.discrepancy) <= 1e-2 * scale
 
 
-def _tensor_signs(rng: np.random.Generator, tensor: _Tensor) -> Vector:
-    """±1 for each of `tensor`'s elements (0 on by-design exclusions)."""
-    signs = rademacher(rng, tensor.numel)
+def _tensor_signs(rng: np.random.Generator, tensor: _Tensor) -> Signs:
+    """±1 (int8) for each of `tensor`'s elements (0 on by-design exclusions)."""
+    signs = rademacher_int8(rng, tensor.numel)
     if tensor.excluded is not None:
-        signs[tensor.excluded] = 0.0
+        signs[tensor.excluded] = 0
     return signs
 
 

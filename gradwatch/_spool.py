@@ -1,14 +1,18 @@
 """A durable local spool between gradwatch and a slow or dead tracking server.
 
-Each check's record is appended to a journal on local disk (one fsync'd JSON line) before
-training goes on; a background thread hands it to `deliver` (which logs it to MLflow) and marks
-it delivered. Nothing in training waits on the network and nothing is lost when the process
-dies: what is left is delivered by the next `Spool` on the same directory, or by hand with
-`gradwatch flush` (`replay`, `replay_all`).
+Each check's record is appended to a journal on local disk (one JSON line, written before
+training goes on, so a process that dies right after keeps it: the kernel holds it); a
+background thread fsyncs the journal, hands the record to `deliver` (which logs it to MLflow)
+and marks it delivered. Nothing in training waits on the network or on the disk's flush, and
+nothing is lost when the process dies: what is left is delivered by the next `Spool` on the
+same directory, or by hand with `gradwatch flush` (`replay`, `replay_all`). Only an operating
+system crash in the milliseconds between an append and the deliverer's fsync can lose that
+record (`append(..., sync=True)` fsyncs on the caller's thread instead).
 
 Files in the spool directory::
 
-    journal.jsonl   one envelope per line, UTF-8, appended and fsync'd by `append`:
+    journal.jsonl   one envelope per line, UTF-8, appended by `append`, fsync'd before
+                    anything in it is delivered, and at close:
                     {"id": "<uuid4 hex>", "created": <unix seconds>, "payload": {...}}
     delivered       one record id per line, appended and fsync'd after `deliver` returned
     rejected.jsonl  the envelopes the receiver refused for good (`RejectedRecord`), with why
@@ -43,7 +47,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -237,6 +241,7 @@ class Spool:
         self._last_error: str | None = None
         self._thread: threading.Thread | None = None
         self._closed = False  # no new work; whoever ends the last delivery closes the files
+        self._unsynced = False  # the journal has appends not fsync'd yet
         self._released = False  # files closed, lock released
         self._remove_when_delivered = remove_when_delivered
         self._removed = False
@@ -276,31 +281,44 @@ class Spool:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def append(self, payload: Payload) -> str:
-        """Write one record (one JSON line, fsync'd) and return its id; wakes the deliverer.
+    def append(self, payload: Payload, *, sync: bool = False) -> str:
+        """Write one record (one JSON line) and return its id; wakes the deliverer, which
+        fsyncs the journal before delivering (`sync=True`: fsync'd here, before returning).
 
-        Thread-safe; costs one small write and one fsync, never a scan of the journal.
+        Thread-safe; costs one small write, never a scan of the journal.
         """
-        if not isinstance(payload, dict):
-            raise InputError(
-                f"payload must be a dict (the record to deliver), got {type(payload).__name__}."
-            )
-        record_id = uuid.uuid4().hex  # os.urandom: the user's RNG stays untouched
-        line = _encode({"id": record_id, "created": self._clock(), "payload": payload})
+        return self.append_many([payload], sync=sync)[0]
+
+    def append_many(self, payloads: Sequence[Payload], *, sync: bool = False) -> list[str]:
+        """Write several records with one write (all or none of them) and return their ids,
+        in order; fsync'd as `append` says."""
+        for payload in payloads:
+            if not isinstance(payload, dict):
+                raise InputError(
+                    f"payload must be a dict (the record to deliver), got "
+                    f"{type(payload).__name__}."
+                )
+        ids = [uuid.uuid4().hex for _ in payloads]  # os.urandom: the user's RNG stays untouched
+        lines = [_encode({"id": record_id, "created": self._clock(), "payload": payload})
+                 for record_id, payload in zip(ids, payloads, strict=True)]
         with self._lock:
             self._check_open("append")
             offset = self._journal_size
             try:
-                write_all(self._journal_fd, line)
-                os.fsync(self._journal_fd)
+                write_all(self._journal_fd, b"".join(lines))
+                if sync:
+                    os.fsync(self._journal_fd)
             except OSError:
                 # Never leave half a line for the next append to be glued onto.
                 truncate_quietly(self._journal_fd, offset)
                 raise
-            self._journal_size = offset + len(line)
-            self._pending[record_id] = _Slot(offset, len(line))
+            for record_id, line in zip(ids, lines, strict=True):
+                self._pending[record_id] = _Slot(offset, len(line))
+                offset += len(line)
+            self._journal_size = offset
+            self._unsynced = not sync
         self._wake.set()
-        return record_id
+        return ids
 
     def pending(self) -> list[Envelope]:
         """The undelivered records, oldest first, each with "attempts" (failed deliveries
@@ -418,7 +436,8 @@ class Spool:
         with self._delivery_lock, self._lock:
             self._check_open("compact")
             lines = [os.pread(self._journal_fd, s.length, s.offset) for s in self._pending.values()]
-            replace_file(self.directory / JOURNAL, b"".join(lines))
+            replace_file(self.directory / JOURNAL, b"".join(lines))  # fsync'd whole
+            self._unsynced = False
             os.close(self._journal_fd)
             self._journal_fd = open_append(self.directory / JOURNAL)
             offset = 0
@@ -477,6 +496,7 @@ class Spool:
                     return _Attempt(None)
                 record_id, slot = next(iter(self._pending.items()))
                 payload = self._read(slot)["payload"]
+            self._sync_journal()  # a record reaches the disk before it reaches the receiver
             try:
                 self._deliver(payload)
             except RejectedRecord as error:
@@ -502,6 +522,22 @@ class Spool:
             if self._closed:  # close() gave up waiting for this delivery, or is waiting
                 self._release()
             self._delivery_lock.release()
+
+    def _sync_journal(self) -> None:
+        """fsync what `append` wrote (called holding the delivery lock, which keeps the
+        journal's descriptor open: compact and release take that lock too). The append lock is
+        not held meanwhile, so the training thread's next append does not wait for the disk."""
+        with self._lock:
+            if not self._unsynced or self._released:
+                return
+            self._unsynced = False
+        try:
+            os.fsync(self._journal_fd)
+        except OSError as error:  # the record is still readable: delivering it is its best chance
+            with self._lock:
+                self._unsynced = True
+            self._logger.warning("gradwatch spool %s: could not fsync the journal: %s",
+                                 self.directory, error)
 
     def _reject(self, record_id: str, slot: _Slot, error: RejectedRecord) -> None:
         """Keep a record the receiver refuses for good in rejected.jsonl; it then counts as
@@ -555,6 +591,10 @@ class Spool:
                 return
             self._released = True
             try:
+                if self._unsynced:
+                    with contextlib.suppress(OSError):
+                        os.fsync(self._journal_fd)
+                    self._unsynced = False
                 if self._remove_when_delivered and not self._pending:
                     self._remove_folder()  # while the flock is still ours
             finally:

@@ -33,7 +33,7 @@ from gradwatch._exceptions import (
     UnsupportedModelError,
     missing_dependency,
 )
-from gradwatch._numerics import ROUNDING
+from gradwatch._numerics import ROUNDING, Signs
 from gradwatch._progress import resolve_progress
 from gradwatch._report import CheckReport, Mode, Thresholds
 
@@ -454,6 +454,9 @@ class _ModuleObjective:
         self.guard = Float64Guard()
         self.guard_needed = True
         self.originals: dict[str, Any] | None = None
+        #: Tensors the joint screen left at θ ± δ: restored only when an evaluation other
+        #: than the next joint one needs θ (a restore is a pass over the weights).
+        self.perturbed: set[str] = set()
         self.reference: float | None = None  # J(θ) by a plain call, for vmap's control row
         # The float64 shadow must not run under the trainer's autocast: when the check is
         # called inside one, each evaluation leaves it (entering the context costs as much as
@@ -492,11 +495,24 @@ class _ModuleObjective:
         return self.torch.autocast(device_type=self.device_type, enabled=False)
 
     def loss(self) -> float:
+        self._restore()
+        return self._loss_here()
+
+    def _loss_here(self) -> float:
+        """J at the parameters as they are now (θ, or θ ± δ inside `joint_losses`)."""
         with self.torch.no_grad():
             return float(self._loss_tensor().item())
 
+    def _restore(self) -> None:
+        """Put back θ where the joint screen left θ ± δ (see `perturbed`)."""
+        if self.perturbed and self.originals is not None:
+            for name in self.perturbed:
+                self.parameters[name].data.copy_(self.originals[name])
+        self.perturbed.clear()
+
     def analytic_gradients(self) -> dict[str, Vector]:
         torch = self.torch
+        self._restore()
         selected = [self.parameters[name] for name in self.names]
         with torch.enable_grad():
             loss = self._loss_tensor()
@@ -514,13 +530,15 @@ class _ModuleObjective:
             if grad is None:
                 self.unused.append(name)
                 grad = torch.zeros_like(parameter)
-            analytic[name] = grad.detach().to("cpu", torch.float64).numpy().copy()
+            # no copy: the gradient is autograd's fresh tensor, and the engine only reads it
+            analytic[name] = grad.detach().to("cpu", torch.float64).numpy()
         return analytic
 
     def coordinate_losses(
         self, layer: str, indices: NDArray[np.int64], eps: float
     ) -> tuple[Vector, Vector]:
         torch = self.torch
+        self._restore()
         flat = self.parameters[layer].data.view(-1)
         index = torch.as_tensor(indices, device=flat.device)
         base = flat[index]
@@ -550,6 +568,7 @@ class _ModuleObjective:
         self, layer: str, directions: Vector, steps: Vector
     ) -> tuple[Vector, Vector, Vector]:
         torch = self.torch
+        self._restore()
         flat = self.parameters[layer].data.view(-1)
         signs = torch.as_tensor(directions, dtype=flat.dtype, device=flat.device)
         scale = torch.as_tensor(steps, dtype=flat.dtype, device=flat.device)[:, None]
@@ -685,38 +704,39 @@ class _ModuleObjective:
 
     # -------------------------------------------------------------- joint screen
     def joint_losses(
-        self, perturbation: Mapping[str, tuple[Vector, float]]
+        self, perturbation: Mapping[str, tuple[Signs, float]]
     ) -> tuple[float, float]:
-        """J(θ + δ), J(θ − δ) with every tensor moved at once by step · signs."""
+        """J(θ + δ), J(θ − δ) with every tensor moved at once by step · signs.
+
+        The tensors are left at θ − δ: the next joint evaluation overwrites them from θ
+        anyway, and any other evaluation restores θ first (`_restore`)."""
         torch = self.torch
         if self.originals is None:
             self.originals = {n: p.data.clone() for n, p in self.parameters.items()
                               if n in self.names}
-        moved = []
-        try:
-            deltas = {}
-            for name, (signs, step) in perturbation.items():
-                parameter = self.parameters[name]
-                deltas[name] = (torch.as_tensor(signs, dtype=parameter.dtype,
-                                                device=parameter.device).view(parameter.shape),
-                                float(step))
-            values = []
-            for sign in (1.0, -1.0):
-                for name, (signs_t, step) in deltas.items():
-                    # θ ± s·v, rounded once (s·(±1) is exact)
-                    torch.add(self.originals[name], signs_t, alpha=sign * step,
-                              out=self.parameters[name].data)
-                    if sign > 0:
-                        moved.append(name)  # restored once, below
-                values.append(self.loss())
-        finally:
-            for name in moved:
-                self.parameters[name].data.copy_(self.originals[name])
+        deltas = {}
+        for name, (signs, step) in perturbation.items():
+            parameter = self.parameters[name]
+            # int8 ±1 stays int8 (1 byte per element to move to the device): add()
+            # converts it on the fly, and step·(±1) is exact in any float dtype
+            deltas[name] = (torch.as_tensor(signs, device=parameter.device)
+                            .view(parameter.shape), float(step))
+        for name in self.perturbed - deltas.keys():
+            self.parameters[name].data.copy_(self.originals[name])
+        self.perturbed = set(deltas)  # from the first add on, whatever happens next
+        values = []
+        for sign in (1.0, -1.0):
+            for name, (signs_t, step) in deltas.items():
+                # θ ± s·v, rounded once (s·(±1) is exact)
+                torch.add(self.originals[name], signs_t, alpha=sign * step,
+                          out=self.parameters[name].data)
+            values.append(self._loss_here())
         return values[0], values[1]
 
     def scales(self) -> dict[str, float]:
         """RMS value of each checked tensor (caps the joint screen's steps)."""
         torch = self.torch
+        self._restore()
         return {name: float(torch.linalg.vector_norm(self.parameters[name].detach()))
                 / math.sqrt(max(self.parameters[name].numel(), 1)) for name in self.names}
 
@@ -745,6 +765,7 @@ class _ModuleObjective:
         from gradwatch._precision import find_lossy_modules
 
         torch = self.torch
+        self._restore()
         generator = torch.Generator().manual_seed(0)
         with self._full_precision(), self.guard:
             lossy = find_lossy_modules(

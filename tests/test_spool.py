@@ -132,6 +132,27 @@ def test_a_new_spool_delivers_what_the_last_one_left(tmp_path: Path) -> None:
     assert [p["step"] for p in deliver.received] == [0, 1, 2]
 
 
+def test_a_process_that_dies_right_after_appending_loses_nothing(tmp_path: Path) -> None:
+    # append() writes before it returns and leaves the fsync to the deliverer (the training
+    # thread does not wait for the disk): a process killed at once still left its records
+    # with the kernel. This one exits without close(), without a deliverer, without fsync.
+    script = (
+        "import os, sys\n"
+        "from gradwatch._spool import Spool\n"
+        "spool = Spool(sys.argv[1], deliver=lambda payload: None)\n"
+        "spool.append({'step': 1})\n"
+        "spool.append_many([{'step': 2}, {'step': 3}])\n"
+        "spool.append({'step': 4}, sync=True)\n"
+        "os._exit(0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=60)
+    assert done.returncode == 0
+    deliver = FlakyDeliver()
+    with Spool(tmp_path, deliver=deliver) as spool:
+        assert spool.flush(timeout=5.0) == FlushResult(4, 0, None)
+    assert [p["step"] for p in deliver.received] == [1, 2, 3, 4]
+
+
 def test_compaction_keeps_pending_records(tmp_path: Path) -> None:
     received: list[int] = []
     server_up = True
