@@ -1,7 +1,7 @@
 """`mode="auto"`: the exact recipe when it fits the budget, otherwise a search within it.
 
 With a backend that perturbs several tensors at once (`JointObjective`: PyTorch, numpy):
-  1. screen   every tensor at once along a few joint random directions (`_screen`): ~12
+  1. screen   every tensor at once along a few joint random directions (`_screen`): ~10
               evaluations whatever the tensor count, and a significance test against the
               measured rounding noise (which also verifies that float64 held);
   2. locate   when it fires: group testing over tensors, then rows and elements, bounded by
