@@ -76,7 +76,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradwatch import CheckReport, GradWatch
-from gradwatch._budget import MINIMUM
+from gradwatch.watch.budget import MINIMUM
 from tests.hf_zoo import RowBugFn, plant_row_bug
 
 EVERY = 10

@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
-from gradwatch._monitor import Monitor  # noqa: E402
-from gradwatch._monitor_config import MonitorConfig  # noqa: E402
-from gradwatch._monitor_read import find_runs, read_new_checks  # noqa: E402
-from gradwatch._monitor_state import Cursor  # noqa: E402
+from gradwatch.monitor.config import MonitorConfig  # noqa: E402
+from gradwatch.monitor.service import Monitor  # noqa: E402
+from gradwatch.monitor.state import Cursor  # noqa: E402
+from gradwatch.record.reader import find_runs, read_new_checks  # noqa: E402
 from tests.mlflow_server import MlflowServer  # noqa: E402
 
 STEP = 10

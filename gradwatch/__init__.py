@@ -9,10 +9,8 @@ The public surface is what `__all__` lists; every other module is private.
 
 from __future__ import annotations
 
-from gradwatch._alerts import AlertPolicy
-from gradwatch._callback import CheckPlan, GradWatch
-from gradwatch._check import check
-from gradwatch._exceptions import (
+from gradwatch.alerts.state import AlertPolicy
+from gradwatch.common.errors import (
     ConfigError,
     DeliveryError,
     GradientAlertError,
@@ -24,10 +22,12 @@ from gradwatch._exceptions import (
     SpoolLockedError,
     UnsupportedModelError,
 )
-from gradwatch._numerics import rel_distance
-from gradwatch._report import CheckReport, ElementReport, LayerReport, Thresholds
-from gradwatch._torch_check import check_module
-from gradwatch._version import __version__
+from gradwatch.common.version import __version__
+from gradwatch.engine.numerics import rel_distance
+from gradwatch.engine.numpy_backend import check
+from gradwatch.engine.report import CheckReport, ElementReport, LayerReport, Thresholds
+from gradwatch.engine.torch_backend import check_module
+from gradwatch.watch.callback import CheckPlan, GradWatch
 
 __all__ = [
     "AlertPolicy",

@@ -2,6 +2,6 @@
 
 import sys
 
-from gradwatch._cli import main
+from gradwatch.cli import main
 
 sys.exit(main())

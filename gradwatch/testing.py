@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gradwatch._report import CheckReport
+from gradwatch.engine.report import CheckReport
 
 __all__ = ["assert_gradients_ok", "assert_report_ok"]
 
@@ -50,7 +50,7 @@ def assert_gradients_ok(
     Returns the report so a test can look further. With `allow_warn=False` a "warn" verdict
     (distance between the warn and alert thresholds) fails too.
     """
-    from gradwatch._torch_check import check_module
+    from gradwatch.engine.torch_backend import check_module
 
     report = check_module(model, batch, loss_fn, **check_module_kwargs)
     return assert_report_ok(report, allow_warn=allow_warn)

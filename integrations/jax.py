@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from gradwatch._callback import first_rows
-from gradwatch._engine import make_settings, run_check, select_names
-from gradwatch._exceptions import ConfigError, InputError, LossError, missing_dependency
-from gradwatch._progress import resolve_progress
-from gradwatch._report import CheckReport, Mode, Thresholds
-from gradwatch._torch_check import describe_batch
+from gradwatch.common.errors import ConfigError, InputError, LossError, missing_dependency
+from gradwatch.common.progress import resolve_progress
+from gradwatch.engine.core import make_settings, run_check, select_names
+from gradwatch.engine.report import CheckReport, Mode, Thresholds
+from gradwatch.engine.torch_backend import describe_batch
+from gradwatch.watch.callback import first_rows
 
 try:
     import jax
@@ -50,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
     raise missing_dependency("gradwatch.integrations.jax", "jax", "jax") from exc
 
 if TYPE_CHECKING:
-    from gradwatch._callback import CheckPlan, GradWatch
+    from gradwatch.watch.callback import CheckPlan, GradWatch
 
 __all__ = ["check_jax", "leaf_names", "watch_step"]
 

@@ -65,17 +65,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from gradwatch._callback import CheckPlan, GradWatch, adapter_watch, first_rows
-from gradwatch._engine import make_settings, run_check, select_names
-from gradwatch._exceptions import (
+from gradwatch.common.errors import (
     ConfigError,
     InputError,
     LossError,
     MissingDependencyError,
     missing_dependency,
 )
-from gradwatch._report import CheckReport
-from gradwatch._torch_check import describe_batch
+from gradwatch.engine.core import make_settings, run_check, select_names
+from gradwatch.engine.report import CheckReport
+from gradwatch.engine.torch_backend import describe_batch
+from gradwatch.watch.callback import CheckPlan, GradWatch, adapter_watch, first_rows
 
 try:
     import keras
@@ -359,7 +359,7 @@ def _preserved_rng(backend: str) -> Iterator[None]:
     if backend == "torch":
         import torch
 
-        from gradwatch._torch_check import preserved_global_state
+        from gradwatch.engine.torch_backend import preserved_global_state
 
         torch_scope = preserved_global_state(torch)
     try:

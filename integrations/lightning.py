@@ -48,10 +48,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from gradwatch._callback import GradWatch, adapter_watch
-from gradwatch._exceptions import ConfigError, LossError, missing_dependency
-from gradwatch._record import resolve_tracking_uri
-from gradwatch._report import CheckReport
+from gradwatch.common.errors import ConfigError, LossError, missing_dependency
+from gradwatch.engine.report import CheckReport
+from gradwatch.record.writer import resolve_tracking_uri
+from gradwatch.watch.callback import GradWatch, adapter_watch
 
 __all__ = ["GradWatchCallback"]
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from mlflow import MlflowClient
 
 from gradwatch import CheckReport, ElementReport, LayerReport, Thresholds
-from gradwatch._record import check_payload, deliver_payload, params_payload
+from gradwatch.record.writer import check_payload, deliver_payload, params_payload
 from tests.mlflow_runs import T0_MS, new_experiment
 
 #: A layer name that would run script if it reached the page unescaped.

@@ -1,5 +1,5 @@
-"""Runs written to a real MLflow server in the documented gradwatch layout (`gradwatch._record`),
-for the monitor and dashboard tests."""
+"""Runs written to a real MLflow server in the documented gradwatch layout
+(`gradwatch.record.writer`), for the monitor and dashboard tests."""
 
 from __future__ import annotations
 

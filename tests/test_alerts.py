@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gradwatch import ConfigError, GradwatchError, InputError
-from gradwatch._alerts import (
+from gradwatch.alerts.state import (
     AlertPolicy,
     AlertState,
     AlertTracker,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gradwatch._budget import FIRST_BUDGET, MAXIMUM, MINIMUM, AdaptiveBudget, Rotation
+from gradwatch.watch.budget import FIRST_BUDGET, MAXIMUM, MINIMUM, AdaptiveBudget, Rotation
 
 
 def measured(overhead: float, step: float, checks: list[tuple[float, int, float]]

@@ -271,8 +271,8 @@ def test_a_record_mlflow_refuses_for_good_is_set_aside_not_retried_forever(
 ) -> None:
     from mlflow import MlflowClient
 
-    from gradwatch._record import deliver_payload, params_payload
-    from gradwatch._spool import REJECTED, Spool
+    from gradwatch.record.spool import REJECTED, Spool
+    from gradwatch.record.writer import deliver_payload, params_payload
 
     client = MlflowClient(mlflow_server.url)
     run_id = client.create_run(client.create_experiment(f"refused-{tmp_path.name}")).info.run_id
@@ -297,7 +297,7 @@ def test_a_spool_another_process_owns_does_not_stop_training(
 ) -> None:
     from mlflow import MlflowClient
 
-    from gradwatch._spool import Spool
+    from gradwatch.record.spool import Spool
 
     client = MlflowClient(mlflow_server.url)
     run_id = client.create_run(client.create_experiment(f"locked-{tmp_path.name}")).info.run_id
@@ -360,7 +360,7 @@ def test_the_allowance_is_sized_from_the_steps_before_a_check_not_from_pauses() 
     check: an evaluation-like pause earlier in the interval (0.4 s at step 105, against
     steps of about a millisecond) must not inflate what the next check may spend; with the
     whole interval timed, one step would read ≥ 4 ms."""
-    from gradwatch._budget import STEP_WINDOW
+    from gradwatch.watch.budget import STEP_WINDOW
 
     def pause(step: int) -> None:
         if step == 105:

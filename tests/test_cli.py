@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import gradwatch
-from gradwatch._demo import run_demo
-from gradwatch._progress import ProgressBar
+from gradwatch.common.progress import ProgressBar
+from gradwatch.demo import run_demo
 from gradwatch.testing import assert_gradients_ok
 from tests.mlflow_server import FAIL_FAST_CLIENT_ENV, MlflowServer, free_port
 
@@ -142,7 +142,7 @@ def test_demo_catches_its_planted_bug(tmp_path: Path) -> None:
 
 def _spool_with(directory: Path, *payloads: dict[str, object]) -> None:
     """A spool folder holding `payloads`, undelivered (as a dead server leaves them)."""
-    from gradwatch._spool import Spool
+    from gradwatch.record.spool import Spool
 
     def unreachable(payload: dict[str, object]) -> None:
         raise ConnectionError("tracking server down")
@@ -157,8 +157,8 @@ def test_flush_delivers_what_a_dead_server_left_behind_and_removes_its_folder(
 ) -> None:
     from mlflow import MlflowClient
 
-    from gradwatch._record import params_payload
-    from gradwatch._spool import Spool
+    from gradwatch.record.spool import Spool
+    from gradwatch.record.writer import params_payload
 
     client = MlflowClient(mlflow_server.url)
     experiment = client.create_experiment(f"flush-{tmp_path.name}")
@@ -182,8 +182,8 @@ def test_flush_keeps_what_it_cannot_deliver_says_why_and_exits_2(
 ) -> None:
     from mlflow import MlflowClient
 
-    from gradwatch._record import params_payload
-    from gradwatch._spool import REJECTED, peek
+    from gradwatch.record.spool import REJECTED, peek
+    from gradwatch.record.writer import params_payload
 
     client = MlflowClient(mlflow_server.url)
     run_id = client.create_run(client.create_experiment(f"kept-{tmp_path.name}")).info.run_id
@@ -223,7 +223,7 @@ def test_flush_leaves_a_running_trainings_folder_alone(tmp_path: Path) -> None:
     root = tmp_path / "spool"
     owner = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from gradwatch._spool import Spool\n"
+         "import sys; from gradwatch.record.spool import Spool\n"
          f"spool = Spool({str(root / 'live')!r}, deliver=print)\n"
          "spool.append({'step': 1}); print('ready', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from gradwatch._dashboard import (
+from gradwatch.dashboard.report import (
     REPORT_HTML,
     build_experiment_dashboard,
     build_run_report,

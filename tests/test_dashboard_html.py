@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from gradwatch import ConfigError, InputError
-from gradwatch._dashboard import (
+from gradwatch.dashboard.report import (
     REPORT_HTML,
     REPORT_PNG,
     build_experiment_dashboard,

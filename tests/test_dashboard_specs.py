@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from gradwatch import Thresholds
-from gradwatch._dashboard_charts import (
+from gradwatch.dashboard.charts import (
     ALERT_COLOUR,
     CALM_COLOURS,
     HEATMAP_MAX_CELLS,
@@ -33,9 +33,9 @@ from gradwatch._dashboard_charts import (
     run_layers_chart,
     thin,
 )
-from gradwatch._dashboard_data import ExperimentData, RunData, RunSummary
-from gradwatch._dashboard_png import HEATMAP_LABEL, run_figure
-from gradwatch._monitor_read import CheckPoint, MonitoredRun
+from gradwatch.dashboard.data import ExperimentData, RunData, RunSummary
+from gradwatch.dashboard.png import HEATMAP_LABEL, run_figure
+from gradwatch.record.reader import CheckPoint, MonitoredRun
 
 jsonschema = pytest.importorskip("jsonschema")
 altair = pytest.importorskip("altair")

@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gradwatch._monitor_config import RULES, StalenessConfig
-from gradwatch._report import VERDICT_RANK, Thresholds
+from gradwatch.engine.report import VERDICT_RANK, Thresholds
+from gradwatch.monitor.config import RULES, StalenessConfig
 
 DASHBOARDS = Path(__file__).resolve().parents[1] / "dashboards"
 CONTRACT_FILE = DASHBOARDS / "metrics.json"

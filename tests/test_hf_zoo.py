@@ -19,7 +19,7 @@ import torch
 
 import gradwatch
 from gradwatch import GradWatch
-from gradwatch._budget import MINIMUM
+from gradwatch.watch.budget import MINIMUM
 from tests.mlflow_server import MlflowServer
 
 pytest.importorskip("transformers")
@@ -40,7 +40,7 @@ def _strongest_row(model: Any, batch: Any, name: str) -> int:
     textbook distance most; a row whose gradient is ~0 hides any bug)."""
     shadow = copy.deepcopy(model).double().eval()
     batch64 = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-    with gradwatch._precision.Float64Guard():  # type: ignore[attr-defined]
+    with gradwatch.engine.precision.Float64Guard():  # type: ignore[attr-defined]
         loss = shadow(**batch64).loss
     grad = torch.autograd.grad(loss, dict(shadow.named_parameters())[name])[0]
     return int(grad.reshape(grad.shape[0], -1).norm(dim=1).argmax())

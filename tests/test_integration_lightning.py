@@ -16,7 +16,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch import GradWatch
-from gradwatch._budget import MINIMUM
+from gradwatch.watch.budget import MINIMUM
 from tests.mlflow_server import MlflowServer
 from tests.torch_models import BuggyLinear, BugKind, seeded
 

@@ -16,11 +16,11 @@ from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradwatch import MonitorLockedError
-from gradwatch._alerts import transition_id
-from gradwatch._monitor import Monitor
-from gradwatch._monitor_config import MonitorConfig
-from gradwatch._monitor_metrics import MetricsServer
-from gradwatch._monitor_state import MonitorState, SilenceMatcher
+from gradwatch.alerts.state import transition_id
+from gradwatch.monitor.config import MonitorConfig
+from gradwatch.monitor.metrics import MetricsServer
+from gradwatch.monitor.service import Monitor
+from gradwatch.monitor.state import MonitorState, SilenceMatcher
 from tests.mlflow_runs import T0_MS, log_check, new_experiment, new_run
 from tests.mlflow_server import MlflowServer
 from tests.receivers import WebhookReceiver

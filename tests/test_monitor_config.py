@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from gradwatch._alerts import AlertPolicy
-from gradwatch._exceptions import ConfigError
-from gradwatch._monitor_config import ChannelSpec, MonitorConfig, load_config
-from gradwatch._report import Thresholds
+from gradwatch.alerts.state import AlertPolicy
+from gradwatch.common.errors import ConfigError
+from gradwatch.engine.report import Thresholds
+from gradwatch.monitor.config import ChannelSpec, MonitorConfig, load_config
 
 HAS_YAML = importlib.util.find_spec("yaml") is not None
 SECRET = "T0123ABC/B0456DEF/xoxbSuperSecretToken42"

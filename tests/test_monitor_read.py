@@ -12,15 +12,20 @@ from mlflow import MlflowClient
 
 import gradwatch
 from gradwatch import ConfigError
-from gradwatch._monitor_read import (
+from gradwatch.monitor.state import Cursor
+from gradwatch.record.reader import (
     CheckPoint,
     MonitoredRun,
     bulk_histories,
     find_runs,
     read_new_checks,
 )
-from gradwatch._monitor_state import Cursor
-from gradwatch._record import check_payload, deliver_payload, layer_metric_keys, params_payload
+from gradwatch.record.writer import (
+    check_payload,
+    deliver_payload,
+    layer_metric_keys,
+    params_payload,
+)
 from tests.classic_net import backward, forward, make_problem
 from tests.mlflow_runs import T0_MS, CountingClient, log_check, new_experiment, new_run
 from tests.mlflow_server import MlflowServer
@@ -222,7 +227,7 @@ def write_varied_runs(client: MlflowClient, experiment_id: str, count: int) -> l
 def test_bulk_reads_give_the_same_checks_with_one_call_per_key(
     client: MlflowClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gradwatch import _monitor_read
+    from gradwatch.record import reader as _monitor_read
 
     _, experiment_id = new_experiment(client)
     write_varied_runs(client, experiment_id, 6)

@@ -15,16 +15,16 @@ import pytest
 import sqlalchemy.exc
 
 from gradwatch import ConfigError, GradwatchError, InputError
-from gradwatch._alerts import AlertPolicy, AlertState, advance
-from gradwatch._exceptions import DeliveryError
-from gradwatch._monitor_state import (
+from gradwatch.alerts.notify import Notification
+from gradwatch.alerts.state import AlertPolicy, AlertState, advance
+from gradwatch.common.errors import DeliveryError
+from gradwatch.monitor.state import (
     Cursor,
     MonitorLockedError,
     MonitorState,
     OutboxEntry,
     SilenceMatcher,
 )
-from gradwatch._notify import Notification
 
 T0 = 1_700_000_000.0  # a fixed "now" for the manual clock
 

@@ -19,8 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradwatch import ConfigError, InputError
-from gradwatch._alerts import Transition
-from gradwatch._notify import (
+from gradwatch.alerts.notify import (
     AppriseNotifier,
     DeliveryError,
     Dispatcher,
@@ -30,6 +29,7 @@ from gradwatch._notify import (
     make_notifier,
     redact,
 )
+from gradwatch.alerts.state import Transition
 from tests.receivers import ManualClock, WebhookReceiver, running_receiver
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -570,7 +570,7 @@ def test_without_apprise_a_clear_missing_dependency_error() -> None:
     # A fresh interpreter in which `import apprise` fails, so this process is left alone.
     script = (
         "import sys; sys.modules['apprise'] = None\n"
-        "from gradwatch._notify import make_notifier\n"
+        "from gradwatch.alerts.notify import make_notifier\n"
         "from gradwatch import MissingDependencyError\n"
         "try:\n    make_notifier('slack://A/B/C')\n"
         "except MissingDependencyError as e:\n    print(e)\n"

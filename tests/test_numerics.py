@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import gradwatch
-from gradwatch._numerics import element_floor, element_rel_errors, find_kinks, rel_distance
+from gradwatch.engine.numerics import element_floor, element_rel_errors, find_kinks, rel_distance
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 vectors = st.integers(1, 40).flatmap(lambda n: st.tuples(

@@ -37,10 +37,23 @@ def test_every_error_is_a_gradwatch_error() -> None:
     assert issubclass(gradwatch.MissingDependencyError, ImportError)
 
 
-def test_private_modules_stay_private() -> None:
-    public = {"__init__", "testing"}  # gradwatch.testing is public, like numpy.testing
-    modules = [p.stem for p in (ROOT / "gradwatch").glob("*.py") if p.stem not in public]
-    assert modules and all(m.startswith("_") for m in modules)
+def test_the_public_surface_is_gradwatch_and_gradwatch_testing() -> None:
+    """Privacy by module: the subsystems are subpackages whose __init__ exports nothing, so
+    `from gradwatch import …` (and gradwatch.testing, like numpy.testing) is the whole API."""
+    import ast
+    import importlib
+
+    top = {p.name for p in (ROOT / "gradwatch").iterdir() if not p.name.startswith(".")
+           and p.name != "__pycache__"}
+    subpackages = {"alerts", "common", "dashboard", "engine", "monitor", "record", "watch"}
+    assert top == {"__init__.py", "__main__.py", "testing.py", "cli.py", "demo.py", "py.typed",
+                   *subpackages}
+    for name in sorted(subpackages):
+        init = ROOT / "gradwatch" / name / "__init__.py"
+        body = ast.parse(init.read_text(encoding="utf-8")).body
+        assert len(body) == 1 and isinstance(body[0], ast.Expr), f"{init}: a docstring only"
+        module = importlib.import_module(f"gradwatch.{name}")
+        assert module.__doc__ and "Imports:" in module.__doc__, f"{init}: what it may import"
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
-from gradwatch._precision import Float64Guard
+from gradwatch.engine.precision import Float64Guard
 from tests.torch_models import seeded
 
 
@@ -336,8 +336,8 @@ def test_an_ok_check_whose_directions_all_crossed_kinks_logs_a_rounding_level_di
     the size of the kinks (a clean CNN logged 5e-4 on an "ok" check before)."""
     from typing import cast
 
-    from gradwatch._assess import _joint_distance
-    from gradwatch._screen import SIGNAL, JointProbe, JointScreen
+    from gradwatch.engine.assess import _joint_distance
+    from gradwatch.engine.screen import SIGNAL, JointProbe, JointScreen
 
     screen = JointScreen(engine=cast(Any, None), delta_j=1e-16)
     # four directions, each moved one-sidedly by a kink: |d| ≫ 10σ, not confirmed as a bug

@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from gradwatch import ConfigError, GradwatchError, InputError
-from gradwatch._spool import (
+from gradwatch.record.spool import (
     DELIVERED,
     JOURNAL,
     LOCK,
@@ -138,7 +138,7 @@ def test_a_process_that_dies_right_after_appending_loses_nothing(tmp_path: Path)
     # with the kernel. This one exits without close(), without a deliverer, without fsync.
     script = (
         "import os, sys\n"
-        "from gradwatch._spool import Spool\n"
+        "from gradwatch.record.spool import Spool\n"
         "spool = Spool(sys.argv[1], deliver=lambda payload: None)\n"
         "spool.append({'step': 1})\n"
         "spool.append_many([{'step': 2}, {'step': 3}])\n"
@@ -312,7 +312,7 @@ def _owner(directory: Path, *steps: int) -> subprocess.Popen[str]:
     owner = subprocess.Popen(
         [
             sys.executable, "-c",
-            "import sys; from gradwatch._spool import Spool\n"
+            "import sys; from gradwatch.record.spool import Spool\n"
             f"spool = Spool({str(directory)!r}, deliver=print)\n"
             f"for step in {list(steps)!r}: spool.append({{'step': step}})\n"
             "print('ready', flush=True); sys.stdin.read(); spool.close()",
@@ -476,7 +476,7 @@ def test_replay_all_clears_an_afternoon_of_leftovers(tmp_path: Path) -> None:
 #: between opening the lock file and flock-ing it, until its stdin says "go".
 PAUSED_WRITER = """
 import sys
-from gradwatch._spool import Spool
+from gradwatch.record.spool import Spool
 
 paused = []
 
@@ -727,7 +727,7 @@ def test_a_spool_whose_run_is_not_ended_yet_is_kept_until_it_is(
 ) -> None:
     """A spool keyed by a local id is all delivered only once its run exists and is ended:
     the "run" record creates it, the "terminate" record, last, ends it."""
-    from gradwatch._record import (
+    from gradwatch.record.writer import (
         RUN_FILE,
         Deliverer,
         new_local_id,

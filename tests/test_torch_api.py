@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch._progress import ProgressBar
+from gradwatch.common.progress import ProgressBar
 
 
 class Regressor(nn.Module):

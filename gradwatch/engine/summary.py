@@ -1,0 +1,74 @@
+"""Plain-text rendering of a `CheckReport` for terminals and test failures."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gradwatch.engine.report import CheckReport, ElementReport
+
+__all__ = ["render_summary"]
+
+
+def _number(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.2e}"
+
+
+def _element(element: ElementReport) -> str:
+    mark = " kink" if element.kink else ""
+    return (
+        f"{list(element.index)} analytic {element.analytic:.6g} vs numeric "
+        f"{element.numeric:.6g} (rel_error {element.rel_error:.2e}{mark})"
+    )
+
+
+def render_summary(report: CheckReport, *, max_layers: int = 20, max_elements: int = 3) -> str:
+    """Header, reasons, then one row per layer (worst first) with its worst elements."""
+    estimated = "≈" if report.estimated else ""
+    lines = [
+        f"gradwatch check: {report.verdict.upper()}  rel_distance {estimated}"
+        f"{_number(report.rel_distance)}"
+        + (f" ({_number(report.rel_distance_without_kinks)} without kinks)"
+           if report.rel_distance_without_kinks is not None else "")
+        + f"  (mode {report.mode}"
+        + (f": {report.strategy}" if report.strategy and report.mode == "auto" else "")
+        + f"; eps {report.eps:g}; {report.coordinates:,} coordinates"
+        + (f", {report.directions:,} directions" if report.directions else "")
+        + f"; {report.evaluations:,} loss evaluations; {report.seconds:.2f} s)",
+        f"  thresholds: warn {report.thresholds.warn:.0e}, alert {report.thresholds.alert:.0e};"
+        f" loss {report.loss:.6g}; noise floor {report.noise_floor:.1e} per element",
+    ]
+    coverage = report.coverage
+    if coverage.get("screened"):
+        lines.append(
+            f"  coverage: {coverage['screened']} of {coverage.get('tensors', 0)} tensors "
+            f"screened jointly, {coverage.get('localised', 0)} localised, "
+            f"{coverage.get('measured', 0)} measured"
+        )
+    lines += [f"  - {reason}" for reason in report.reasons]
+    ranked = report.worst_layers(len(report.layers))
+    if ranked:
+        width = max(len("layer"), *(len(name) for name, _ in ranked[:max_layers]))
+        lines.append(f"  {'layer':<{width}}  verdict  rel_distance  checked")
+        for name, layer in ranked[:max_layers]:
+            checked = f"{layer.checked:,}/{layer.numel:,}"
+            if layer.directions:
+                checked += f" + {layer.directions} dir"
+            if layer.screened and not (layer.checked or layer.directions):
+                checked = "screened"
+            mark = "≈" if layer.estimated else " "
+            lines.append(
+                f"  {name:<{width}}  {layer.verdict:<7}  {mark}{_number(layer.rel_distance):<11}"
+                f"  {checked}"
+                + (f"  ({layer.kinks} kinks; {_number(layer.rel_distance_without_kinks or 0.0)}"
+                   f" without)" if layer.kinks else "")
+            )
+            if layer.verdict in ("warn", "alert"):
+                lines += [f"  {'':<{width}}    {_element(e)}" for e in layer.worst[:max_elements]]
+            if layer.excluded:
+                lines.append(f"  {'':<{width}}    ({layer.excluded:,} elements excluded by "
+                             f"design, see notes)")
+        if len(ranked) > max_layers:
+            lines.append(f"  ... {len(ranked) - max_layers} more layers")
+    return "\n".join(lines)
