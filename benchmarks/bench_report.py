@@ -47,7 +47,7 @@ from mlflow.entities import Metric, Param  # noqa: E402
 from gradwatch.dashboard.data import WORST_CHECKS, read_experiment, read_run  # noqa: E402
 from gradwatch.dashboard.png import draw_run_png  # noqa: E402
 from gradwatch.dashboard.report import _experiment_page, _run_page  # noqa: E402
-from gradwatch.record.writer import artifact_path, layer_metric_keys  # noqa: E402
+from gradwatch.record.layout import artifact_path, layer_metric_keys  # noqa: E402
 from tests.browser import Chromium, chromium_path  # noqa: E402
 from tests.dashboard_runs import element, report  # noqa: E402
 from tests.mlflow_server import MlflowServer  # noqa: E402

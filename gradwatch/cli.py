@@ -1,4 +1,6 @@
-"""The `gradwatch` command line.
+"""The `gradwatch` command line: demo, report, flush and the monitor's commands.
+
+The `gradwatch` command line.
 
     gradwatch demo [--bug KIND --bug-at STEP]   train a small model with GradWatch attached
     gradwatch check MODULE:FACTORY              one-off check of your model; exit 1 on alert
@@ -6,6 +8,8 @@
     gradwatch monitor [--once] [--config FILE]  watch MLflow and notify (status, silence ...)
     gradwatch report RUN_ID [-o FILE.html]      a run's self-contained HTML report (--log, --png)
     gradwatch dashboard --experiment NAME -o FILE.html   compare an experiment's runs
+
+Imports: anything below it (the command line is the top: nothing imports it).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from typing import Any
 
 from gradwatch.common.errors import GradwatchError, InputError
 from gradwatch.common.version import __version__
-from gradwatch.record.spool import REJECTED, FolderResult
+from gradwatch.record.replay import FolderResult
+from gradwatch.record.spool import REJECTED
 
 __all__ = ["main"]
 
@@ -293,7 +298,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _flush(args: argparse.Namespace) -> int:
-    from gradwatch.record.spool import default_spool_dir, replay_all
+    from gradwatch.dashboard.report import log_requested_report
+    from gradwatch.record.replay import default_spool_dir, replay_all
     from gradwatch.record.writer import Deliverer
 
     root = args.spool_dir or default_spool_dir()
@@ -302,7 +308,11 @@ def _flush(args: argparse.Namespace) -> int:
     if not args.debug:
         logger.addHandler(logging.NullHandler())
         logger.propagate = False
-    folders = replay_all(root, Deliverer, timeout=args.timeout, logger=logger)
+
+    def deliverer(folder: Path) -> Deliverer:  # the run reports the spools ask for included
+        return Deliverer(folder, report_builder=log_requested_report)
+
+    folders = replay_all(root, deliverer, timeout=args.timeout, logger=logger)
     if args.json:
         print(json.dumps(_flush_document(root, folders)))
     else:

@@ -5,6 +5,8 @@ and logs to MLflow (the embedded default, sqlite ./mlflow.db, unless MLFLOW_TRAC
 otherwise). `--bug KIND --bug-at STEP` swaps the backward of one layer for a wrong one from that
 step on — the forward is untouched, so only a gradient check can tell — and the next check
 catches it, points at the layer and element, and alerts.
+
+Imports: gradwatch.watch, gradwatch.common (a top-level module: anything below it).
 """
 
 from __future__ import annotations
@@ -182,7 +184,8 @@ def run_demo(
         bar.close()
         watch.close()
     return DemoResult(
-        run_id=watch.run_id, tracking_uri=watch._resolved_uri, reports=watch.reports,
+        run_id=watch.run_id, tracking_uri=getattr(watch.recorder, "resolved_uri", None),
+        reports=watch.reports,
         final_loss=loss_value, steps=steps,
         seconds=bar.elapsed,
     )

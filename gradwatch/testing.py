@@ -4,6 +4,8 @@
 
     def test_my_layer_backward():
         assert_gradients_ok(model, batch, loss_fn)
+
+Imports: gradwatch.engine (a public top-level module).
 """
 
 from __future__ import annotations

@@ -8,4 +8,6 @@ Each lives in its own module and imports its framework only when imported itself
 
 The Hugging Face Trainer and plain PyTorch loops need no adapter: `GradWatch` itself answers
 the Trainer's events and has `step()` for loops.
+
+Imports: nothing (each adapter imports gradwatch and its own framework).
 """

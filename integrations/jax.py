@@ -21,6 +21,8 @@ a chunk of perturbed copies of that leaf at once, `jax.vmap` over the stacked co
 `jax.lax.map`, one after the other, where vmap cannot run the loss). Chunks have one fixed size
 per leaf, so a check compiles once per leaf (plus once for the gradient), and JAX's own caches
 make later checks with the same `loss_fn`, shapes and dtypes compile nothing at all.
+
+Imports: gradwatch (the public API and the engine, watch and common subpackages), jax.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ from numpy.typing import NDArray
 
 from gradwatch.common.errors import ConfigError, InputError, LossError, missing_dependency
 from gradwatch.common.progress import resolve_progress
-from gradwatch.engine.core import make_settings, run_check, select_names
+from gradwatch.common.settings import DEFAULT, Default
+from gradwatch.engine.core import run_check
 from gradwatch.engine.report import CheckReport, Mode, Thresholds
 from gradwatch.engine.torch_backend import describe_batch
+from gradwatch.engine.types import CheckOptions, check_settings, select_names
 from gradwatch.watch.callback import first_rows
 
 try:
@@ -79,16 +83,17 @@ def check_jax(
     params: Any,
     batch: Any = None,
     *,
-    mode: Mode = "auto",
-    eps: float | None = None,
-    budget: int = 2000,
-    thresholds: Thresholds | Mapping[str, float] | None = None,
-    seed: int = 0,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    samples: int = 16,
-    directions: int = 8,
-    top_k: int = 5,
+    options: CheckOptions | Mapping[str, Any] | None = None,
+    mode: Mode | Default = DEFAULT,
+    eps: float | Default | None = DEFAULT,
+    budget: int | Default | None = DEFAULT,
+    thresholds: Thresholds | Mapping[str, float] | Default | None = DEFAULT,
+    seed: int | Default = DEFAULT,
+    include: str | Sequence[str] | Default | None = DEFAULT,
+    exclude: str | Sequence[str] | Default | None = DEFAULT,
+    samples: int | Default = DEFAULT,
+    directions: int | Default = DEFAULT,
+    top_k: int | Default = DEFAULT,
     batching: Batching = "vmap",
     progress: bool | Callable[[int, int], None] = False,
 ) -> CheckReport:
@@ -103,16 +108,15 @@ def check_jax(
         batch: any pytree passed through to `loss_fn` (None by default); floating arrays are
             cast to float64 copies, integer arrays kept, other leaves (str, int) passed as they
             are.
-        mode: "auto" (full when 2P + 2 ≤ budget, else a budgeted search that still finds and
-            localises a bug in one row or element), "full", "sample" or "sketch".
-        eps: central-difference step (default 1e-7, in float64).
-        budget: most loss evaluations for "auto", "sample" and "sketch".
-        include, exclude: name globs (`fnmatch`) over the leaf names ("dense1/w", see
-            `leaf_names`). Leaves left out are held fixed.
+        options: a `gradwatch.CheckOptions` (defaults in its table; here, as for
+            `check_module`, mode "auto" and budget 2000). Its `include`/`exclude` are globs
+            over the leaf names ("dense1/w", see `leaf_names`); leaves left out are held fixed.
+        mode, eps, budget, thresholds, seed, include, exclude, samples, directions, top_k:
+            shorthands for the fields of `options` (give each setting one way).
         batching: "vmap" evaluates a chunk of perturbed copies of a leaf in one `jax.vmap`
             call (falling back to "map" where vmap cannot run the loss); "map" runs them one
             after the other inside one compiled `jax.lax.map` (less memory).
-        samples, directions, top_k, thresholds, seed, progress: as in `gradwatch.check_module`.
+        progress: True for a progress bar on stderr, or a callable(done, total).
 
     Example:
         >>> import jax.numpy as jnp
@@ -124,9 +128,10 @@ def check_jax(
         >>> report.verdict, list(report.layers), report.coordinates
         ('ok', ['dense/b', 'dense/w'], 8)
     """
-    settings = make_settings(
-        eps=1e-7 if eps is None else eps, mode=mode, thresholds=thresholds, budget=budget,
-        seed=seed, samples=samples, directions=directions, top_k=top_k,
+    options, settings = check_settings(
+        "check_jax", options, mode=mode, eps=eps, budget=budget, thresholds=thresholds,
+        seed=seed, include=include, exclude=exclude, samples=samples, directions=directions,
+        top_k=top_k,
     )
     if batching not in ("vmap", "map"):
         raise ConfigError(f"batching must be 'vmap' or 'map', got {batching!r}.")
@@ -138,7 +143,7 @@ def check_jax(
     started = time.perf_counter()
     with _float64_scope():
         tree = _ParamTree.flatten(params)
-        names = tree.select(include, exclude)
+        names = tree.select(options.include, options.exclude)
         objective = _JaxObjective(loss_fn, tree, batch, names, batching)
         analytic = objective.analytic_gradients()
         objective.compile()

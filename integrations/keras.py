@@ -52,6 +52,8 @@ Not supported yet: the tensorflow backend; subclassed models without a working
 `get_config()` / `from_config()` (the float64 copy is rebuilt from the config); models whose
 weights cannot be matched one to one with a rebuilt copy; multi-device distribution
 (`keras.distribution`), whose sharded variables the copy does not gather.
+
+Imports: gradwatch (the public API and the engine, watch and common subpackages), keras.
 """
 
 from __future__ import annotations
@@ -72,9 +74,10 @@ from gradwatch.common.errors import (
     MissingDependencyError,
     missing_dependency,
 )
-from gradwatch.engine.core import make_settings, run_check, select_names
+from gradwatch.engine.core import run_check
 from gradwatch.engine.report import CheckReport
 from gradwatch.engine.torch_backend import describe_batch
+from gradwatch.engine.types import select_names
 from gradwatch.watch.callback import CheckPlan, GradWatch, adapter_watch, first_rows
 
 try:
@@ -225,12 +228,7 @@ probe=['float64[8, 3]', 'float64[8, 1]'])
         return report
 
     def _active_run_id(self) -> str | None:
-        if not self.watch.use_mlflow:
-            return None
-        import mlflow
-
-        active = mlflow.active_run()
-        return active.info.run_id if active is not None else None
+        return self.watch.recorder.active_run_id() if self.watch.use_mlflow else None
 
 
 def _optimizer_step(model: Any) -> int:
@@ -514,7 +512,7 @@ class _Float64Copy:
                 trainable, index,
                 {name: values[index[name]].astype(np.float64) for name in names},
             )
-            settings = make_settings(**plan.check_kwargs())
+            settings = plan.settings()
             report = run_check(objective, analytic, settings, probe=self._describe(model))
         _note_unused(report, unused)
         return report

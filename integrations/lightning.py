@@ -39,6 +39,8 @@ the iterator itself); sharded parameters (FSDP, DeepSpeed ZeRO-3): `GradWatch` r
 "error" check saying so and stops checking; a `training_step` that calls collectives itself
 (`self.all_gather`, a `dist` call; `self.log(..., sync_dist=True)` is silenced, so fine) would
 wait for the other ranks while rank zero checks.
+
+Imports: gradwatch (the public API, the watch and the record), lightning.
 """
 
 from __future__ import annotations
@@ -197,10 +199,7 @@ class GradWatchCallback(_CallbackBase):
                 watch.tracking_uri, watch.run_id = uri, None
                 return str(mlflow_logger.run_id)
             return None
-        import mlflow
-
-        active = mlflow.active_run()
-        return active.info.run_id if active is not None else None
+        return watch.recorder.active_run_id()
 
 
 def _same_store(first: str, second: str) -> bool:

@@ -1,5 +1,5 @@
 """Runs written to a real MLflow server in the documented gradwatch layout
-(`gradwatch.record.writer`), for the monitor and dashboard tests."""
+(`gradwatch.record.layout`), for the monitor and dashboard tests."""
 
 from __future__ import annotations
 

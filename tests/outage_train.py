@@ -59,7 +59,7 @@ def main() -> None:
         "checks": [int(r.probe["step"]) for r in watch.reports],  # type: ignore[call-overload]
         "verdicts": [r.verdict for r in watch.reports],
         "run_id": watch.run_id,
-        "local_id": watch.local_id,
+        "local_id": watch.recorder.local_id,  # type: ignore[attr-defined]
         "finished": time.time(),
     }))
 

@@ -351,7 +351,7 @@ def test_a_resumed_training_records_into_the_framework_run_not_the_checkpoint_ru
                       spool_dir=tmp_path / "spool2", budget=300)
     alone.load_state_dict({"run_id": old_run})
     alone.setup(make_model())  # no framework run: continue the checkpoint's run
-    assert alone.run_id == old_run and not alone.created_run
+    assert alone.run_id == old_run and not alone.recorder.created_run
     alone.close()
 
 

@@ -182,7 +182,8 @@ def test_flush_keeps_what_it_cannot_deliver_says_why_and_exits_2(
 ) -> None:
     from mlflow import MlflowClient
 
-    from gradwatch.record.spool import REJECTED, peek
+    from gradwatch.record.replay import peek
+    from gradwatch.record.spool import REJECTED
     from gradwatch.record.writer import params_payload
 
     client = MlflowClient(mlflow_server.url)

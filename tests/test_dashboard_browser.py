@@ -15,11 +15,11 @@ import pytest
 from mlflow import MlflowClient
 
 from gradwatch.dashboard.report import (
-    REPORT_HTML,
     build_experiment_dashboard,
     build_run_report,
     log_run_report,
 )
+from gradwatch.record.layout import REPORT_HTML
 from tests.browser import Chromium, Frame, Page, chromium_path
 from tests.dashboard_runs import (
     EVIL_LAYER,

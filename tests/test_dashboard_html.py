@@ -17,14 +17,13 @@ from mlflow import MlflowClient
 
 from gradwatch import ConfigError, InputError
 from gradwatch.dashboard.report import (
-    REPORT_HTML,
-    REPORT_PNG,
     build_experiment_dashboard,
     build_run_report,
     log_run_report,
     render_run_png,
     script_json,
 )
+from gradwatch.record.layout import REPORT_HTML, REPORT_PNG
 from tests.dashboard_runs import (
     EVIL_LAYER,
     EVIL_RUN,

@@ -12,20 +12,16 @@ from mlflow import MlflowClient
 
 import gradwatch
 from gradwatch import ConfigError
-from gradwatch.monitor.state import Cursor
+from gradwatch.record.layout import layer_metric_keys
 from gradwatch.record.reader import (
     CheckPoint,
+    Cursor,
     MonitoredRun,
     bulk_histories,
     find_runs,
     read_new_checks,
 )
-from gradwatch.record.writer import (
-    check_payload,
-    deliver_payload,
-    layer_metric_keys,
-    params_payload,
-)
+from gradwatch.record.writer import check_payload, deliver_payload, params_payload
 from tests.classic_net import backward, forward, make_problem
 from tests.mlflow_runs import T0_MS, CountingClient, log_check, new_experiment, new_run
 from tests.mlflow_server import MlflowServer

@@ -302,7 +302,7 @@ for step in range(1, 31):
     loss = loss_fn(model, batch)
     optimizer.zero_grad(); loss.backward(); optimizer.step()
     watch.step(model, batch, step=step)
-print(watch.run_id or watch.local_id)
+print(watch.run_id or watch.recorder.local_id)
 """
 
 

@@ -18,17 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradwatch import ConfigError, InputError
-from gradwatch.alerts.notify import (
-    AppriseNotifier,
-    DeliveryError,
-    Dispatcher,
-    JsonWebhook,
-    Notification,
-    Notifier,
-    make_notifier,
-    redact,
-)
+from gradwatch import ConfigError, DeliveryError, InputError
+from gradwatch.alerts.channels import AppriseNotifier, JsonWebhook, make_notifier
+from gradwatch.alerts.dispatch import Dispatcher
+from gradwatch.alerts.notify import Notification, Notifier
+from gradwatch.alerts.redact import redact
 from gradwatch.alerts.state import Transition
 from tests.receivers import ManualClock, WebhookReceiver, running_receiver
 
@@ -570,7 +564,7 @@ def test_without_apprise_a_clear_missing_dependency_error() -> None:
     # A fresh interpreter in which `import apprise` fails, so this process is left alone.
     script = (
         "import sys; sys.modules['apprise'] = None\n"
-        "from gradwatch.alerts.notify import make_notifier\n"
+        "from gradwatch.alerts.channels import make_notifier\n"
         "from gradwatch import MissingDependencyError\n"
         "try:\n    make_notifier('slack://A/B/C')\n"
         "except MissingDependencyError as e:\n    print(e)\n"

@@ -34,7 +34,7 @@ def test_the_callback_logs_the_report_during_training_and_at_the_end(
 
     def on_step(step: int, watch: GradWatch) -> None:
         if step == 12:  # after the 3rd check (1, 5, 10): one refresh was asked for at the 2nd
-            watch._spool.flush(timeout=60)  # type: ignore[union-attr]
+            watch.recorder.flush(timeout=60)  # type: ignore[attr-defined]
             versions.append(_report_text(client, str(watch.run_id)))
 
     watch = GradWatch(every=5, loss_fn=loss_fn, tracking_uri=mlflow_server.url,
@@ -96,6 +96,24 @@ def test_gradwatch_report_and_dashboard_commands(mlflow_server: MlflowServer,
                             server=mlflow_server, cwd=tmp_path)
     assert missing.returncode == 2 and "no-such-experiment-x" in missing.stderr
     assert not (tmp_path / "x.html").exists()
+
+
+def test_gradwatch_flush_builds_the_report_a_spool_left_behind(mlflow_server: MlflowServer,
+                                                               tmp_path: Path) -> None:
+    """A run report asked for while the server was down is built by `gradwatch flush` (the
+    record writer cannot build it: the command hands it the dashboard's builder)."""
+    from gradwatch.record.spool import Spool
+    from gradwatch.record.writer import report_payload
+
+    client = MlflowClient(mlflow_server.url)
+    _, run_id = a_run_with_everything(client)
+    with Spool(tmp_path / "spool" / run_id, deliver=print) as spool:  # never started
+        spool.append(report_payload(run_id=run_id, tracking_uri=mlflow_server.url))
+    done = gradwatch_cli("flush", "--spool-dir", str(tmp_path / "spool"),
+                         server=mlflow_server, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("delivered 1 record from 1 run")
+    assert run_id in _report_text(client, run_id)
 
 
 def _report_text(client: MlflowClient, run_id: str) -> str:

@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from gradwatch import ConfigError, GradwatchError, InputError
+from gradwatch.record.replay import SpoolState, peek, replay, replay_all
 from gradwatch.record.spool import (
     DELIVERED,
     JOURNAL,
@@ -31,10 +32,6 @@ from gradwatch.record.spool import (
     RejectedRecord,
     Spool,
     SpoolLockedError,
-    SpoolState,
-    peek,
-    replay,
-    replay_all,
 )
 from tests.mlflow_server import MlflowServer
 

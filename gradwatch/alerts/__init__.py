@@ -1,5 +1,7 @@
-"""Alerts: the pending/firing/resolved state machine, the notifiers and the dispatcher, shared
-by the training-time watch and the monitor.
+"""Alerts shared by the training-time watch and the monitor.
+
+The pending/firing/resolved state machine, the notifications, their channels, the
+dispatcher and `AlertSettings`; below both the watch and the monitor, which import it.
 
 Imports: gradwatch.common only.
 """

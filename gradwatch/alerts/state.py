@@ -21,6 +21,8 @@ Each transition has a stable `Transition.id`: sha256 of (key, kind, step). A rec
 sees an id twice (a retried delivery, or a run resumed from a checkpoint that replays steps)
 can drop the duplicate. Give each tracker a `key` that is unique to what it watches, e.g. the
 MLflow run id: two trackers with the same key alerting at the same step share ids.
+
+Imports: gradwatch.common only.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class AlertPolicy(BaseModel):
         >>> AlertPolicy(fire_after=0)
         Traceback (most recent call last):
         ...
-        gradwatch.common.errors.ConfigError: Invalid AlertPolicy: fire_after: ...
+        gradwatch.ConfigError: Invalid AlertPolicy: fire_after: ...
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

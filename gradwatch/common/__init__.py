@@ -1,4 +1,4 @@
-"""Shared foundations: the exception tree, file and lock helpers, progress output, the version.
+"""Shared foundations: errors, files and locks, progress output, the settings base, version.
 
 Imports: nothing else of gradwatch.
 """

@@ -15,6 +15,8 @@ Catch at the level you need::
     └── MonitorLockedError         another monitor holds the monitor's state lock
 
 Every message says what was expected, what was got, and how to fix it.
+
+Imports: nothing else of gradwatch.
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
-"""Small files on local disk written so that a crash leaves them whole, and PID locks: shared by
-the spool and the monitor's state (no gradwatch imports)."""
+"""Crash-safe small files on local disk and PID locks (the spool, the monitor's state).
+
+Small files on local disk written so that a crash leaves them whole, and PID locks: shared by
+the spool and the monitor's state (no gradwatch imports).
+
+Imports: nothing else of gradwatch.
+"""
 
 from __future__ import annotations
 

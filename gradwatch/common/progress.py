@@ -3,6 +3,8 @@
 In a terminal the bar is one line redrawn with ``\\r``. Anywhere else (a CI log, a pipe, a file)
 every ``\\r`` redraw would stay in the log as a fragment, so the bar writes plain lines instead,
 a few per loop. Elapsed time counts from the bar's creation: one bar serves the whole loop.
+
+Imports: nothing else of gradwatch.
 """
 
 from __future__ import annotations

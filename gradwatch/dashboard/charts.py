@@ -1,4 +1,6 @@
-"""The Vega-Lite charts of the dashboards: the specs shipped in `gradwatch.dashboards`
+"""The Vega-Lite charts of the dashboards, filled with a run's data.
+
+The Vega-Lite charts of the dashboards: the specs shipped in `gradwatch.dashboards`
 (`dashboards/vega-lite/*.json`, data left as named datasets) filled with a run's data.
 
 Every value is JSON-safe: NaN and ±inf become null in the number fields (so a log scale never
@@ -21,6 +23,9 @@ of its checks (NaN > +inf > the largest value), so a single alerting check is ne
 away; tooltips give the step range and the number of checks. The same worst-per-group rule
 thins the lines: a run's distance chart keeps up to `MAX_POINTS` checks, the experiment chart
 `MAX_POINTS_PER_RUN` per run.
+
+Imports: gradwatch.common, gradwatch.engine (thresholds), gradwatch.record (the reader),
+dashboard.data.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""What the dashboards show, read from MLflow in the record layout of `gradwatch.record.writer`.
+"""What the dashboards show, read from MLflow in the record's layout.
+
+What the dashboards show, read from MLflow in the record layout of `gradwatch.record.layout`.
 
     read_run(client, run_id)              one run: every check (overall, verdict, each layer)
         │                                 and the worst elements of its latest checks
@@ -20,6 +22,8 @@ not (elements at a kink, or a gradient at the rounding-noise level, are left out
 
 Non-finite values: MLflow stores NaN as NaN and the record writes ±inf as ±DBL_MAX;
 `read_new_checks` maps them back, so NaN and ±inf arrive here as floats and are kept.
+
+Imports: gradwatch.common, gradwatch.engine (thresholds), gradwatch.record (layout and reader).
 """
 
 from __future__ import annotations
@@ -37,17 +41,24 @@ from urllib.parse import urlsplit, urlunsplit
 
 from gradwatch.common.errors import ConfigError, InputError
 from gradwatch.engine.report import Thresholds
-from gradwatch.record.reader import (
+from gradwatch.record.layout import (
+    CHECKS_FOLDER,
+    LAYER_PREFIX,
+    MAX_ELEMENT_ERROR,
     REL_DISTANCE,
     VERDICT,
+    artifact_path,
+    layer_metric_keys,
+    threshold_param,
+)
+from gradwatch.record.reader import (
     CheckPoint,
     MonitoredRun,
-    _known_experiments,
     bulk_histories,
     find_runs,
+    known_experiments,
     read_new_checks,
 )
-from gradwatch.record.writer import LAYER_PREFIX, layer_metric_keys
 
 __all__ = [
     "ExperimentData",
@@ -66,7 +77,6 @@ WORST_CHECKS = 10  # checks whose artifacts are read for the worst-elements tabl
 WORST_ELEMENTS_PER_CHECK = 5
 READ_THREADS = 8  # concurrent MLflow calls
 BULK_CHUNK = 10  # runs of an experiment read together (bulk histories) and held in memory
-CHECKS_FOLDER = "gradwatch/checks"
 _ARTIFACT_NAME = re.compile(r"^step-(\d+)\.json$")
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -231,7 +241,7 @@ def resolve_experiment(client: Any, experiment: str) -> str:
     if found is None or found.lifecycle_stage != "active":
         raise ConfigError(
             f"experiment: no active MLflow experiment with the name or id {experiment!r} at "
-            f"{_where(client)}; known: {_known_experiments(client)}. Pass one of those names "
+            f"{_where(client)}; known: {known_experiments(client)}. Pass one of those names "
             f"(or ids), or check the tracking URI."
         )
     return str(found.experiment_id)
@@ -251,7 +261,7 @@ def thresholds_of(run: MonitoredRun) -> Thresholds:
     values = {}
     for level in ("warn", "alert"):
         try:
-            values[level] = float(run.params.get(f"gradwatch.threshold.{level}", "nan"))
+            values[level] = float(run.params.get(threshold_param(level), "nan"))
         except ValueError:
             values[level] = math.nan
         if not (math.isfinite(values[level]) and values[level] > 0):
@@ -266,7 +276,7 @@ def thresholds_of(run: MonitoredRun) -> Thresholds:
 
 
 def _read_checks(client: Any, run: MonitoredRun, pool: ThreadPoolExecutor) -> list[CheckPoint]:
-    keys = [REL_DISTANCE, VERDICT, "gradwatch/max_element_error", *run.layer_keys]
+    keys = [REL_DISTANCE, VERDICT, MAX_ELEMENT_ERROR, *run.layer_keys]
     histories = dict(zip(keys, _map(pool, lambda key: client.get_metric_history(run.run_id, key),
                                     keys)))
     checks, _ = read_new_checks(client, run, None, histories=histories)
@@ -362,8 +372,6 @@ def _download_reports(
 ) -> dict[int, dict[str, Any]]:
     """step → the CheckReport JSON as a dict (read leniently: any schema version; an
     unreadable file is left out)."""
-    from gradwatch.record.writer import artifact_path
-
     if not steps:
         return {}
     with tempfile.TemporaryDirectory(prefix="gradwatch-report-") as folder:

@@ -6,6 +6,8 @@ per check (log scale, warn/alert bands, alert stretches shaded, NaN/±inf as × 
 the layer × step heatmap (columns grouped as in `gradwatch.dashboard.charts`, coloured by the
 same threshold-anchored levels as the HTML heatmap: blue-grey below warn, amber, red, NaN/±inf
 black; not checked blank).
+
+Imports: dashboard.charts, dashboard.data (matplotlib when installed).
 """
 
 from __future__ import annotations

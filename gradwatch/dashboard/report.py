@@ -1,9 +1,12 @@
-"""Self-contained HTML dashboards of gradwatch's MLflow record: a run report and an experiment
+"""Self-contained HTML pages of the MLflow record: the run report and the experiment dashboard.
+
+Self-contained HTML dashboards of gradwatch's MLflow record: a run report and an experiment
 dashboard, each ONE file that opens anywhere (a laptop, an MLflow artifact view, an e-mail
 attachment) without a network.
 
     build_run_report(client, run_id)             → str (HTML)
     log_run_report(client, run_id)               → logs gradwatch/report.html (+ .png) to the run
+    log_requested_report(client, payload)        → the same, for a spooled "report" record
     build_experiment_dashboard(client, "name")   → str (HTML)
     render_run_png(client, run_id, "r.png")      → a static PNG of the same charts
 
@@ -23,6 +26,8 @@ What is inside a page:
 
 The charts and how they scale are described in `gradwatch.dashboard.charts`; what is read
 from MLflow, and at what cost, in `gradwatch.dashboard.data`.
+
+Imports: gradwatch.common, gradwatch.record, the other dashboard modules.
 """
 
 from __future__ import annotations
@@ -63,19 +68,17 @@ from gradwatch.dashboard.data import (
     read_experiment,
     read_run,
 )
+from gradwatch.record.layout import LAYER_PREFIX, REPORT_HTML, REPORT_PNG
 
 __all__ = [
-    "REPORT_HTML",
-    "REPORT_PNG",
     "build_experiment_dashboard",
     "build_run_report",
+    "log_requested_report",
     "log_run_report",
     "render_run_png",
     "run_page_url",
 ]
 
-REPORT_HTML = "gradwatch/report.html"
-REPORT_PNG = "gradwatch/report.png"
 #: Loaded in this order (vega-lite and vega-embed find `vega` / `vegaLite` as globals).
 SCRIPTS = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")
 LICENCES = ("vega-LICENSE.txt", "vega-lite-LICENSE.txt", "vega-embed-LICENSE.txt")
@@ -134,6 +137,19 @@ def log_run_report(
             client.log_artifact(run_id, str(local), folder_name)
         written.append(REPORT_PNG)
     return written
+
+
+def log_requested_report(client: Any, payload: Mapping[str, Any]) -> None:
+    """Build and log the run report a spooled "report" record asks for
+    (`gradwatch.record.writer.report_payload`): the report builder the watch and
+    `gradwatch flush` hand to `gradwatch.record.writer.Deliverer`.
+
+    With `png` asked for but matplotlib missing (mlflow-skinny), the HTML report alone.
+    """
+    try:
+        log_run_report(client, payload["run_id"], png=bool(payload.get("png")))
+    except ImportError:  # no matplotlib: the HTML report alone
+        log_run_report(client, payload["run_id"])
 
 
 def render_run_png(client: Any, run_id: str, path: str | Path) -> Path:
@@ -372,7 +388,7 @@ def _layer_list(found: Mapping[str, tuple[int, float]], names: Mapping[str, str]
     if not found:
         return "none"
     items = [
-        f"<li>{layer_name_html(names.get(key, key.removeprefix('gradwatch/layer/')))} "
+        f"<li>{layer_name_html(names.get(key, key.removeprefix(LAYER_PREFIX)))} "
         f"<small>from step {first}, worst {_text(format_distance(value))}</small></li>"
         for key, (first, value) in sorted(found.items(), key=lambda kv: kv[1][0])
     ]

@@ -1,4 +1,6 @@
-"""Turn what the engine measured into distances, verdicts and reasons (a `CheckReport`).
+"""Turns what the engine measured into distances, verdicts and reasons (a `CheckReport`).
+
+Turn what the engine measured into distances, verdicts and reasons (a `CheckReport`).
 
 Per tensor, the distance comes from the best evidence available:
   all coordinates checked  → exact: ||n − a|| / (||n|| + ||a||)
@@ -8,6 +10,8 @@ Every distance is judged by `_numerics.judged_distance`: the textbook formula wh
 discrepancy is significant, floor-protected (under warn/10) when rounding can explain it. With
 the joint screen (`_screen`) the overall distance comes from the joint directions. Kinks are
 counted and left out of verdicts; a check whose float64 was lost is "error".
+
+Imports: gradwatch.common, engine.types, engine.numerics, engine.report, engine.screen.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from gradwatch.engine.core import Directional
 from gradwatch.engine.numerics import (
     dot,
     element_floor,
@@ -37,10 +40,12 @@ from gradwatch.engine.report import (
     worst_verdict,
 )
 from gradwatch.engine.screen import LOCALISE_LIMIT, SIGNAL
+from gradwatch.engine.types import Directional
 
 if TYPE_CHECKING:
-    from gradwatch.engine.core import _Engine, _Tensor
+    from gradwatch.engine.core import Engine
     from gradwatch.engine.screen import JointScreen
+    from gradwatch.engine.types import TensorState
 
 Vector = NDArray[np.float64]
 
@@ -96,7 +101,7 @@ class _TensorResult:
     reasons: list[str] = field(default_factory=list)
 
 
-def assess(engine: _Engine, *, seconds: float, probe: dict[str, object]) -> CheckReport:
+def assess(engine: Engine, *, seconds: float, probe: dict[str, object]) -> CheckReport:
     settings = engine.settings
     thresholds = settings.thresholds
     common = dict(
@@ -256,7 +261,7 @@ def _joint_distance(screen: JointScreen) -> tuple[float, bool]:
     return (diff / denominator if denominator else 0.0), significant
 
 
-def _screen_reasons(engine: _Engine, screen: JointScreen) -> list[str]:
+def _screen_reasons(engine: Engine, screen: JointScreen) -> list[str]:
     count = len(screen.probes[0].steps)
     if not screen.fired:
         kinks = (" (a discrepancy that did not halve with the step was a ReLU/max-pool kink "
@@ -276,7 +281,7 @@ def _screen_reasons(engine: _Engine, screen: JointScreen) -> list[str]:
     return reasons
 
 
-def _coverage(engine: _Engine) -> dict[str, int]:
+def _coverage(engine: Engine) -> dict[str, int]:
     screen = engine.screen if engine.joint_mode else None
     return {
         "tensors": len(engine.tensors),
@@ -287,7 +292,7 @@ def _coverage(engine: _Engine) -> dict[str, int]:
     }
 
 
-def _precision_record(engine: _Engine) -> dict[str, object]:
+def _precision_record(engine: Engine) -> dict[str, object]:
     record: dict[str, object] = dict(engine.diagnosis)
     screen = engine.screen
     if screen is not None and engine.loss:
@@ -299,7 +304,7 @@ def _precision_record(engine: _Engine) -> dict[str, object]:
     return record
 
 
-def _precision_problem(engine: _Engine) -> str | None:
+def _precision_problem(engine: Engine) -> str | None:
     """Why float64 was lost, or None. Names the modules the probe found."""
     if not engine.precision_lost:
         return None
@@ -325,7 +330,7 @@ def _precision_problem(engine: _Engine) -> str | None:
             f"{where}. " + PRECISION_HELP)
 
 
-def _resolution_problem(engine: _Engine) -> str | None:
+def _resolution_problem(engine: Engine) -> str | None:
     """The screen saw nothing, but could not have seen an alert-sized error either: the loss
     is so flat at the checked rows that its rounding hides the gradient (J ≈ 0, a model that
     fits them almost exactly). Saying "ok" would be a verdict on nothing."""
@@ -362,14 +367,14 @@ def _is_at_noise(parts: _Parts) -> bool:
     return parts.analytic_sq <= bound and parts.numeric_sq <= bound
 
 
-def _unchecked(tensor: _Tensor, verdict: Verdict, why: str) -> LayerReport:
+def _unchecked(tensor: TensorState, verdict: Verdict, why: str) -> LayerReport:
     return LayerReport(
         rel_distance=math.nan, verdict=verdict, numel=tensor.numel, checked=0,
         estimated=False, shape=tensor.shape, notes=[why],
     )
 
 
-def _coordinates(tensor: _Tensor, engine: _Engine, noise: float) -> _Coordinates:
+def _coordinates(tensor: TensorState, engine: Engine, noise: float) -> _Coordinates:
     eps = engine.settings.eps
     if not tensor.indices:
         empty = np.empty(0)
@@ -388,7 +393,7 @@ def _coordinates(tensor: _Tensor, engine: _Engine, noise: float) -> _Coordinates
     return _Coordinates(indices, analytic, numeric, errors, kinks)
 
 
-def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorResult:
+def _assess_tensor(tensor: TensorState, engine: Engine, noise: float) -> _TensorResult:
     thresholds = engine.settings.thresholds
     eps = engine.settings.eps
     coords = _coordinates(tensor, engine, noise)
@@ -524,7 +529,7 @@ def _assess_tensor(tensor: _Tensor, engine: _Engine, noise: float) -> _TensorRes
     return _TensorResult(report, parts, smooth_parts, coords, reasons)
 
 
-def _worst(tensor: _Tensor, coords: _Coordinates, top_k: int) -> list[ElementReport]:
+def _worst(tensor: TensorState, coords: _Coordinates, top_k: int) -> list[ElementReport]:
     if coords.indices.size == 0 or top_k == 0:
         return []
     abs_diff = np.abs(coords.numeric - coords.analytic)
@@ -555,7 +560,7 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _overall(
-    engine: _Engine, results: dict[str, _TensorResult], noise: float
+    engine: Engine, results: dict[str, _TensorResult], noise: float
 ) -> tuple[float, float, _Parts]:
     """Overall distance over all elements, the kink-free one (for the verdict), and its parts."""
     warn = engine.settings.thresholds.warn

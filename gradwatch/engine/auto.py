@@ -22,6 +22,8 @@ Other backends (one tensor at a time), with P parameters and a budget of B (B < 
   4. elements the rest of the budget goes to coordinates: inside the located region first,
              then the largest-|dθ| and random coordinates of every tensor not checked exactly,
              so `worst` points at the bad row/element and the element rule sees sparse bugs.
+
+Imports: engine.types, engine.screen.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from gradwatch.engine.core import Directional
 from gradwatch.engine.screen import SCREEN_DIRECTIONS, JointScreen
+from gradwatch.engine.types import Directional
 
 if TYPE_CHECKING:
-    from gradwatch.engine.core import _Engine, _Tensor
+    from gradwatch.engine.core import Engine
+    from gradwatch.engine.types import TensorState
 
 __all__ = ["run_auto", "verify_precision"]
 
@@ -50,7 +53,7 @@ TENSOR_SCREEN_DIRECTIONS = 4
 REGION_COORDINATES = 32
 
 
-def run_auto(engine: _Engine) -> None:
+def run_auto(engine: Engine) -> None:
     tensors = list(engine.tensors.values())
     if engine.settings.budget is None or 2 * engine.n_active <= engine.remaining:
         verify_precision(engine)
@@ -87,7 +90,7 @@ def run_auto(engine: _Engine) -> None:
         engine.run_sample(per_tensor, rest)
 
 
-def verify_precision(engine: _Engine) -> None:
+def verify_precision(engine: Engine) -> None:
     """Measure the rounding of one loss evaluation along a joint direction (4 evaluations,
     backends that perturb tensors jointly): a full check is only as good as float64 is."""
     if hasattr(engine.objective, "joint_losses") and any(
@@ -96,7 +99,7 @@ def verify_precision(engine: _Engine) -> None:
         engine.screen.run(1, engine.scales)
 
 
-def _run_joint(engine: _Engine) -> None:
+def _run_joint(engine: Engine) -> None:
     screen = JointScreen(engine)
     engine.screen = screen
     engine.joint_mode = True
@@ -118,7 +121,7 @@ def _run_joint(engine: _Engine) -> None:
     _spare(engine, screen)
 
 
-def _spare(engine: _Engine, screen: JointScreen) -> None:
+def _spare(engine: Engine, screen: JointScreen) -> None:
     """Measure tensors picked at random with what the budget has left (exact when small)."""
     order = engine.rng.permutation(len(engine.tensors))
     names = [list(engine.tensors)[i] for i in order]
@@ -142,7 +145,7 @@ def _spare(engine: _Engine, screen: JointScreen) -> None:
         engine.strategy.append(f"measured {measured} more tensors")
 
 
-def _exact_small(engine: _Engine, tensors: list[_Tensor], allowance: int) -> list[_Tensor]:
+def _exact_small(engine: Engine, tensors: list[TensorState], allowance: int) -> list[TensorState]:
     """Check the smallest tensors exactly while they fit `allowance`; return the others."""
     exact: set[str] = set()
     for tensor in sorted(tensors, key=lambda t: t.numel):
@@ -157,7 +160,7 @@ def _exact_small(engine: _Engine, tensors: list[_Tensor], allowance: int) -> lis
     return [t for t in tensors if t.name not in exact]
 
 
-def _screen_distance(tensor: _Tensor, noise: float) -> float:
+def _screen_distance(tensor: TensorState, noise: float) -> float:
     """Sketch estimate of the tensor's distance: sqrt(mean (vᵀ(n − a))²) / (||a|| + ||n||)."""
     if not tensor.sketches:
         return 0.0
@@ -172,7 +175,7 @@ def _screen_distance(tensor: _Tensor, noise: float) -> float:
     return diff / denominator if diff > floor and denominator > 0 else 0.0
 
 
-def _locate(engine: _Engine, tensor: _Tensor, allowance: int, noise: float) -> NDArray[np.int64]:
+def _locate(engine: Engine, tensor: TensorState, allowance: int, noise: float) -> NDArray[np.int64]:
     """Bisect the tensor (rows, then elements of one row) towards the disagreeing part.
 
     Each step probes both halves with one ±1 direction each (4 evaluations). A half is
@@ -211,7 +214,7 @@ def _locate(engine: _Engine, tensor: _Tensor, allowance: int, noise: float) -> N
     return np.arange(start, stop, dtype=np.int64)
 
 
-def _describe(region: NDArray[np.int64], tensor: _Tensor) -> str:
+def _describe(region: NDArray[np.int64], tensor: TensorState) -> str:
     first = tuple(int(i) for i in np.unravel_index(int(region[0]), tensor.shape))
     if region.size == 1:
         return f"element {list(first)}"

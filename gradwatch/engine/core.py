@@ -1,5 +1,7 @@
-"""The gradient-check engine: plans which coordinates/directions to probe, spends loss
-evaluations through a backend, and turns the results into a `CheckReport`.
+"""The engine of one check: plans the probes, spends the evaluations, builds the report.
+
+It plans which coordinates/directions to probe, spends loss evaluations through a backend, and
+turns the results into a `CheckReport`.
 
 A backend (numpy dicts, a PyTorch module, ...) implements `Objective`: evaluate J(θ) and J at
 θ with one parameter tensor perturbed, either along coordinates or along dense directions.
@@ -10,271 +12,46 @@ Modes (one signature, the dispatcher in `run_check` picks the strategy):
   sample  k coordinates per tensor: half the largest |dθ|, half uniformly random (from `seed`)
   sketch  k random ±1 directions per tensor: ||dθapprox − dθ|| estimated from projections
   auto    full if it fits the budget, else a joint screen of every tensor → group-testing
-          localisation → measurement of what was found (`_screen`)
+          localisation → measurement of what was found (`screen`)
 
 Elements that autograd leaves without gradient on purpose (an `nn.Embedding`'s padding_idx
 row) are excluded by the backend (`Objective.by_design`): never perturbed, never judged.
+
+Imports: gradwatch.common and the engine's lower modules (types, numerics, report, the auto
+strategy and the assessment).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import functools
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
-from gradwatch.common.errors import ConfigError
 from gradwatch.common.progress import Progress
-from gradwatch.engine.numerics import ROUNDING, Signs, noise_per_element, norm, rademacher
-from gradwatch.engine.report import CheckReport, Mode, Thresholds
+from gradwatch.engine.assess import assess
+from gradwatch.engine.auto import run_auto, verify_precision
+from gradwatch.engine.numerics import ROUNDING, Signs, noise_per_element, rademacher
+from gradwatch.engine.report import CheckReport
+from gradwatch.engine.types import (
+    CheckSettings,
+    Directional,
+    Indices,
+    Objective,
+    TensorState,
+    Vector,
+)
 
 if TYPE_CHECKING:
     from gradwatch.engine.screen import JointScreen
 
-__all__ = [
-    "CheckSettings",
-    "Directional",
-    "JointObjective",
-    "Objective",
-    "glob_list",
-    "make_settings",
-    "run_check",
-    "select_names",
-]
+__all__ = ["Engine", "run_check"]
 
-Vector = NDArray[np.float64]
-Indices = NDArray[np.int64]
-
-MODES = ("full", "sample", "sketch", "auto")
-
-class Objective(Protocol):
-    """What the engine needs from a backend. All values are float64.
-
-    `directions` has shape (k, numel) and is applied to the flattened tensor with one step
-    size per row; `direction_losses` also returns the *realised* half-steps
-    ((θ + s·v) − (θ − s·v)) / 2 as stored after rounding, so projections are exact.
-    """
-
-    def loss(self) -> float: ...
-
-    def coordinate_losses(
-        self, layer: str, indices: Indices, eps: float
-    ) -> tuple[Vector, Vector]: ...
-
-    def direction_losses(
-        self, layer: str, directions: Vector, steps: Vector
-    ) -> tuple[Vector, Vector, Vector]: ...
-
-
-class JointObjective(Objective, Protocol):
-    """A backend that can perturb several tensors at once (the joint screen of auto mode).
-
-    `joint_losses({name: (signs, step)})` returns J(θ + δ) and J(θ − δ) for δ = step·signs
-    (signs: flat int8 ±1, 0 where left out, per tensor); `scales()` the RMS value
-    of each tensor (step caps); `by_design()` the elements to leave out of the check, with the
-    reason, e.g. {"emb.weight": (indices, "padding_idx row 0 of nn.Embedding 'emb'")}.
-    """
-
-    def joint_losses(
-        self, perturbation: Mapping[str, tuple[Signs, float]]
-    ) -> tuple[float, float]: ...
-
-    def scales(self) -> dict[str, float]: ...
-
-    def by_design(self) -> dict[str, tuple[Indices, str]]: ...
-
-
-@dataclass(frozen=True)
-class CheckSettings:
-    """Validated settings of one check (built by `make_settings`)."""
-
-    eps: float = 1e-7
-    mode: Mode = "full"
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    budget: int | None = None
-    seed: int = 0
-    samples: int = 16
-    directions: int = 8
-    top_k: int = 5
-    loss_scale: float = 0.0  # size of the terms the loss is computed from (0: |J|)
-
-
-def glob_list(value: str | Sequence[str] | None, argument: str) -> list[str]:
-    """`include=` / `exclude=` as a list of fnmatch globs (None: none)."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ConfigError(f"{argument} must be a glob string or a list of them, got {value!r}.")
-
-
-def select_names(
-    names: Sequence[str],
-    include: str | Sequence[str] | None,
-    exclude: str | Sequence[str] | None,
-    *,
-    what: str,
-) -> list[str]:
-    """The tensors to check, in order: matching an `include` glob (all without one) and no
-    `exclude` glob. `what` names them in the error when nothing is left ("parameter", ...).
-
-    Example:
-        >>> select_names(["0.weight", "0.bias"], "*.weight", None, what="parameter")
-        ['0.weight']
-    """
-    includes, excludes = glob_list(include, "include"), glob_list(exclude, "exclude")
-    selected = [
-        name for name in names
-        if (not includes or any(fnmatch.fnmatchcase(name, g) for g in includes))
-        and not any(fnmatch.fnmatchcase(name, g) for g in excludes)
-    ]
-    if not selected:
-        raise ConfigError(
-            f"include={include!r} / exclude={exclude!r} leave no {what} to check. They are: "
-            f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''}."
-        )
-    return selected
-
-
-def make_settings(
-    *,
-    eps: float,
-    mode: str,
-    thresholds: Thresholds | Mapping[str, float] | None,
-    budget: int | None,
-    seed: int,
-    samples: int = 16,
-    directions: int = 8,
-    top_k: int = 5,
-    loss_scale: float | None = None,
-) -> CheckSettings:
-    """Validate user settings; every failure names the argument and the fix."""
-    if loss_scale is not None and (isinstance(loss_scale, bool) or not isinstance(
-            loss_scale, (int, float)) or not math.isfinite(loss_scale) or loss_scale < 0):
-        raise ConfigError(f"loss_scale must be a finite float ≥ 0 (the size of the terms the "
-                          f"loss is computed from, e.g. its value at initialisation) or None, "
-                          f"got {loss_scale!r}.")
-    if mode not in MODES:
-        raise ConfigError(
-            f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}. "
-            f"Use 'full' for the exact recipe or 'auto' to stay within `budget`."
-        )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
-        raise ConfigError(f"eps must be a finite float > 0 (default 1e-7), got {eps!r}.")
-    if eps <= 0:
-        raise ConfigError(
-            f"eps must be > 0, got {eps!r}: central differences step ±eps. Use e.g. 1e-7."
-        )
-    if eps >= 1e-1:
-        raise ConfigError(
-            f"eps={eps!r} is too large for a derivative estimate (truncation error ~eps²). "
-            f"Use a value between 1e-9 and 1e-4; the default is 1e-7."
-        )
-    for name, value, low in (("samples", samples, 1), ("directions", directions, 1),
-                             ("top_k", top_k, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{name} must be an int ≥ {low}, got {value!r}.")
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int):
-            raise ConfigError(f"budget must be an int (loss evaluations) or None, got {budget!r}.")
-        if budget < 4:
-            raise ConfigError(
-                f"budget={budget} is too small to check anything: a check needs 2 evaluations "
-                f"of J(θ) plus 2 per coordinate, so at least 4. Raise budget (default 2000)."
-            )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an int, got {seed!r}.")
-    if thresholds is None:
-        resolved = Thresholds()
-    elif isinstance(thresholds, Thresholds):
-        resolved = thresholds
-    elif isinstance(thresholds, Mapping):
-        resolved = Thresholds(**thresholds)
-    else:
-        raise ConfigError(
-            f"thresholds must be a gradwatch.Thresholds or a dict like "
-            f"{{'warn': 1e-5, 'alert': 1e-3}}, got {type(thresholds).__name__}."
-        )
-    return CheckSettings(
-        eps=float(eps), mode=mode,  # type: ignore[arg-type]
-        thresholds=resolved, budget=budget, seed=seed,
-        samples=samples, directions=directions, top_k=top_k,
-        loss_scale=float(loss_scale or 0.0),
-    )
-
-
-@dataclass(frozen=True)
-class Directional:
-    """Directional derivatives along k directions, per unit of step.
-
-    numeric[k]  = (J(θ + s_k·v_k) − J(θ − s_k·v_k)) / (2·s_k)
-    analytic[k] = dθᵀ r_k / s_k with r_k the realised half-step (≈ s_k·v_k)
-    `noise` is the rounding noise of numeric[k]: δJ/s_k.
-    """
-
-    numeric: Vector
-    analytic: Vector
-    plus: Vector
-    minus: Vector
-    steps: Vector
-
-    @staticmethod
-    def join(parts: list[Directional]) -> Directional:
-        return Directional(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                             ("numeric", "analytic", "plus", "minus", "steps")))
-
-
-@dataclass
-class _Tensor:
-    """What the engine has learned about one parameter tensor."""
-
-    name: str
-    shape: tuple[int, ...]
-    analytic: Vector
-    checked: NDArray[np.bool_]
-    indices: list[Indices] = field(default_factory=list)
-    plus: list[Vector] = field(default_factory=list)
-    minus: list[Vector] = field(default_factory=list)
-    # random directions over the whole tensor (sketch), see `Directional`
-    sketches: list[Directional] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    #: flat indices left out by design (never perturbed, never judged), and why
-    excluded: Indices | None = None
-    excluded_reason: str = ""
-
-    @property
-    def numel(self) -> int:
-        return int(self.analytic.size)
-
-    @functools.cached_property
-    def analytic_norm(self) -> float:
-        """||dθ||₂ (the gradient does not change during a check: computed once)."""
-        return norm(self.analytic)
-
-    @property
-    def n_excluded(self) -> int:
-        return 0 if self.excluded is None else int(self.excluded.size)
-
-    @property
-    def active(self) -> bool:
-        """Has elements to check (not all of them excluded by design)."""
-        return self.n_excluded < self.numel
-
-    @property
-    def n_checked(self) -> int:
-        return int(self.checked.sum())
-
-
-class _Engine:
+class Engine:
     def __init__(
         self,
         objective: Objective,
@@ -286,7 +63,7 @@ class _Engine:
         self.settings = settings
         self.rng = np.random.default_rng(settings.seed)  # private: never the user's RNG
         self.tensors = {
-            name: _Tensor(
+            name: TensorState(
                 name=name,
                 shape=tuple(grad.shape),
                 analytic=np.asarray(grad, dtype=np.float64).reshape(-1),
@@ -322,7 +99,7 @@ class _Engine:
         self.scales: dict[str, float] = scales() if scales else {}
 
     # ------------------------------------------------------------------ probes
-    def coordinates(self, tensor: _Tensor, indices: Indices) -> None:
+    def coordinates(self, tensor: TensorState, indices: Indices) -> None:
         """Central differences along the given (not yet checked) coordinates."""
         indices = np.unique(np.asarray(indices, dtype=np.int64))
         indices = indices[~tensor.checked[indices]]  # excluded elements count as checked
@@ -337,7 +114,7 @@ class _Engine:
         tensor.minus.append(np.asarray(minus, dtype=np.float64))
         self._spent(2 * indices.size)
 
-    def directions(self, tensor: _Tensor, directions: Vector) -> Directional:
+    def directions(self, tensor: TensorState, directions: Vector) -> Directional:
         """Central differences along each row v of `directions` (entries ±1 or 0).
 
         The step is s = ε/√(support of v): the perturbation has Euclidean length ε, as a
@@ -399,7 +176,7 @@ class _Engine:
         self._spent(2)
         return float(plus), float(minus)
 
-    def sketch(self, tensor: _Tensor, k: int) -> None:
+    def sketch(self, tensor: TensorState, k: int) -> None:
         """k random ±1 directions over the whole tensor (E[v vᵀ] = I)."""
         tensor.sketches.append(self.directions(tensor, self.rademacher(k, tensor.numel)))
 
@@ -438,8 +215,6 @@ class _Engine:
         if not math.isfinite(self.loss) or not self.deterministic:
             return  # reported by finish(): non-finite or non-deterministic, nothing to measure
         if settings.mode == "full":
-            from gradwatch.engine.auto import verify_precision
-
             verify_precision(self)
             if not self.precision_lost:
                 self.run_full()
@@ -495,7 +270,7 @@ class _Engine:
         """Elements to check: all but the by-design exclusions."""
         return sum(t.numel - t.n_excluded for t in self.tensors.values())
 
-    def run_sample(self, k: int, tensors: list[_Tensor] | None = None) -> None:
+    def run_sample(self, k: int, tensors: list[TensorState] | None = None) -> None:
         self.strategy.append(f"sample {k}/tensor")
         for tensor in tensors if tensors is not None else list(self.tensors.values()):
             if self.remaining < 2:
@@ -504,7 +279,7 @@ class _Engine:
             count = int(min(k, tensor.numel - tensor.n_checked, self.remaining // 2))
             self.coordinates(tensor, self.sample_indices(tensor, count))
 
-    def sample_indices(self, tensor: _Tensor, k: int, pool: Indices | None = None) -> Indices:
+    def sample_indices(self, tensor: TensorState, k: int, pool: Indices | None = None) -> Indices:
         """Half the largest-|dθ| unchecked coordinates, half uniformly random ones."""
         pool = np.flatnonzero(~tensor.checked) if pool is None else pool[~tensor.checked[pool]]
         if k <= 0 or pool.size == 0:
@@ -532,14 +307,10 @@ class _Engine:
                 self.sketch(tensor, int(min(k, self.remaining // 2)))
 
     def run_auto(self) -> None:
-        from gradwatch.engine.auto import run_auto
-
         run_auto(self)
 
     # ------------------------------------------------------------------ report
     def finish(self, seconds: float, probe: Mapping[str, object]) -> CheckReport:
-        from gradwatch.engine.assess import assess
-
         if self.vanished:
             self.diagnose()
 
@@ -556,6 +327,6 @@ def run_check(
 ) -> CheckReport:
     """Run one check of `objective` against the backprop gradients `analytic`."""
     start = time.perf_counter()
-    engine = _Engine(objective, analytic, settings, progress)
+    engine = Engine(objective, analytic, settings, progress)
     engine.run()
     return engine.finish(time.perf_counter() - start, probe or {})

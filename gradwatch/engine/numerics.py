@@ -5,6 +5,8 @@ Notation: `analytic` is dθ from backprop, `numeric` is dθapprox from central d
     dθapprox[i] = (J(θ + ε·e_i) − J(θ − ε·e_i)) / (2ε)
 
 and all of it is float64. The derivations are in docs/numerics.md.
+
+Imports: nothing else of gradwatch (numpy only).
 """
 
 from __future__ import annotations

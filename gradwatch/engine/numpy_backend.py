@@ -3,11 +3,13 @@
 This is the textbook recipe: θ is every parameter flattened and concatenated in the order of
 `params`; for each coordinate, dθapprox[i] = (J(θ + ε·e_i) − J(θ − ε·e_i)) / (2ε) with all other
 coordinates unchanged; the distance is ||dθapprox − dθ||₂ / (||dθapprox||₂ + ||dθ||₂).
+
+Imports: gradwatch.common, engine.types, engine.core, engine.report.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,8 +17,10 @@ from numpy.typing import NDArray
 
 from gradwatch.common.errors import ConfigError, InputError, LossError
 from gradwatch.common.progress import resolve_progress
-from gradwatch.engine.core import CheckSettings, make_settings, run_check
+from gradwatch.common.settings import DEFAULT, Default
+from gradwatch.engine.core import run_check
 from gradwatch.engine.report import CheckReport, Mode, Thresholds
+from gradwatch.engine.types import CheckOptions, CheckSettings, check_settings, select_names
 
 __all__ = ["check"]
 
@@ -29,14 +33,17 @@ def check(
     params: Mapping[str, Any],
     grads: Mapping[str, Any],
     *,
-    eps: float = 1e-7,
-    mode: Mode = "full",
-    thresholds: Thresholds | Mapping[str, float] | None = None,
-    seed: int = 0,
-    budget: int | None = None,
-    samples: int = 16,
-    directions: int = 8,
-    top_k: int = 5,
+    options: CheckOptions | Mapping[str, Any] | None = None,
+    eps: float | Default | None = DEFAULT,
+    mode: Mode | Default = DEFAULT,
+    thresholds: Thresholds | Mapping[str, float] | Default | None = DEFAULT,
+    seed: int | Default = DEFAULT,
+    budget: int | Default | None = DEFAULT,
+    samples: int | Default = DEFAULT,
+    directions: int | Default = DEFAULT,
+    top_k: int | Default = DEFAULT,
+    include: str | Sequence[str] | Default | None = DEFAULT,
+    exclude: str | Sequence[str] | Default | None = DEFAULT,
     progress: bool | Callable[[int, int], None] = False,
 ) -> CheckReport:
     """Check backprop gradients `grads` of `cost` at `params` by central differences.
@@ -47,14 +54,13 @@ def check(
         params: name → array. Their order is the order of θ.
         grads: name → dθ with the same shapes. Keys may be the parameter names or, as in the
             classic course code, "d" + name ("dW1" for "W1").
-        eps: the central-difference step ε (float64).
-        mode: "full" (every coordinate, the recipe), "sample", "sketch" or "auto" (full when
-            2P + 2 ≤ budget, else a budgeted search); see `gradwatch.check_module`.
-        thresholds: `Thresholds(warn=1e-5, alert=1e-3)` or a dict with those keys.
-        seed: seeds gradwatch's private generator for sampled coordinates and directions.
-        budget: most loss evaluations to spend (None: unlimited; ignored by "full").
-        samples, directions: per-tensor counts for "sample" and "sketch".
-        top_k: worst elements kept per layer.
+        options: the check's `gradwatch.CheckOptions` (mode, budget, eps, thresholds,
+            include, exclude, seed, samples, directions, top_k; its table has their defaults).
+            Here mode defaults to "full" (every coordinate, the recipe) and budget to None
+            (unlimited; ignored by "full").
+        eps, mode, thresholds, seed, budget, samples, directions, top_k, include, exclude:
+            shorthands for the fields of `options` (give each setting one way). `include` and
+            `exclude` are globs over the names of `params`; the others are held fixed.
         progress: True for a progress bar on stderr, or a callable(done, total).
 
     Example:
@@ -66,9 +72,9 @@ def check(
         >>> gradwatch.check(cost, params, grads).verdict
         'ok'
     """
-    settings = make_settings(
-        eps=eps, mode=mode, thresholds=thresholds, budget=budget, seed=seed,
-        samples=samples, directions=directions, top_k=top_k,
+    options, settings = check_settings(
+        "check", options, eps=eps, mode=mode, thresholds=thresholds, seed=seed, budget=budget,
+        samples=samples, directions=directions, top_k=top_k, include=include, exclude=exclude,
     )
     if not callable(cost):
         raise ConfigError(
@@ -77,6 +83,9 @@ def check(
         )
     values = _as_float64_params(params)
     analytic = _match_grads(values, grads)
+    if options.include is not None or options.exclude is not None:
+        names = select_names(list(analytic), options.include, options.exclude, what="params")
+        analytic = {name: analytic[name] for name in names}
     return _run(cost, values, analytic, settings, progress)
 
 

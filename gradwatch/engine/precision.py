@@ -1,4 +1,6 @@
-"""Float64 integrity of a check: the guard that keeps a model's own casts from lowering the
+"""Float64 integrity of a check: the guard against a model's own casts, and the lossy probe.
+
+Float64 integrity of a check: the guard that keeps a model's own casts from lowering the
 precision of the check's objective, and the probe that finds the module that still loses it.
 
 Real models cast to float32 on purpose: the causal-LM loss upcasts `logits.float()`, RMSNorm
@@ -17,6 +19,8 @@ reinterpretation (`view(dtype)`) is left alone. Autocast regions need nothing: a
 casts float64 tensors. What the guard cannot see — a kernel that computes in float32 inside
 C++ and returns float64 — `find_lossy_modules` finds afterwards, by testing each module's
 response to a perturbation of its inputs for float64 linearity.
+
+Imports: nothing else of gradwatch (torch only; imported when a torch check runs).
 """
 
 from __future__ import annotations

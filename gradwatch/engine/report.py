@@ -9,6 +9,8 @@ Distances are *relative distances* (see docs/numerics.md)::
     rel_distance = ||dθapprox − dθ||₂ / (||dθapprox||₂ + ||dθ||₂)
 
 < 1e-7 great, ~1e-5 worth a look, ≥ 1e-3 very likely a bug in the backward pass.
+
+Imports: gradwatch.common, engine.summary (to render itself).
 """
 
 from __future__ import annotations

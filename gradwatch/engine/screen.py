@@ -31,6 +31,8 @@ tensors gives d_left; d_right = d − d_left by linearity (2 evaluations per lev
 levels for K tensors); then the same inside the tensor over rows and over the elements of a
 row. What was found is then measured (tensor-restricted directions, coordinates of the region)
 and judged by the textbook distances (`_assess`).
+
+Imports: engine.types, engine.numerics.
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from gradwatch.engine.core import Directional
 from gradwatch.engine.numerics import ROUNDING, ROUNDING_SAFETY, Signs, dot, rademacher_int8
+from gradwatch.engine.types import Directional
 
 if TYPE_CHECKING:
-    from gradwatch.engine.core import _Engine, _Tensor
+    from gradwatch.engine.core import Engine
+    from gradwatch.engine.types import TensorState
 
 __all__ = ["JointProbe", "JointScreen"]
 
@@ -119,7 +122,7 @@ class JointProbe:
 class JointScreen:
     """Runs the screen on an engine, then localises (see the module docstring)."""
 
-    engine: _Engine
+    engine: Engine
     probes: list[JointProbe] = field(default_factory=list)
     delta_j: float = 0.0  # rounding of one loss evaluation (measured, at least the bound)
     truncation: float = 0.0
@@ -163,7 +166,7 @@ class JointScreen:
         return not math.isfinite(d) or abs(d) > SIGNIFICANCE * self.sigma * scale
 
     # ------------------------------------------------------------------ directions
-    def signs(self, key: int, tensor: _Tensor) -> Signs:
+    def signs(self, key: int, tensor: TensorState) -> Signs:
         """The ±1 vector of direction `key` over `tensor` (0 on by-design exclusions),
         regenerated identically whenever it is asked for (group testing restricts it).
 
@@ -197,7 +200,7 @@ class JointScreen:
     def _numel(self) -> int:
         return sum(t.numel for t in self.engine.tensors.values())
 
-    def _keep_signs(self, key: int, tensor: _Tensor, signs: Signs) -> None:
+    def _keep_signs(self, key: int, tensor: TensorState, signs: Signs) -> None:
         self._signs[(key, tensor.name)] = signs
         self._cached += signs.size
 
@@ -409,7 +412,7 @@ class JointScreen:
         count = min(REGION_COORDINATES, max(engine.remaining // 2, 2))
         engine.coordinates(tensor, engine.sample_indices(tensor, count, pool=region))
 
-    def directional(self, tensor: _Tensor, probe: JointProbe) -> Directional:
+    def directional(self, tensor: TensorState, probe: JointProbe) -> Directional:
         step = probe.steps[tensor.name]
         return Directional(
             numeric=np.array([probe.numeric / step]), analytic=np.array([probe.analytic / step]),
@@ -418,7 +421,9 @@ class JointScreen:
             steps=np.array([step]),
         )
 
-    def _bisect(self, tensor: _Tensor, step: float, parts: list[JointProbe]) -> NDArray[np.int64]:
+    def _bisect(
+        self, tensor: TensorState, step: float, parts: list[JointProbe]
+    ) -> NDArray[np.int64]:
         """Rows first (for ≥2-D tensors), then elements of one row, along the restricted
         direction whose discrepancy is largest; 2 evaluations per level."""
         probe = max(parts, key=lambda p: abs(p.discrepancy))
@@ -468,7 +473,7 @@ class JointScreen:
         return scale > 0 and abs(probe.discrepancy) <= 1e-2 * scale
 
 
-def _tensor_signs(rng: np.random.Generator, tensor: _Tensor) -> Signs:
+def _tensor_signs(rng: np.random.Generator, tensor: TensorState) -> Signs:
     """±1 (int8) for each of `tensor`'s elements (0 on by-design exclusions)."""
     signs = rademacher_int8(rng, tensor.numel)
     if tensor.excluded is not None:

@@ -1,4 +1,7 @@
-"""Plain-text rendering of a `CheckReport` for terminals and test failures."""
+"""Plain-text rendering of a `CheckReport` for terminals and test failures.
+
+Imports: nothing at run time (the report types only for type checking).
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ check so that even a loss that draws random numbers leaves training's streams wh
 Loss evaluations perturb one shadow tensor at a time, either in place in a plain loop or for a
 chunk of perturbations at once with `torch.func.vmap`; which one is faster depends on the model
 and the tensor, so it is measured on the first chunk of each tensor, never assumed.
+
+Imports: gradwatch.common, engine.types, engine.core, engine.numerics, engine.report,
+engine.precision (torch itself only when a check runs).
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from gradwatch.common.errors import (
     missing_dependency,
 )
 from gradwatch.common.progress import resolve_progress
-from gradwatch.engine.core import glob_list, make_settings, run_check, select_names
+from gradwatch.common.settings import DEFAULT, Default
+from gradwatch.engine.core import run_check
 from gradwatch.engine.numerics import ROUNDING, Signs
 from gradwatch.engine.report import CheckReport, Mode, Thresholds
+from gradwatch.engine.types import CheckOptions, check_settings, glob_list, select_names
 
 __all__ = ["check_module"]
 
@@ -58,16 +63,17 @@ def check_module(
     batch: Any,
     loss_fn: LossFn | None = None,
     *,
-    mode: Mode = "auto",
-    eps: float | None = None,
-    budget: int = 2000,
-    thresholds: Thresholds | Mapping[str, float] | None = None,
-    seed: int = 0,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    samples: int = 16,
-    directions: int = 8,
-    top_k: int = 5,
+    options: CheckOptions | Mapping[str, Any] | None = None,
+    mode: Mode | Default = DEFAULT,
+    eps: float | Default | None = DEFAULT,
+    budget: int | Default | None = DEFAULT,
+    thresholds: Thresholds | Mapping[str, float] | Default | None = DEFAULT,
+    seed: int | Default = DEFAULT,
+    include: str | Sequence[str] | Default | None = DEFAULT,
+    exclude: str | Sequence[str] | Default | None = DEFAULT,
+    samples: int | Default = DEFAULT,
+    directions: int | Default = DEFAULT,
+    top_k: int | Default = DEFAULT,
     batching: Batching = "auto",
     progress: bool | Callable[[int, int], None] = False,
     loss_scale: float | None = None,
@@ -81,11 +87,9 @@ def check_module(
             regularisation. Without it, a dict batch is called as `model(**batch)` and the
             output's `.loss` / `["loss"]` is used; a tuple/list batch as `model(*batch)` when
             that returns a scalar loss (or an output with `.loss`).
-        mode: "auto" (full when 2P + 2 ≤ budget, else a budgeted search that still finds and
-            localises a bug in one row or element), "full", "sample" or "sketch".
-        eps: central-difference step (default 1e-7, in float64).
-        budget: most loss evaluations for "auto", "sample" and "sketch".
-        include, exclude: name globs (`fnmatch`) over `model.named_parameters()`.
+        options: a `gradwatch.CheckOptions` (defaults in its table; here mode "auto", budget
+            2000), or its fields as shorthands (each setting one way): mode, eps, budget,
+            thresholds, seed, include, exclude (globs over `model.named_parameters()`), ...
         batching: "auto" measures vmap against a plain loop per tensor; "loop"/"vmap" force one.
         loss_scale: the size of the terms the loss is computed from (its value at
             initialisation is a good one; default: the loss itself). A loss near 0 made of
@@ -103,9 +107,10 @@ def check_module(
         ('ok', 'auto', 21)
     """
     torch = _require_torch()
-    settings = make_settings(
-        eps=1e-7 if eps is None else eps, mode=mode, thresholds=thresholds, budget=budget,
-        seed=seed, samples=samples, directions=directions, top_k=top_k, loss_scale=loss_scale,
+    options, settings = check_settings(
+        "check_module", options, loss_scale=loss_scale, mode=mode, eps=eps, budget=budget,
+        thresholds=thresholds, seed=seed, include=include, exclude=exclude, samples=samples,
+        directions=directions, top_k=top_k,
     )
     if batching not in ("auto", "loop", "vmap"):
         raise ConfigError(f"batching must be 'auto', 'loop' or 'vmap', got {batching!r}.")
@@ -127,7 +132,7 @@ def check_module(
         )
     live = unwrap_model(model)
     refuse_sharded(live)
-    names = select_parameters(live, include, exclude)
+    names = select_parameters(live, options.include, options.exclude)
     with preserved_global_state(torch):
         shadow = _float64_shadow(torch, live)
         shadow_batch = to_float64(torch, batch)

@@ -12,6 +12,8 @@
 `status` and `silence` open the state without its lock, so they work beside a running monitor.
 The state is found from ``--state URL``, else the config's ``state_url`` (``--config`` or
 ``$GRADWATCH_CONFIG``), else ``$GRADWATCH_STATE_URL``, else the default file.
+
+Imports: the monitor's modules, gradwatch.common, gradwatch.record, gradwatch.alerts.
 """
 
 from __future__ import annotations
@@ -138,9 +140,9 @@ def _once(monitor: Any) -> int:
     except GradwatchError:
         raise
     except Exception as error:
-        from gradwatch.alerts.notify import _describe, _scrub_urls
+        from gradwatch.alerts.redact import describe, scrub_urls
 
-        print(f"gradwatch: the poll failed: {_scrub_urls(_describe(error))}", file=sys.stderr)
+        print(f"gradwatch: the poll failed: {scrub_urls(describe(error))}", file=sys.stderr)
         return EXIT_ERROR
     print(json.dumps({"poll": poll.as_dict(), "sent": sent.sent, "failed": sent.failed,
                       "dead": sent.dead}))
@@ -157,9 +159,9 @@ def _open_state(args: argparse.Namespace, *, create: bool = False) -> Any:
     if url is None and (args.config or os.environ.get(CONFIG_ENV)):
         url = load_config(args.config).state_url
     url = url or os.environ.get(STATE_ENV) or default_state_url()
-    from gradwatch.monitor.schema import _parse_url, _sqlite_file
+    from gradwatch.monitor.schema import parse_url, sqlite_file
 
-    database = _sqlite_file(_parse_url(url))
+    database = sqlite_file(parse_url(url))
     if database is not None and not database.exists() and not create:
         raise ConfigError(
             f"No monitor state at {database}: has `gradwatch monitor` run with this state? "
@@ -298,7 +300,7 @@ def _print_silences(console: Any, silences: list[dict[str, Any]], now: float) ->
 
 # ---------------------------------------------------------------------------- helpers
 def _seconds(text: str) -> float:
-    from gradwatch.watch.schedule import parse_every
+    from gradwatch.record.layout import parse_every
 
     try:
         every = parse_every(text)

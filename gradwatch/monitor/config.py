@@ -1,4 +1,6 @@
-"""The configuration of `gradwatch monitor`: one pydantic model, read from TOML or YAML and
+"""The configuration of `gradwatch monitor`: one pydantic model from TOML/YAML and env vars.
+
+The configuration of `gradwatch monitor`: one pydantic model, read from TOML or YAML and
 overridden by ``GRADWATCH_*`` environment variables, checked as a whole before anything starts.
 
 An example ``monitor.toml``::
@@ -64,6 +66,8 @@ regard to case and otherwise kept as written::
 
 ``GRADWATCH_CONFIG`` names the file when `load_config` gets no path. Other ``GRADWATCH_*``
 variables whose first part is not a setting (``GRADWATCH_SPOOL_DIR``, ...) are left alone.
+
+Imports: gradwatch.common, gradwatch.engine (thresholds), gradwatch.alerts, monitor.schema.
 """
 
 from __future__ import annotations
@@ -89,11 +93,13 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from gradwatch.alerts.notify import Notifier, _scrub_urls, make_notifier, redact
+from gradwatch.alerts.channels import make_notifier
+from gradwatch.alerts.notify import Notifier
+from gradwatch.alerts.redact import redact, scrub_urls
 from gradwatch.alerts.state import AlertPolicy
 from gradwatch.common.errors import ConfigError, MissingDependencyError, missing_dependency
 from gradwatch.engine.report import Thresholds
-from gradwatch.monitor.schema import _parse_url, default_state_url
+from gradwatch.monitor.schema import default_state_url, parse_url
 
 __all__ = [
     "RULES",
@@ -343,7 +349,7 @@ class MonitorConfig(_Section):
     @field_validator("state_url")
     @classmethod
     def _state_url_parses(cls, value: str) -> str:
-        _parse_url(value)  # ConfigError (a ValueError) names the expected forms
+        parse_url(value)  # ConfigError (a ValueError) names the expected forms
         return value
 
     @field_validator("channels")
@@ -492,7 +498,7 @@ def _channel_problems(channels: Any, environ: Mapping[str, str]) -> list[str]:
 
 def _summary(title: str, problems: list[str]) -> str:
     count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-    return f"{title}, {count}:\n" + "\n".join(f"  - {_scrub_urls(line)}" for line in problems)
+    return f"{title}, {count}:\n" + "\n".join(f"  - {scrub_urls(line)}" for line in problems)
 
 
 def _read_file(file: Path) -> dict[str, Any]:

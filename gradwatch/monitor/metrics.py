@@ -17,6 +17,8 @@ Per run (labels ``run_id``, ``run_name``, ``experiment_id``)::
     gradwatch_alert_firing{rule}                 1 while the monitor's alert is firing
 
 and ``gradwatch_threshold{level}``, ``gradwatch_stale_multiple``, ``gradwatch_monitor_*``.
+
+Imports: gradwatch.common, gradwatch.record (layout), monitor.service, config and rules.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from gradwatch.common.errors import ConfigError, missing_dependency
 from gradwatch.monitor.config import RULES
 from gradwatch.monitor.rules import ERROR_VERDICT
-from gradwatch.record.writer import LAYER_PREFIX, METRIC_PREFIX
+from gradwatch.record.layout import LAYER_PREFIX, REL_DISTANCE, VERDICT
 
 if TYPE_CHECKING:
     from gradwatch.monitor.service import Monitor
@@ -70,8 +72,8 @@ def collect(monitor: Monitor) -> Iterator[Any]:
         latest = run.latest
         layers = {k.removeprefix(LAYER_PREFIX): v for k, v in latest.items()
                   if k.startswith(LAYER_PREFIX)}
-        distance = latest.get(METRIC_PREFIX + "rel_distance")
-        code = latest.get(METRIC_PREFIX + "verdict")
+        distance = latest.get(REL_DISTANCE)
+        code = latest.get(VERDICT)
         if distance is not None:
             overall.add_metric(labels, distance)
             values = [distance, *layers.values()]

@@ -1,4 +1,6 @@
-"""The monitor's alert rules, as pure functions: checks and the stored states in, new states and
+"""The monitor's alert rules, as pure functions: checks and states in, transitions out.
+
+The monitor's alert rules, as pure functions: checks and the stored states in, new states and
 transitions out. No MLflow, no database, no clock (the caller passes `now`).
 
 Four rules, each one alert per run (the key of its state machine is ``<run id>/<rule>``)::
@@ -20,6 +22,8 @@ The expected interval of a run comes from its `gradwatch.every` param: a duratio
 that many seconds, a cron expression the gap between its next two firings, and a number of steps
 the observed spacing of its checks (the median of the latest gaps, `observed_interval`). A run
 with a step schedule and fewer than two checks has no expected interval yet, and is never stale.
+
+Imports: gradwatch.common, gradwatch.record (layout, reader), gradwatch.alerts, monitor.config.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from datetime import datetime, timezone
 from gradwatch.alerts.state import AlertPolicy, AlertState, Transition, advance
 from gradwatch.common.errors import ConfigError
 from gradwatch.monitor.config import RULES
+from gradwatch.record.layout import LAYER_PREFIX, VERDICT_CODES, parse_every
 from gradwatch.record.reader import CheckPoint, MonitoredRun
-from gradwatch.record.writer import LAYER_PREFIX
 
 __all__ = [
     "CHECK_RULES",
@@ -51,7 +55,7 @@ __all__ = [
 #: The rules that advance once per check, in the order they are evaluated.
 STALE = "stale"
 CHECK_RULES: tuple[str, ...] = tuple(rule for rule in RULES if rule != STALE)
-ERROR_VERDICT = 3
+ERROR_VERDICT = VERDICT_CODES["error"]
 _RECENT_GAPS = 20  # gaps the observed interval is the median of
 
 
@@ -163,8 +167,6 @@ def expected_interval(
         >>> expected_interval(run, None, now=0.0)
         1800.0
     """
-    from gradwatch.watch.schedule import parse_every
-
     if run.every is None:
         return observed
     try:

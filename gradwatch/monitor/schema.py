@@ -1,6 +1,10 @@
-"""The monitor state's tables and database plumbing (see `gradwatch.monitor.state` for what
+"""The monitor state's tables and database plumbing (SQLAlchemy schema, state URL, SQLite).
+
+The monitor state's tables and database plumbing (see `gradwatch.monitor.state` for what
 they hold and why): the SQLAlchemy schema, the state URL, and a SQLite engine whose transactions
 begin with the write lock.
+
+Imports: gradwatch.common only.
 """
 
 from __future__ import annotations
@@ -21,36 +25,36 @@ __all__ = ["SCHEMA_VERSION", "default_state_url"]
 #: written by a newer gradwatch and is refused rather than misread.
 SCHEMA_VERSION = 1
 
-_ERROR_LIMIT = 1000  # characters of a delivery error kept in the outbox
-_NAME_LIMIT = 200  # channel keys and rule names
+ERROR_LIMIT = 1000  # characters of a delivery error kept in the outbox
+NAME_LIMIT = 200  # channel keys and rule names
 
 # -- schema -----------------------------------------------------------------------------------
 
-_metadata = sa.MetaData()
+metadata = sa.MetaData()
 
-_schema_version = sa.Table(
-    "gradwatch_schema_version", _metadata,
+schema_version_table = sa.Table(
+    "gradwatch_schema_version", metadata,
     sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
 )
-_cursors = sa.Table(
-    "gradwatch_cursors", _metadata,
+cursors_table = sa.Table(
+    "gradwatch_cursors", metadata,
     sa.Column("run_id", sa.String(64), primary_key=True),
     sa.Column("last_step", sa.BigInteger, nullable=True),
     sa.Column("last_check_at", sa.Float, nullable=True),  # wall time of the newest check read
     sa.Column("check_interval", sa.Float, nullable=True),  # observed seconds between checks
     sa.Column("polled_at", sa.Float, nullable=True),
 )
-_cursor_metrics = sa.Table(
-    "gradwatch_cursor_metrics", _metadata,
+cursor_metrics_table = sa.Table(
+    "gradwatch_cursor_metrics", metadata,
     sa.Column("run_id", sa.String(64),
               sa.ForeignKey("gradwatch_cursors.run_id", ondelete="CASCADE"), primary_key=True),
     sa.Column("metric_key", sa.String(250), primary_key=True),  # MLflow's key limit
     sa.Column("last_step", sa.BigInteger, nullable=False),
 )
-_alerts = sa.Table(
-    "gradwatch_alerts", _metadata,
+alerts_table = sa.Table(
+    "gradwatch_alerts", metadata,
     sa.Column("run_id", sa.String(64), primary_key=True),
-    sa.Column("rule", sa.String(_NAME_LIMIT), primary_key=True),
+    sa.Column("rule", sa.String(NAME_LIMIT), primary_key=True),
     sa.Column("state", sa.String(8), nullable=False),
     sa.Column("alerting_streak", sa.Integer, nullable=False),
     sa.Column("clear_streak", sa.Integer, nullable=False),
@@ -65,21 +69,21 @@ _alerts = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.CheckConstraint("state IN ('inactive', 'pending', 'firing')", name="alert_state_word"),
 )
-_silences = sa.Table(
-    "gradwatch_silences", _metadata,
+silences_table = sa.Table(
+    "gradwatch_silences", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("run_id", sa.String(_NAME_LIMIT), nullable=True),
-    sa.Column("experiment", sa.String(_NAME_LIMIT), nullable=True),
-    sa.Column("rule", sa.String(_NAME_LIMIT), nullable=True),
+    sa.Column("run_id", sa.String(NAME_LIMIT), nullable=True),
+    sa.Column("experiment", sa.String(NAME_LIMIT), nullable=True),
+    sa.Column("rule", sa.String(NAME_LIMIT), nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("comment", sa.Text, nullable=False),
 )
-_outbox = sa.Table(
-    "gradwatch_outbox", _metadata,
+outbox_table = sa.Table(
+    "gradwatch_outbox", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("notification_id", sa.String(64), nullable=False),
-    sa.Column("channel", sa.String(_NAME_LIMIT), nullable=False),
+    sa.Column("channel", sa.String(NAME_LIMIT), nullable=False),
     sa.Column("payload", sa.Text, nullable=False),
     sa.Column("status", sa.String(8), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
@@ -93,13 +97,13 @@ _outbox = sa.Table(
     sa.CheckConstraint("attempts >= 0", name="outbox_attempts_count"),
     sa.Index("gradwatch_outbox_due", "status", "next_attempt_at"),
 )
-_meta = sa.Table(
-    "gradwatch_monitor_meta", _metadata,
-    sa.Column("key", sa.String(_NAME_LIMIT), primary_key=True),
+meta_table = sa.Table(
+    "gradwatch_monitor_meta", metadata,
+    sa.Column("key", sa.String(NAME_LIMIT), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
 )
-_OUR_TABLES = frozenset(_metadata.tables)
+OUR_TABLES = frozenset(metadata.tables)
 
 
 def default_state_url(environ: Mapping[str, str] | None = None) -> str:
@@ -118,7 +122,7 @@ def default_state_url(environ: Mapping[str, str] | None = None) -> str:
     return f"sqlite:///{os.path.join(state_home, 'gradwatch', 'monitor.db')}"
 
 
-def _upsert(
+def upsert(
     connection: Connection, table: sa.Table, key: Mapping[str, Any], values: Mapping[str, Any]
 ) -> None:
     """Update the row with primary key `key`, or insert it (portable: no dialect upsert)."""
@@ -130,7 +134,7 @@ def _upsert(
 # -- database ---------------------------------------------------------------------------------
 
 
-def _parse_url(url: str | os.PathLike[str] | None) -> URL:
+def parse_url(url: str | os.PathLike[str] | None) -> URL:
     if url is None:
         url = default_state_url()
     if isinstance(url, os.PathLike) or (isinstance(url, str) and "://" not in url):
@@ -146,7 +150,7 @@ def _parse_url(url: str | os.PathLike[str] | None) -> URL:
         ) from None
 
 
-def _sqlite_file(url: URL) -> Path | None:
+def sqlite_file(url: URL) -> Path | None:
     """The SQLite file `url` names, None for another database or an in-memory one."""
     if url.get_backend_name() != "sqlite":
         return None
@@ -156,7 +160,7 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(database).expanduser().absolute()
 
 
-def _make_engine(url: URL) -> Engine:
+def make_engine(url: URL) -> Engine:
     engine = sa.create_engine(url)
     if url.get_backend_name() == "sqlite":
         # pysqlite's own transaction handling begins lazily (a SELECT runs outside the

@@ -17,6 +17,9 @@ between resends it on restart, with the same `Notification.id` for the receiver 
 
 Everything the monitor needs from outside is passed in (MLflow client, state, notifiers,
 clock), so tests drive `poll()` and `send_due()` with a manual clock and real servers.
+
+Imports: gradwatch.common, gradwatch.record (the reader), gradwatch.alerts, the monitor's
+modules below it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from gradwatch.alerts.notify import Notification, Notifier, _describe, _scrub_urls
+from gradwatch.alerts.notify import Notification, Notifier
+from gradwatch.alerts.redact import describe, scrub_urls
 from gradwatch.alerts.state import AlertPolicy, AlertState, Transition
 from gradwatch.common.errors import ConfigError, DeliveryError
 from gradwatch.monitor.config import RULES, MonitorConfig
@@ -45,11 +49,12 @@ from gradwatch.monitor.rules import (
     observed_interval,
     worst_layers,
 )
-from gradwatch.monitor.schema import _parse_url, _sqlite_file
-from gradwatch.monitor.state import Clock, Cursor, MonitorState, OutboxEntry
+from gradwatch.monitor.schema import parse_url, sqlite_file
+from gradwatch.monitor.state import Clock, MonitorState, OutboxEntry
+from gradwatch.record.layout import REL_DISTANCE
 from gradwatch.record.reader import (
-    REL_DISTANCE,
     CheckPoint,
+    Cursor,
     MlflowReader,
     MonitoredRun,
     bulk_histories,
@@ -143,7 +148,7 @@ class Monitor:
             client = MlflowClient(config.tracking_uri)
         self.client: MlflowReader = client
         if state is None:
-            locked = _sqlite_file(_parse_url(config.state_url)) is not None
+            locked = sqlite_file(parse_url(config.state_url)) is not None
             state = MonitorState(config.state_url, lock=locked, clock=clock)
         self.state = state
         self.policies: dict[str, AlertPolicy] = {rule: config.policy_for(rule) for rule in RULES}
@@ -177,7 +182,7 @@ class Monitor:
             summary = self._poll(now, started)
         except Exception as error:
             self._finish_poll(PollSummary(now, time.perf_counter() - started,
-                                          error=_scrub_urls(_describe(error))))
+                                          error=scrub_urls(describe(error))))
             raise
         self._finish_poll(summary)
         return summary
@@ -199,7 +204,7 @@ class Monitor:
                     reads[run.run_id],
                 )
             except Exception as error:  # one bad run must not stop the others
-                failed[run.run_id] = _scrub_urls(_describe(error))
+                failed[run.run_id] = scrub_urls(describe(error))
                 logger.warning("run %s skipped this poll: %s", run.run_id, failed[run.run_id])
                 cursor, run_states = cursors.get(run.run_id), states.get(run.run_id, {})
                 interval = expected_interval(
@@ -325,7 +330,7 @@ class Monitor:
         try:
             self.state.set_meta("last_poll", summary.as_dict(), now=summary.started_at)
         except Exception as error:  # the record of a poll must not hide the poll's own result
-            logger.warning("could not record the poll in the state: %s", _describe(error))
+            logger.warning("could not record the poll in the state: %s", describe(error))
         self._count_outbox()
 
     def _experiment_name(self, experiment_id: str) -> str:
@@ -437,7 +442,7 @@ class Monitor:
                 except Exception as error:
                     retryable = getattr(error, "retryable", True)
                     retry_after = getattr(error, "retry_after", None)
-                    marked = self.state.mark_failed(row.id, _describe(error),
+                    marked = self.state.mark_failed(row.id, describe(error),
                                                     retryable=retryable, retry_after=retry_after)
                     failed += 1
                     dead += marked.status == "dead"
@@ -471,7 +476,7 @@ class Monitor:
         try:
             counts = self.state.outbox_counts()
         except Exception as error:
-            logger.warning("could not count the outbox: %s", _describe(error))
+            logger.warning("could not count the outbox: %s", describe(error))
             return
         with self._lock:
             self._outbox_counts = counts
@@ -505,7 +510,7 @@ class Monitor:
             if event.code == EVENT_JOB_ERROR:
                 # logged only: a failed poll has already counted and recorded itself
                 logger.error("job %s failed: %s", event.job_id,
-                             _scrub_urls(_describe(event.exception)))
+                             scrub_urls(describe(event.exception)))
             else:
                 late = "missed its run time" if event.code == EVENT_JOB_MISSED else \
                     "is still running from the previous time"
@@ -549,7 +554,7 @@ class Monitor:
             raise  # e.g. an experiment deleted while we run: the listener logs it
         except Exception as error:
             logger.error("poll failed (retried in %g s): %s", self.config.poll_interval,
-                         _scrub_urls(_describe(error)))
+                         scrub_urls(describe(error)))
             return  # recorded by poll(); the counters and status show it
         if summary.transitions or summary.failed_runs:
             logger.info("poll: %d runs, %d new checks, %d transitions, %d queued, %d silenced, "
@@ -568,7 +573,7 @@ class Monitor:
         try:
             self.state.set_meta(key, value)
         except Exception as error:
-            logger.warning("could not record %s in the state: %s", key, _describe(error))
+            logger.warning("could not record %s in the state: %s", key, describe(error))
 
 
 # ---------------------------------------------------------------------------- helpers

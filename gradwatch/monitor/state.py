@@ -1,4 +1,6 @@
-"""The monitor's durable state: per-run cursors, alert states, silences and the notification outbox.
+"""The monitor's durable state: run cursors, alert states, silences and the outbox.
+
+The monitor's durable state: per-run cursors, alert states, silences and the notification outbox.
 
 `gradwatch monitor` must survive being stopped at any point without losing or repeating a
 notification for an alert transition. Everything it remembers lives here, in one SQL database
@@ -45,6 +47,8 @@ or passed as ``now=``; nothing here reads the clock otherwise, so tests use a ma
 
 With a SQLite file, ``lock=True`` (the default) flocks ``<file>.lock`` so that a second monitor
 on the same state refuses to start (`MonitorLockedError`); the lock goes with `close()`.
+
+Imports: gradwatch.common, gradwatch.record (the cursor), gradwatch.alerts, monitor.schema.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from fnmatch import fnmatchcase
 from types import TracebackType
@@ -64,33 +68,34 @@ from typing import Any, Literal, NamedTuple, cast
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from gradwatch.alerts.notify import Notification, _scrub_urls
+from gradwatch.alerts.notify import Notification
+from gradwatch.alerts.redact import scrub_urls
 from gradwatch.alerts.state import AlertState, Transition, TransitionKind
 from gradwatch.common.errors import ConfigError, GradwatchError, InputError, MonitorLockedError
+from gradwatch.common.files import acquire_pid_lock
 from gradwatch.monitor.schema import (
-    _ERROR_LIMIT,
-    _NAME_LIMIT,
-    _OUR_TABLES,
+    ERROR_LIMIT,
+    NAME_LIMIT,
+    OUR_TABLES,
     SCHEMA_VERSION,
-    _alerts,
-    _cursor_metrics,
-    _cursors,
-    _make_engine,
-    _meta,
-    _metadata,
-    _outbox,
-    _parse_url,
-    _schema_version,
-    _silences,
-    _sqlite_file,
-    _upsert,
+    alerts_table,
+    cursor_metrics_table,
+    cursors_table,
     default_state_url,
+    make_engine,
+    meta_table,
+    metadata,
+    outbox_table,
+    parse_url,
+    schema_version_table,
+    silences_table,
+    sqlite_file,
+    upsert,
 )
-from gradwatch.record.spool import acquire_pid_lock
+from gradwatch.record.reader import Cursor
 
 __all__ = [
     "Clock",
-    "Cursor",
     "MonitorLockedError",
     "MonitorState",
     "OutboxEntry",
@@ -108,25 +113,6 @@ Clock = Callable[[], float]
 OutboxStatus = Literal["pending", "sent", "dead"]
 
 # -- values -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cursor:
-    """How far the monitor has read one run.
-
-    `metric_steps` holds the last step read per metric key (for keys read separately);
-    `last_step` the last check step read overall; `last_check_at` the wall time of that check
-    (for staleness); `check_interval` the observed seconds between two checks (the median
-    spacing of the latest checks read, for runs whose schedule counts steps); `polled_at` when
-    the monitor last wrote the cursor.
-    """
-
-    run_id: str
-    last_step: int | None = None
-    metric_steps: Mapping[str, int] = field(default_factory=dict)
-    last_check_at: float | None = None
-    check_interval: float | None = None
-    polled_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -206,10 +192,10 @@ class SilenceMatcher:
         for name in ("run_id", "experiment", "rule"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value
-                                      or len(value) > _NAME_LIMIT):
+                                      or len(value) > NAME_LIMIT):
                 raise ConfigError(
                     f"SilenceMatcher.{name} must be None (any) or a non-empty glob of at most "
-                    f"{_NAME_LIMIT} characters, e.g. 'llm-*', got {value!r}."
+                    f"{NAME_LIMIT} characters, e.g. 'llm-*', got {value!r}."
                 )
 
     def matches(self, run_id: str, experiments: Iterable[str], rule: str) -> bool:
@@ -278,7 +264,7 @@ class MonitorState:
         if not callable(clock):
             raise ConfigError(f"clock must be a callable returning Unix seconds (default "
                               f"time.time), got {type(clock).__name__}.")
-        self._url = _parse_url(url)
+        self._url = parse_url(url)
         self.clock = clock
         self.backoff_base = float(backoff_base)
         self.backoff_factor = float(backoff_factor)
@@ -286,7 +272,7 @@ class MonitorState:
         self.max_attempts = max_attempts
         self._lock_fd: int | None = None
         self._engine: Engine | None = None
-        database = _sqlite_file(self._url)
+        database = sqlite_file(self._url)
         if lock and database is None:
             raise ConfigError(
                 f"lock=True needs a SQLite file URL (sqlite:////path/monitor.db), got "
@@ -301,7 +287,7 @@ class MonitorState:
                 lock_path, lambda pid: MonitorLockedError(lock_path, pid)
             )
         try:
-            self._engine = _make_engine(self._url)
+            self._engine = make_engine(self._url)
             self._open_schema(is_sqlite_file=database is not None)
         except BaseException:
             self.close()
@@ -374,11 +360,11 @@ class MonitorState:
 
     def cursors(self, run_ids: Sequence[str] | None = None) -> list[Cursor]:
         """Cursors of `run_ids` (default: every run), ordered by run id."""
-        query = sa.select(_cursors).order_by(_cursors.c.run_id)
-        metric_query = sa.select(_cursor_metrics)
+        query = sa.select(cursors_table).order_by(cursors_table.c.run_id)
+        metric_query = sa.select(cursor_metrics_table)
         if run_ids is not None:
-            query = query.where(_cursors.c.run_id.in_(list(run_ids)))
-            metric_query = metric_query.where(_cursor_metrics.c.run_id.in_(list(run_ids)))
+            query = query.where(cursors_table.c.run_id.in_(list(run_ids)))
+            metric_query = metric_query.where(cursor_metrics_table.c.run_id.in_(list(run_ids)))
         with self._connection_begin() as connection:
             rows = connection.execute(query).all()
             steps: dict[str, dict[str, int]] = {}
@@ -398,9 +384,9 @@ class MonitorState:
 
     def alerts(self, run_id: str | None = None) -> list[StoredAlert]:
         """Stored alerts (of one run, or all), ordered by run id and rule."""
-        query = sa.select(_alerts).order_by(_alerts.c.run_id, _alerts.c.rule)
+        query = sa.select(alerts_table).order_by(alerts_table.c.run_id, alerts_table.c.rule)
         if run_id is not None:
-            query = query.where(_alerts.c.run_id == run_id)
+            query = query.where(alerts_table.c.run_id == run_id)
         with self._connection_begin() as connection:
             return [_alert_from_row(row) for row in connection.execute(query)]
 
@@ -412,14 +398,14 @@ class MonitorState:
         _check_name("key", key)
         text = json.dumps(dict(value), allow_nan=False, default=str)
         with self._connection_begin() as connection:
-            _upsert(connection, _meta, {"key": key},
+            upsert(connection, meta_table, {"key": key},
                     {"value": text, "updated_at": self._now(now)})
 
     def meta(self, key: str) -> dict[str, Any] | None:
         """The object stored under `key`, None if none."""
         with self._connection_begin() as connection:
             text = connection.execute(
-                sa.select(_meta.c.value).where(_meta.c.key == key)
+                sa.select(meta_table.c.value).where(meta_table.c.key == key)
             ).scalar_one_or_none()
         return None if text is None else cast(dict[str, Any], json.loads(text))
 
@@ -434,9 +420,10 @@ class MonitorState:
     def due(self, now: float | None = None, *, limit: int = 100) -> list[OutboxRow]:
         """Pending rows whose next attempt is due (next_attempt_at ≤ now), oldest due first."""
         query = (
-            sa.select(_outbox)
-            .where(_outbox.c.status == "pending", _outbox.c.next_attempt_at <= self._now(now))
-            .order_by(_outbox.c.next_attempt_at, _outbox.c.id)
+            sa.select(outbox_table)
+            .where(outbox_table.c.status == "pending",
+                   outbox_table.c.next_attempt_at <= self._now(now))
+            .order_by(outbox_table.c.next_attempt_at, outbox_table.c.id)
             .limit(limit)
         )
         with self._connection_begin() as connection:
@@ -444,9 +431,9 @@ class MonitorState:
 
     def outbox(self, status: OutboxStatus | None = None) -> list[OutboxRow]:
         """Every outbox row (or those with `status`), in the order they were written."""
-        query = sa.select(_outbox).order_by(_outbox.c.id)
+        query = sa.select(outbox_table).order_by(outbox_table.c.id)
         if status is not None:
-            query = query.where(_outbox.c.status == _check_status(status))
+            query = query.where(outbox_table.c.status == _check_status(status))
         with self._connection_begin() as connection:
             return [_outbox_from_row(row) for row in connection.execute(query)]
 
@@ -456,7 +443,7 @@ class MonitorState:
 
     def outbox_counts(self) -> dict[str, int]:
         """How many rows are pending, sent and dead."""
-        query = sa.select(_outbox.c.status, sa.func.count()).group_by(_outbox.c.status)
+        query = sa.select(outbox_table.c.status, sa.func.count()).group_by(outbox_table.c.status)
         counts = {"pending": 0, "sent": 0, "dead": 0}
         with self._connection_begin() as connection:
             counts.update({status: int(n) for status, n in connection.execute(query)})
@@ -468,7 +455,7 @@ class MonitorState:
             row = _get_outbox(connection, outbox_id)
             if row.status != "sent":
                 connection.execute(
-                    sa.update(_outbox).where(_outbox.c.id == outbox_id).values(
+                    sa.update(outbox_table).where(outbox_table.c.id == outbox_id).values(
                         status="sent", sent_at=self._now(now), last_attempt_at=self._now(now),
                     )
                 )
@@ -501,7 +488,8 @@ class MonitorState:
                 values["status"] = "dead"
             else:
                 values["next_attempt_at"] = moment + self.backoff_delay(attempts, retry_after)
-            connection.execute(sa.update(_outbox).where(_outbox.c.id == outbox_id).values(values))
+            connection.execute(
+                sa.update(outbox_table).where(outbox_table.c.id == outbox_id).values(values))
             return _get_outbox(connection, outbox_id)
 
     def backoff_delay(self, attempts: int, retry_after: float | None = None) -> float:
@@ -530,7 +518,7 @@ class MonitorState:
             row = _get_outbox(connection, outbox_id)
             if row.status != "sent":
                 connection.execute(
-                    sa.update(_outbox).where(_outbox.c.id == outbox_id).values(
+                    sa.update(outbox_table).where(outbox_table.c.id == outbox_id).values(
                         status="pending", attempts=0, next_attempt_at=self._now(now),
                     )
                 )
@@ -569,7 +557,7 @@ class MonitorState:
                 f"or pass duration=seconds."
             )
         with self._connection_begin() as connection:
-            result = connection.execute(sa.insert(_silences).values(
+            result = connection.execute(sa.insert(silences_table).values(
                 run_id=matcher.run_id, experiment=matcher.experiment, rule=matcher.rule,
                 created_at=moment, expires_at=float(expires_at), comment=str(comment),
             ))
@@ -579,10 +567,11 @@ class MonitorState:
 
     def silences(self, *, active_only: bool = True, now: float | None = None) -> list[Silence]:
         """Silences (only those active now, by default), in the order they were added."""
-        query = sa.select(_silences).order_by(_silences.c.id)
+        query = sa.select(silences_table).order_by(silences_table.c.id)
         if active_only:
             moment = self._now(now)
-            query = query.where(_silences.c.created_at <= moment, _silences.c.expires_at > moment)
+            query = query.where(silences_table.c.created_at <= moment,
+                                silences_table.c.expires_at > moment)
         with self._connection_begin() as connection:
             return [_silence_from_row(row) for row in connection.execute(query)]
 
@@ -591,21 +580,21 @@ class MonitorState:
         moment = self._now(now)
         with self._connection_begin() as connection:
             row = connection.execute(
-                sa.select(_silences).where(_silences.c.id == silence_id)
+                sa.select(silences_table).where(silences_table.c.id == silence_id)
             ).one_or_none()
             if row is None:
-                active = connection.execute(sa.select(_silences.c.id).where(
-                    _silences.c.created_at <= moment, _silences.c.expires_at > moment))
+                active = connection.execute(sa.select(silences_table.c.id).where(
+                    silences_table.c.created_at <= moment, silences_table.c.expires_at > moment))
                 known = ", ".join(str(silence_id) for (silence_id,) in active) or "none"
                 raise InputError(
                     f"No silence with id {silence_id!r}; active silences: {known}. "
                     f"List them with `gradwatch monitor silence list`."
                 )
             if row.expires_at > moment:
-                connection.execute(sa.update(_silences).where(
-                    _silences.c.id == silence_id).values(expires_at=moment))
+                connection.execute(sa.update(silences_table).where(
+                    silences_table.c.id == silence_id).values(expires_at=moment))
             return _silence_from_row(connection.execute(
-                sa.select(_silences).where(_silences.c.id == silence_id)).one())
+                sa.select(silences_table).where(silences_table.c.id == silence_id)).one())
 
     def silenced_by(
         self, run_id: str, experiment: str | Iterable[str] | None, rule: str,
@@ -645,12 +634,12 @@ class MonitorState:
         with self._connection_begin() as connection:
             tables = set(sa.inspect(connection).get_table_names())
             version: int | None = None
-            if _schema_version.name in tables:
+            if schema_version_table.name in tables:
                 version = connection.execute(
-                    sa.select(sa.func.max(_schema_version.c.version))
+                    sa.select(sa.func.max(schema_version_table.c.version))
                 ).scalar_one_or_none()
-            elif is_sqlite_file and tables - _OUR_TABLES:
-                foreign = ", ".join(sorted(tables - _OUR_TABLES)[:5])
+            elif is_sqlite_file and tables - OUR_TABLES:
+                foreign = ", ".join(sorted(tables - OUR_TABLES)[:5])
                 raise ConfigError(
                     f"The state URL {self._shown_url} points at a SQLite file that holds other "
                     f"tables ({foreign}, ...), not a gradwatch monitor state: is it the MLflow "
@@ -664,9 +653,9 @@ class MonitorState:
                     f"Upgrade gradwatch (pip install -U gradwatch), or point the monitor at a "
                     f"new state file."
                 )
-            _metadata.create_all(connection)
+            metadata.create_all(connection)
             if version is None:
-                connection.execute(sa.insert(_schema_version).values(version=SCHEMA_VERSION))
+                connection.execute(sa.insert(schema_version_table).values(version=SCHEMA_VERSION))
 
 
 class StateTransaction:
@@ -683,12 +672,12 @@ class StateTransaction:
             raise InputError(f"cursor must be a Cursor with a run_id, got {cursor!r}.")
         values = {"last_step": cursor.last_step, "last_check_at": cursor.last_check_at,
                   "check_interval": cursor.check_interval, "polled_at": cursor.polled_at}
-        _upsert(self._connection, _cursors, {"run_id": cursor.run_id}, values)
+        upsert(self._connection, cursors_table, {"run_id": cursor.run_id}, values)
         self._connection.execute(
-            sa.delete(_cursor_metrics).where(_cursor_metrics.c.run_id == cursor.run_id)
+            sa.delete(cursor_metrics_table).where(cursor_metrics_table.c.run_id == cursor.run_id)
         )
         if cursor.metric_steps:
-            self._connection.execute(sa.insert(_cursor_metrics), [
+            self._connection.execute(sa.insert(cursor_metrics_table), [
                 {"run_id": cursor.run_id, "metric_key": key, "last_step": int(step)}
                 for key, step in cursor.metric_steps.items()
             ])
@@ -707,7 +696,7 @@ class StateTransaction:
         if transition is not None:
             values.update(last_transition=transition.kind,
                           last_transition_step=transition.step, last_transition_at=self.now)
-        _upsert(self._connection, _alerts, {"run_id": run_id, "rule": rule}, values)
+        upsert(self._connection, alerts_table, {"run_id": run_id, "rule": rule}, values)
 
     def enqueue(self, notification_id: str, channel: str, payload: str) -> bool:
         """Add a (notification, channel) row due now; False if that pair is already there."""
@@ -721,13 +710,13 @@ class StateTransaction:
                 f"{type(payload).__name__} that does not parse: {error}."
             ) from None
         existing = self._connection.execute(
-            sa.select(_outbox.c.id).where(
-                _outbox.c.notification_id == notification_id, _outbox.c.channel == channel
+            sa.select(outbox_table.c.id).where(
+                outbox_table.c.notification_id == notification_id, outbox_table.c.channel == channel
             )
         ).first()
         if existing is not None:
             return False
-        self._connection.execute(sa.insert(_outbox).values(
+        self._connection.execute(sa.insert(outbox_table).values(
             notification_id=notification_id, channel=channel, payload=payload,
             status="pending", attempts=0, created_at=self.now, next_attempt_at=self.now,
         ))
@@ -763,7 +752,7 @@ def _positive_seconds(name: str, value: object) -> float:
     return float(value)
 
 
-def _check_name(name: str, value: object, *, limit: int = _NAME_LIMIT) -> None:
+def _check_name(name: str, value: object, *, limit: int = NAME_LIMIT) -> None:
     if not isinstance(value, str) or not value or len(value) > limit:
         raise InputError(f"{name} must be a non-empty str of at most {limit} characters, "
                          f"got {value!r}.")
@@ -788,12 +777,13 @@ def _check_status(status: object) -> OutboxStatus:
 def _error_text(error: str | BaseException) -> str:
     """A secret-free, bounded account of a delivery error."""
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    text = _scrub_urls(text)
-    return text if len(text) <= _ERROR_LIMIT else text[: _ERROR_LIMIT - 1] + "…"
+    text = scrub_urls(text)
+    return text if len(text) <= ERROR_LIMIT else text[: ERROR_LIMIT - 1] + "…"
 
 
 def _get_outbox(connection: Connection, outbox_id: int) -> OutboxRow:
-    row = connection.execute(sa.select(_outbox).where(_outbox.c.id == outbox_id)).one_or_none()
+    row = connection.execute(
+        sa.select(outbox_table).where(outbox_table.c.id == outbox_id)).one_or_none()
     if row is None:
         raise InputError(
             f"No outbox row with id {outbox_id!r}; use the id of a row from due() or outbox()."

@@ -1,5 +1,6 @@
-"""What one monitor poll reads from MLflow: the runs with gradwatch data, and each run's checks
-since its cursor.
+"""The record read back from MLflow: the runs with gradwatch data, each run's new checks.
+
+What one monitor poll (or one dashboard) reads: the runs, and each run's checks since its cursor.
 
     find_runs(client, ["team-a", "17"])          one search_runs call per page of runs
         │   MonitoredRun: ids, name, status, times, gradwatch.* params, gradwatch.status,
@@ -11,7 +12,10 @@ since its cursor.
         ▼
     [CheckPoint(step, ...), ...], new cursor     every check in (cursor.last_step, last_step]
 
-Why these choices (the layout is the contract in `gradwatch.record.writer`):
+Imports: gradwatch.common, gradwatch.record.layout (the keys, tags and params it reads).
+`Cursor` (how far a run has been read) is the reader's own; the monitor stores it.
+
+Why these choices (the layout is the contract in `gradwatch.record.layout`):
 
 - **Selecting runs by the param `gradwatch.every`, not by a metric filter.** MLflow's
   ``metrics.`gradwatch/rel_distance` >= 0`` compares only the latest value, and a NaN latest
@@ -27,7 +31,7 @@ Why these choices (the layout is the contract in `gradwatch.record.writer`):
   only latest *values*, not their steps.) A run without the tag (written by hand, outside the
   documented layout) has no mark: its history is read at every poll, with no upper bound.
 - **Non-finite values survive.** MLflow stores NaN as NaN but refuses ±inf, so the record
-  writes ±DBL_MAX (`gradwatch.record.writer._metric_value`); the reader maps ±DBL_MAX back to ±inf.
+  writes ±DBL_MAX (`gradwatch.record.layout.encode_metric`); the reader maps it back to ±inf.
 
 Cost of a run with new checks: 3 + (number of layer keys) `get_metric_history` calls, each
 returning the key's whole history (MLflow's client has no step range for it). When many runs
@@ -41,17 +45,28 @@ from an older checkpoint into the same run re-logs steps already read); those ar
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
 from gradwatch.common.errors import ConfigError
-from gradwatch.monitor.state import Cursor
-from gradwatch.record.writer import LAYER_PREFIX, METRIC_PREFIX
+from gradwatch.record.layout import (
+    EVERY_PARAM,
+    LAST_STEP_TAG,
+    LAYER_PREFIX,
+    MAX_ELEMENT_ERROR,
+    METRIC_PREFIX,
+    PARAM_PREFIX,
+    REL_DISTANCE,
+    STATUS_TAG,
+    VERDICT,
+    VERDICT_WORDS,
+    decode_metric,
+)
 
 __all__ = [
     "CheckPoint",
+    "Cursor",
     "MlflowReader",
     "MonitoredRun",
     "bulk_histories",
@@ -60,14 +75,27 @@ __all__ = [
     "resolve_experiments",
 ]
 
-#: The param every gradwatch run has from the moment gradwatch attaches (see module docstring).
-SELECTOR_PARAM = "gradwatch.every"
-REL_DISTANCE = METRIC_PREFIX + "rel_distance"
-VERDICT = METRIC_PREFIX + "verdict"
-MAX_ELEMENT_ERROR = METRIC_PREFIX + "max_element_error"
 DEFAULT_PAGE_SIZE = 1000  # MLflow's own default for search_runs
-_DBL_MAX = sys.float_info.max  # what the record writes for ±inf
 _SHOWN_EXPERIMENTS = 10
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """How far one run has been read (`read_new_checks`); the monitor stores it.
+
+    `metric_steps` holds the last step read per metric key (for keys read separately);
+    `last_step` the last check step read overall; `last_check_at` the wall time of that check
+    (for staleness); `check_interval` the observed seconds between two checks (the median
+    spacing of the latest checks read, for runs whose schedule counts steps); `polled_at` when
+    the monitor last wrote the cursor.
+    """
+
+    run_id: str
+    last_step: int | None = None
+    metric_steps: Mapping[str, int] = field(default_factory=dict)
+    last_check_at: float | None = None
+    check_interval: float | None = None
+    polled_at: float | None = None
 
 
 class MlflowReader(Protocol):
@@ -115,7 +143,7 @@ class MonitoredRun:
     @property
     def every(self) -> str | None:
         """The param `gradwatch.every` ("1000", "30s", a cron expression)."""
-        return self.params.get(SELECTOR_PARAM)
+        return self.params.get(EVERY_PARAM)
 
     @classmethod
     def from_run(cls, run: Any) -> MonitoredRun:
@@ -129,11 +157,12 @@ class MonitoredRun:
             status=str(info.status),
             start_time_ms=info.start_time,
             end_time_ms=info.end_time,
-            last_step=_int_or_none(tags.get("gradwatch.last_step")),
-            gradwatch_status=tags.get("gradwatch.status"),
-            params={k: v for k, v in data.params.items() if k.startswith("gradwatch.")},
+            last_step=_int_or_none(tags.get(LAST_STEP_TAG)),
+            gradwatch_status=tags.get(STATUS_TAG),
+            params={k: v for k, v in data.params.items() if k.startswith(PARAM_PREFIX)},
             layer_keys=tuple(sorted(k for k in data.metrics if k.startswith(LAYER_PREFIX))),
-            latest={k: _decode(v) for k, v in data.metrics.items() if k.startswith(METRIC_PREFIX)},
+            latest={k: decode_metric(v) for k, v in data.metrics.items()
+                    if k.startswith(METRIC_PREFIX)},
         )
 
 
@@ -156,10 +185,9 @@ class CheckPoint:
     @property
     def verdict_word(self) -> str | None:
         """"ok", "warn", "alert" or "error" (None if unknown)."""
-        words = ("ok", "warn", "alert", "error")
-        if self.verdict is None or not 0 <= self.verdict < len(words):
+        if self.verdict is None or not 0 <= self.verdict < len(VERDICT_WORDS):
             return None
-        return words[self.verdict]
+        return VERDICT_WORDS[self.verdict]
 
 
 def resolve_experiments(client: MlflowReader, experiments: Iterable[str]) -> list[str]:
@@ -180,7 +208,7 @@ def resolve_experiments(client: MlflowReader, experiments: Iterable[str]) -> lis
     if unknown:
         raise ConfigError(
             f"experiments: no active MLflow experiment with the name or id "
-            f"{', '.join(map(repr, unknown))}; known: {_known_experiments(client)}. "
+            f"{', '.join(map(repr, unknown))}; known: {known_experiments(client)}. "
             f"Check the monitor's `experiments` setting (names or ids)."
         )
     return ids
@@ -354,14 +382,8 @@ def _by_step(
         if (after is not None and step <= after) or (upto is not None and step > upto):
             continue
         if step not in chosen or metric.timestamp >= chosen[step][0]:
-            chosen[step] = (int(metric.timestamp), _decode(metric.value))
+            chosen[step] = (int(metric.timestamp), decode_metric(metric.value))
     return chosen
-
-
-def _decode(value: float) -> float:
-    """MLflow cannot store ±inf; the record writes ±DBL_MAX for it (NaN is stored as NaN)."""
-    value = float(value)
-    return math.copysign(math.inf, value) if abs(value) == _DBL_MAX else value
 
 
 def _finite_at(values: Mapping[int, tuple[int, float]], step: int) -> bool:
@@ -378,7 +400,7 @@ def _int_or_none(text: str | None) -> int | None:
 def _filter_string(tag_filter: Mapping[str, str]) -> str:
     """`params.`gradwatch.every` LIKE '%'` plus one `tags.`k` = 'v'` per tag (backticks: the
     keys hold dots and slashes)."""
-    clauses = [f"params.`{SELECTOR_PARAM}` LIKE '%'"]
+    clauses = [f"params.`{EVERY_PARAM}` LIKE '%'"]
     for key, value in tag_filter.items():
         if not isinstance(key, str) or not key or "`" in key:
             raise ConfigError(f"tag_filter keys must be non-empty tag names without backticks, "
@@ -402,7 +424,7 @@ def _experiment_by_id(client: MlflowReader, experiment_id: str) -> Any:
         raise
 
 
-def _known_experiments(client: MlflowReader) -> str:
+def known_experiments(client: MlflowReader) -> str:
     try:
         found = client.search_experiments(max_results=_SHOWN_EXPERIMENTS + 1)
     except Exception:  # only for the error text: never hide the real problem behind this one

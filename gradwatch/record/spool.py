@@ -1,11 +1,16 @@
-"""A durable local spool between gradwatch and a slow or dead tracking server.
+"""The durable local journal between gradwatch and a slow or dead tracking server.
+
+`Spool`: append, background delivery, flush, drain, close, compact.
+
+Imports: gradwatch.common. What earlier processes left behind is replayed by
+`gradwatch.record.replay`, which builds on this module.
 
 Each check's record is appended to a journal on local disk (one JSON line, written before
 training goes on, so a process that dies right after keeps it: the kernel holds it); a
 background thread fsyncs the journal, hands the record to `deliver` (which logs it to MLflow)
 and marks it delivered. Nothing in training waits on the network or on the disk's flush, and
 nothing is lost when the process dies: what is left is delivered by the next `Spool` on the
-same directory, or by hand with `gradwatch flush` (`replay`, `replay_all`). Only an operating
+same directory, or by hand with `gradwatch flush` (`gradwatch.record.replay`). Only an operating
 system crash in the milliseconds between an append and the deliverer's fsync can lose that
 record (`append(..., sync=True)` fsyncs on the caller's thread instead).
 
@@ -17,7 +22,7 @@ Files in the spool directory::
     delivered       one record id per line, appended and fsync'd after `deliver` returned
     rejected.jsonl  the envelopes the receiver refused for good (`RejectedRecord`), with why
     run.json        written by the deliverer of a spool whose run was not known yet
-                    (`_record.Deliverer`): the run its local id became
+                    (the record writer's `Deliverer`): the run its local id became
     .lock           flock'd by the one process that owns the spool; holds that process's PID
 
 A record is pending iff its id is in the journal and not in `delivered`. A torn line (a crash
@@ -28,7 +33,7 @@ Housekeeping: a spool opened with `remove_when_delivered=True` (GradWatch's own,
 `replay`) deletes its folder when it is closed with nothing pending and nothing rejected,
 holding its lock while it does; a folder with a pending or a rejected record is never deleted.
 The journal goes first, so a crash halfway leaves a folder with nothing pending, which the next
-replay removes. `replay` only locks a folder that has something to deliver or to remove.
+replay removes.
 
 Delivery is at least once: a crash between `deliver` returning and its mark reaching the disk
 delivers that record again, so `deliver` must be idempotent. MLflow's SQL store ignores a metric
@@ -47,7 +52,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -64,19 +69,18 @@ from gradwatch.common.files import (
 )
 
 __all__ = [
+    "DELIVERED",
+    "JOURNAL",
+    "LOCK",
+    "REJECTED",
     "RUN_FILE",
     "Deliver",
     "FlushResult",
-    "FolderResult",
     "RejectedRecord",
     "Spool",
     "SpoolLockedError",
-    "SpoolState",
     "acquire_pid_lock",
-    "default_spool_dir",
-    "peek",
-    "replay",
-    "replay_all",
+    "envelope_id",
 ]
 
 Payload = dict[str, Any]
@@ -100,6 +104,7 @@ _REMOVAL_ORDER = (JOURNAL, JOURNAL + ".tmp", DELIVERED, DELIVERED + ".tmp", RUN_
 _ID_LENGTH = 32  # uuid4().hex
 _LOGGER = logging.getLogger("gradwatch")
 
+
 class RejectedRecord(Exception):
     """Raised by a `deliver` function when the receiver will never accept this record (it is
     malformed for it, or refers to something that no longer exists). The spool moves the record
@@ -119,34 +124,6 @@ class FlushResult(NamedTuple):
     last_error: str | None
 
 
-class SpoolState(NamedTuple):
-    """What a spool folder holds, as `peek` reads it without taking the lock."""
-
-    pending: int
-    rejected: int
-
-
-class FolderResult(NamedTuple):
-    """What `replay_all` did with one spool folder.
-
-    `delivered`: records the receiver accepted now. `rejected`: records kept in rejected.jsonl,
-    refused now (`rejected_now` of them) or before; `rejected_reason` is the first one's reason.
-    `in_use`: another live process owns the folder (`owner_pid`, None when unknown), which was
-    left alone; `pending` is then what that process still has to deliver.
-    """
-
-    directory: Path
-    delivered: int
-    pending: int
-    rejected: int
-    removed: bool
-    last_error: str | None = None
-    rejected_reason: str | None = None
-    rejected_now: int = 0
-    in_use: bool = False
-    owner_pid: int | None = None
-
-
 class _Slot(NamedTuple):
     """Where a pending record's line lies in the journal."""
 
@@ -160,28 +137,6 @@ class _Attempt(NamedTuple):
 
     record_id: str | None
     error: Exception | None = None
-
-
-def default_spool_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """`$GRADWATCH_SPOOL_DIR`, else `$XDG_CACHE_HOME/gradwatch/spool`, else
-    `~/.cache/gradwatch/spool` (`environ` defaults to `os.environ`).
-
-    >>> default_spool_dir({"GRADWATCH_SPOOL_DIR": "/data/spool"}).as_posix()
-    '/data/spool'
-    >>> default_spool_dir({"XDG_CACHE_HOME": "/var/cache/me"}).as_posix()
-    '/var/cache/me/gradwatch/spool'
-    >>> default_spool_dir({"HOME": "/home/me"}).as_posix()
-    '/home/me/.cache/gradwatch/spool'
-    """
-    env = os.environ if environ is None else environ
-    explicit = env.get("GRADWATCH_SPOOL_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    cache = env.get("XDG_CACHE_HOME")
-    if cache and os.path.isabs(cache):  # the XDG spec says to ignore a relative path
-        return Path(cache) / "gradwatch" / "spool"
-    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
-    return home / ".cache" / "gradwatch" / "spool"
 
 
 class Spool:
@@ -642,7 +597,7 @@ class Spool:
             if _is_record_id(line)
         }
         for offset, line in self._scan(JOURNAL, self._journal_fd):
-            record_id = _envelope_id(line)
+            record_id = envelope_id(line)
             if record_id is None:
                 self._logger.warning(
                     "gradwatch spool %s: skipped a torn or corrupt line at byte %d of %s",
@@ -670,117 +625,6 @@ class Spool:
                 if len(line) > 1:
                     yield offset, line[:-1]
                 offset += len(line)
-
-
-def peek(directory: str | os.PathLike[str]) -> SpoolState | None:
-    """How many records a spool folder has pending and rejected, read without its lock (so a
-    live owner may change it meanwhile: decide nothing destructive on it). None when it holds
-    no spool (no journal and no lock file)."""
-    path = Path(directory)
-    try:
-        journal = (path / JOURNAL).read_bytes()
-    except FileNotFoundError:
-        if not (path / LOCK).exists():
-            return None
-        journal = b""
-    except NotADirectoryError:
-        return None
-    try:
-        delivered = set((path / DELIVERED).read_bytes().split())
-    except FileNotFoundError:
-        delivered = set()
-    pending = 0
-    for line in journal.splitlines():
-        # `_encode` writes the id first: a slice, not a JSON parse, for the common case.
-        fast = line[7:39] if line.startswith(b'{"id":"') and line[39:40] == b'"' else None
-        record_id = fast if fast is not None else (_envelope_id(line) or "").encode("ascii")
-        if record_id and record_id not in delivered:
-            pending += 1
-    return SpoolState(pending, count_lines(path / REJECTED))
-
-
-def replay(
-    directory: str | os.PathLike[str],
-    deliver: Deliver,
-    *,
-    timeout: float | None = None,
-    remove_when_delivered: bool = True,
-    logger: logging.Logger = _LOGGER,
-) -> FlushResult:
-    """Deliver what a spool holds, now, on this thread (the `gradwatch flush` command).
-
-    Takes the spool's lock (`SpoolLockedError` if a training process still owns it), flushes,
-    compacts when everything is delivered, and releases it — deleting the folder when nothing
-    is pending or rejected (unless `remove_when_delivered=False`). A folder with nothing to
-    deliver and something rejected, or no spool at all, is left as it is, unlocked.
-
-    >>> import pathlib, tempfile
-    >>> with tempfile.TemporaryDirectory() as root:
-    ...     directory = pathlib.Path(root) / "run-1"
-    ...     with Spool(directory, deliver=print) as spool:  # never started nor flushed
-    ...         record_id = spool.append({"step": 7})
-    ...     print(replay(directory, print, timeout=5.0), directory.exists())
-    {'step': 7}
-    FlushResult(delivered=1, pending=0, last_error=None) False
-    """
-    done = _replay_folder(Path(directory), deliver, timeout, remove_when_delivered, logger)
-    if done is None:
-        return FlushResult(0, 0, None)
-    # as Spool.flush counts: a record set aside in rejected.jsonl is done with
-    return FlushResult(done.delivered + done.rejected_now, done.pending, done.last_error)
-
-
-def replay_all(
-    root: str | os.PathLike[str],
-    deliverer: Callable[[Path], Deliver],
-    *,
-    timeout: float | None = None,
-    skip: Path | None = None,
-    logger: logging.Logger = _LOGGER,
-) -> list[FolderResult]:
-    """`replay` each spool folder under `root` (sorted by name; `skip` and folders holding no
-    spool are left out), with `deliverer(folder)` as its `deliver`. A folder another live
-    process owns is left to it (`in_use`); `timeout` is per folder."""
-    try:
-        folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and p != skip)
-    except FileNotFoundError:
-        return []
-    results = []
-    for folder in folders:
-        try:
-            done = _replay_folder(folder, deliverer(folder), timeout, True, logger)
-        except SpoolLockedError as exc:
-            state = peek(folder) or SpoolState(0, 0)
-            done = FolderResult(folder, 0, state.pending, state.rejected, False, in_use=True,
-                                owner_pid=exc.pid)
-        if done is not None:  # None: not a spool
-            results.append(done)
-    return results
-
-
-def _replay_folder(
-    directory: Path, deliver: Deliver, timeout: float | None, remove: bool,
-    logger: logging.Logger,
-) -> FolderResult | None:
-    state = peek(directory)
-    if state is None:  # nothing there, or not a spool: never create one here
-        return None
-    if state.pending == 0 and state.rejected:
-        # Kept for its rejected records, nothing to deliver: no lock taken, nothing opened, so
-        # a GradWatch start costs one read of each such folder.
-        return FolderResult(directory, 0, 0, state.rejected, False,
-                            rejected_reason=_first_rejection(directory))
-    with Spool(directory, deliver=deliver, logger=logger,
-               remove_when_delivered=remove) as spool:
-        before = count_lines(directory / REJECTED)
-        result = spool.flush(timeout)
-        if result.pending == 0:
-            spool.compact()
-    rejected = 0 if spool.removed else count_lines(directory / REJECTED)
-    now = max(rejected - before, 0)  # flush counts them as done; they were not delivered
-    return FolderResult(directory, result.delivered - now, result.pending, rejected,
-                        spool.removed, result.last_error,
-                        _first_rejection(directory) if rejected else None, now)
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -841,16 +685,6 @@ def _make_directory(directory: Path) -> Path:
     return directory
 
 
-def _first_rejection(directory: Path) -> str | None:
-    """The reason the first record in rejected.jsonl was refused."""
-    try:
-        with open(directory / REJECTED, encoding="utf-8") as reader:
-            reason = json.loads(reader.readline()).get("rejected")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(reason) if reason is not None else None
-
-
 def _encode(envelope: Envelope) -> bytes:
     try:
         line = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -867,7 +701,7 @@ def _is_record_id(token: bytes) -> bool:
     return len(token) == _ID_LENGTH and all(c in b"0123456789abcdef" for c in token)
 
 
-def _envelope_id(line: bytes) -> str | None:
+def envelope_id(line: bytes) -> str | None:
     """The id of a well-formed envelope line, None for a torn or corrupt one."""
     try:
         envelope = json.loads(line)

@@ -1,21 +1,12 @@
-"""The MLflow record of gradwatch: what is logged where (a contract with the monitor, the
-dashboards and users' own queries), and how it is delivered.
+"""How gradwatch's MLflow record is written: the payloads, and their delivery to MLflow.
 
-Per check, at step = the training global step:
-  metrics  gradwatch/rel_distance, gradwatch/verdict (0 ok, 1 warn, 2 alert, 3 error),
-           gradwatch/max_element_error, gradwatch/evaluations, gradwatch/seconds,
-           gradwatch/layer/<parameter name>  (sanitised to MLflow's key rules, ≤ 250 chars;
-           only the tensors measured on their own in this check — a tensor that was only
-           screened jointly has no distance of its own),
-           gradwatch/coverage/screened, /localised, /measured (tensor counts),
-           gradwatch/estimated (1 when rel_distance is an estimate)
-  tags     gradwatch.status (latest verdict word), gradwatch.last_step,
-           gradwatch.alert ("firing" / "resolved", once an alert ever fired)
-  artifact gradwatch/checks/step-<9-digit step>.json  (the CheckReport JSON)
-Every `report_every` checks and at train end: artifact gradwatch/report.html, the run report
-(one self-contained HTML file, `gradwatch.dashboard.report`), built from this record.
-Once per run, params: gradwatch.version, .every, .mode, .eps, .budget, .threshold.warn,
-.threshold.alert.
+A payload is the record of a check, the run's params, a request for the run report, a run to
+create or to end.
+
+Imports: gradwatch.common, gradwatch.engine (the report type), and gradwatch.record (the layout,
+the spool). What is logged where is `gradwatch.record.layout`, a contract with the monitor, the
+dashboards and users' own queries. The run report is built by `gradwatch.dashboard`, above this
+package: whoever delivers "report" records hands the builder in (`Deliverer(report_builder=)`).
 
 Everything goes through `MlflowClient` with an explicit run id, never the fluent API (which
 silently creates runs). A record is a plain JSON-able dict (a "payload") so it can be spooled
@@ -24,31 +15,43 @@ to disk first and delivered later, by another process if need be (`gradwatch flu
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
-import re
 import sys
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from gradwatch.engine.report import CheckReport
+from gradwatch.record.layout import (
+    ALERT_TAG,
+    COVERAGE_KINDS,
+    COVERAGE_PREFIX,
+    CREATED_TAG,
+    DEFAULT_EXPERIMENT,
+    ESTIMATED,
+    EVALUATIONS,
+    LAST_STEP_TAG,
+    LOCAL_ID_TAG,
+    MAX_ELEMENT_ERROR,
+    REL_DISTANCE,
+    SECONDS,
+    STATUS_TAG,
+    VERDICT,
+    VERDICT_CODES,
+    artifact_path,
+    encode_metric,
+    layer_metric_keys,
+)
 from gradwatch.record.spool import RUN_FILE  # in a local id's spool: the run it became
 
 __all__ = [
-    "COVERAGE_PREFIX",
-    "LAYER_PREFIX",
-    "METRIC_PREFIX",
     "RUN_FILE",
-    "VERDICT_CODES",
     "Deliverer",
-    "artifact_path",
+    "ReportBuilder",
     "check_payload",
     "deliver_payload",
-    "layer_metric_keys",
     "new_local_id",
     "params_payload",
     "report_payload",
@@ -57,58 +60,14 @@ __all__ = [
     "terminate_payload",
 ]
 
-METRIC_PREFIX = "gradwatch/"
-LAYER_PREFIX = "gradwatch/layer/"
-#: Tensors a check screened jointly / localised / measured on their own (auto mode).
-COVERAGE_PREFIX = "gradwatch/coverage/"
-VERDICT_CODES = {"ok": 0, "warn": 1, "alert": 2, "error": 3}
-DEFAULT_EXPERIMENT = "gradwatch"
-
-#: MLflow's limits (mlflow.utils.validation): key length and entities per log_batch call.
-MAX_KEY_LENGTH = 250
+#: MLflow's limits (mlflow.utils.validation) on the entities of one log_batch call.
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100
 
-_BAD_KEY_CHARACTERS = re.compile(r"[^\w.\- /]")  # MLflow allows alnum _ - . space / (and :)
-
-
-def artifact_path(step: int) -> str:
-    """`gradwatch/checks/step-000001000.json` for step 1000."""
-    return f"gradwatch/checks/step-{step:09d}.json"
-
-
-def _sanitise(name: str) -> str:
-    cleaned = _BAD_KEY_CHARACTERS.sub("_", name).replace("/", "_").strip()
-    if cleaned in ("", ".", ".."):
-        cleaned = "_" + cleaned
-    return cleaned
-
-
-def layer_metric_keys(names: Iterable[str]) -> dict[str, str]:
-    """Parameter name → metric key `gradwatch/layer/<sanitised name>`, unique and ≤ 250 chars.
-
-    Characters MLflow refuses become "_"; names that collide after that, or that are too long,
-    get "-" + the first 8 hex digits of sha1(original name), so the key of a name never depends
-    on which other names are present.
-
-    Example:
-        >>> layer_metric_keys(["encoder.layer.0.weight", "a:b", "a_b"])["a:b"]
-        'gradwatch/layer/a_b-...'
-    """
-    names = list(names)
-    room = MAX_KEY_LENGTH - len(LAYER_PREFIX)
-    cleaned = {name: _sanitise(name) for name in names}
-    counts: dict[str, int] = {}
-    for value in cleaned.values():
-        counts[value] = counts.get(value, 0) + 1
-    keys = {}
-    for name, value in cleaned.items():
-        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-        changed = value != name
-        if (counts[value] > 1 and changed) or len(value) > room:
-            value = f"{value[: room - 9]}-{digest}"
-        keys[name] = LAYER_PREFIX + value
-    return keys
+#: Builds and logs the run report a "report" record asks for: (MLflow client, payload) → None.
+#: `gradwatch.dashboard.report.log_requested_report` is the one gradwatch has; the record
+#: package cannot import it (the dashboard reads the record), so deliverers are given it.
+ReportBuilder = Callable[[Any, Mapping[str, Any]], None]
 
 
 def check_payload(
@@ -121,28 +80,28 @@ def check_payload(
     alert: str | None = None,
     local_id: str | None = None,
 ) -> dict[str, Any]:
-    """The MLflow record of one check, as a JSON-able payload (see the module docstring).
-    `run_id` None: the spool's run is not known yet, `local_id` names it (`Deliverer`)."""
+    """The MLflow record of one check, as a JSON-able payload (the layout:
+    `gradwatch.record.layout`). `run_id` None: the spool's run is not known yet, `local_id`
+    names it (`Deliverer`)."""
     metrics: list[list[Any]] = [
-        [METRIC_PREFIX + "rel_distance", _metric_value(report.rel_distance), timestamp_ms, step],
-        [METRIC_PREFIX + "verdict", float(VERDICT_CODES[report.verdict]), timestamp_ms, step],
-        [METRIC_PREFIX + "max_element_error", _metric_value(report.max_element_error),
-         timestamp_ms, step],
-        [METRIC_PREFIX + "evaluations", float(report.evaluations), timestamp_ms, step],
-        [METRIC_PREFIX + "seconds", float(report.seconds), timestamp_ms, step],
+        [REL_DISTANCE, encode_metric(report.rel_distance), timestamp_ms, step],
+        [VERDICT, float(VERDICT_CODES[report.verdict]), timestamp_ms, step],
+        [MAX_ELEMENT_ERROR, encode_metric(report.max_element_error), timestamp_ms, step],
+        [EVALUATIONS, float(report.evaluations), timestamp_ms, step],
+        [SECONDS, float(report.seconds), timestamp_ms, step],
     ]
-    metrics.append([METRIC_PREFIX + "estimated", float(report.estimated), timestamp_ms, step])
-    for what in ("screened", "localised", "measured"):
+    metrics.append([ESTIMATED, float(report.estimated), timestamp_ms, step])
+    for what in COVERAGE_KINDS:
         if what in report.coverage:
             metrics.append([f"{COVERAGE_PREFIX}{what}", float(report.coverage[what]),
                             timestamp_ms, step])
     checked = {n: layer for n, layer in report.layers.items() if layer.checked or layer.directions}
     keys = layer_metric_keys(report.layers)
     for name, layer in checked.items():
-        metrics.append([keys[name], _metric_value(layer.rel_distance), timestamp_ms, step])
-    tags = {"gradwatch.status": report.verdict, "gradwatch.last_step": str(step)}
+        metrics.append([keys[name], encode_metric(layer.rel_distance), timestamp_ms, step])
+    tags = {STATUS_TAG: report.verdict, LAST_STEP_TAG: str(step)}
     if alert is not None:
-        tags["gradwatch.alert"] = alert
+        tags[ALERT_TAG] = alert
     return {
         "kind": "check",
         "tracking_uri": tracking_uri,
@@ -185,11 +144,6 @@ def report_payload(
     """
     return {"kind": "report", "tracking_uri": tracking_uri, "run_id": run_id, "png": png,
             "local_id": local_id}
-
-
-def _metric_value(value: float) -> float:
-    # MLflow stores NaN (is_nan) and clamps ±inf; keep NaN as NaN, it is a real outcome
-    return float(value) if not math.isinf(value) else math.copysign(1.7976931348623157e308, value)
 
 
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
@@ -246,12 +200,19 @@ class Deliverer:
     creates a second one; the spool's lock keeps two processes off one spool), and writes the
     answer to `<spool>/run.json`, from which the records behind it — and any later replay — take
     their run id. `on_run(run_id)` is told when a local id gets its run.
+
+    `report_builder` builds the run report a "report" record asks for (`deliver_payload`);
+    without one such a record is rejected, so every deliverer of a spool that may hold them —
+    the watch, `gradwatch flush`, replays of leftover spools — passes
+    `gradwatch.dashboard.report.log_requested_report`.
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None = None, *,
-                 on_run: Any = None, clients: dict[str, Any] | None = None) -> None:
+                 on_run: Any = None, clients: dict[str, Any] | None = None,
+                 report_builder: ReportBuilder | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
         self.on_run = on_run
+        self.report_builder = report_builder
         self.clients: dict[str, Any] = clients if clients is not None else {}
         self.runs: dict[str, str] = {}
         if self.directory is not None and (self.directory / RUN_FILE).is_file():
@@ -286,7 +247,7 @@ class Deliverer:
         if payload.get("kind") == "terminate":
             self.client(payload).set_terminated(payload["run_id"])
             return
-        deliver_payload(payload, self.client(payload))
+        deliver_payload(payload, self.client(payload), report_builder=self.report_builder)
 
     def _resolve(self, payload: Mapping[str, Any]) -> None:
         from mlflow.exceptions import MlflowException
@@ -303,13 +264,12 @@ class Deliverer:
             experiment_id = (experiment.experiment_id if experiment is not None
                              else client.create_experiment(name))
             found = client.search_runs([experiment_id],
-                                       filter_string=f"tags.`gradwatch.local_id` = '{local_id}'",
+                                       filter_string=f"tags.`{LOCAL_ID_TAG}` = '{local_id}'",
                                        max_results=1)
             if found:
                 run_id = found[0].info.run_id
             else:
-                tags = {**payload.get("tags", {}), "gradwatch.created": "true",
-                        "gradwatch.local_id": local_id}
+                tags = {**payload.get("tags", {}), CREATED_TAG: "true", LOCAL_ID_TAG: local_id}
                 run_id = client.create_run(experiment_id, run_name=payload.get("run_name"),
                                            tags=tags).info.run_id
         except MlflowException as exc:
@@ -335,11 +295,17 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def deliver_payload(payload: Mapping[str, Any], client: Any | None = None) -> None:
+def deliver_payload(payload: Mapping[str, Any], client: Any | None = None, *,
+                    report_builder: ReportBuilder | None = None) -> None:
     """Write one payload to MLflow: metrics in log_batch chunks of 1000, then params/tags,
     then artifacts. Safe to repeat: MLflow's SQL store drops a metric identical in key,
     timestamp, step and value; a param logged again with the same value is accepted; tags and
     artifacts are overwritten with the same content.
+
+    A "report" payload is handed to `report_builder(client, payload)`; without one it is a
+    `RejectedRecord` (the run report needs gradwatch.dashboard, which this package cannot
+    import). A builder that fails on MLflow or the disk is retried; any other failure rejects
+    the record (a report that cannot be built now will not be built on retry).
     """
     from mlflow.exceptions import MlflowException
 
@@ -351,7 +317,7 @@ def deliver_payload(payload: Mapping[str, Any], client: Any | None = None) -> No
         client = MlflowClient(tracking_uri=payload.get("tracking_uri"))
     try:
         if payload.get("kind") == "report":
-            _write_report(client, payload)
+            _write_report(client, payload, report_builder)
         else:
             _write(client, payload)
     except MlflowException as exc:
@@ -364,17 +330,19 @@ def deliver_payload(payload: Mapping[str, Any], client: Any | None = None) -> No
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE"}
 
 
-def _write_report(client: Any, payload: Mapping[str, Any]) -> None:
+def _write_report(client: Any, payload: Mapping[str, Any],
+                  report_builder: ReportBuilder | None) -> None:
     from mlflow.exceptions import MlflowException
 
-    from gradwatch.dashboard.report import log_run_report
     from gradwatch.record.spool import RejectedRecord
 
+    if report_builder is None:
+        raise RejectedRecord(
+            "the run report was asked for, but this delivery has no report builder: the run "
+            "report needs gradwatch.dashboard (deliver with report_builder="
+            "gradwatch.dashboard.report.log_requested_report, as `gradwatch flush` does)")
     try:
-        try:
-            log_run_report(client, payload["run_id"], png=bool(payload.get("png")))
-        except ImportError:  # no matplotlib (mlflow-skinny): the HTML report alone
-            log_run_report(client, payload["run_id"])
+        report_builder(client, payload)
     except (MlflowException, OSError):
         raise  # the server is away: retried, like a check
     except Exception as exc:  # a report that cannot be built now will not be built on retry

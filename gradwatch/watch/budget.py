@@ -15,6 +15,8 @@ training step are the wall time of the loop over the STEP_WINDOW steps before a 
 by those steps: nothing is timed on the steps before, and a pause of the loop earlier in the
 interval (an evaluation, a checkpoint, another job on the machine) does not inflate what a check
 may spend. (With a wall-clock schedule the next due step is unknown: the whole interval.)
+
+Imports: nothing else of gradwatch.
 """
 
 from __future__ import annotations

@@ -10,6 +10,14 @@ spooled to disk and delivered to MLflow in the background, and an alert fires wh
 says so. The training run is exactly what it would have been without gradwatch: the live model,
 its gradients and every RNG stream are left bit-identical, and any exception inside the check is
 caught, recorded as an "error" check and training goes on (`strict=True` re-raises).
+
+Its settings come as objects — `CheckOptions` (`check=`), `RecordSettings` (`record=`),
+`AlertSettings` (`alerts=`) — or as the keyword shorthands of their fields; the record is a
+`Recorder` it is given (`recorder=`) or builds (`MlflowRecorder`, or `NullRecorder` for
+`mlflow=False`): this module holds no MLflow client code.
+
+Imports: gradwatch.common, engine, record, alerts, dashboard (the run report builder it hands
+the recorder), gradwatch.watch.
 """
 
 from __future__ import annotations
@@ -18,88 +26,42 @@ import atexit
 import inspect
 import logging
 import math
-import os
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from gradwatch.alerts.notify import Dispatcher, Notification, Notifier, make_notifier
+from gradwatch.alerts.dispatch import Dispatcher
+from gradwatch.alerts.notify import Notification, Notifier
+from gradwatch.alerts.settings import AlertSettings, OnAlert
 from gradwatch.alerts.state import AlertPolicy, AlertTracker
-from gradwatch.common.errors import (
-    ConfigError,
-    GradientAlertError,
-    SpoolLockedError,
-    UnsupportedModelError,
-)
+from gradwatch.common.errors import ConfigError, GradientAlertError, UnsupportedModelError
+from gradwatch.common.settings import DEFAULT, Default, with_shorthands
 from gradwatch.common.version import __version__
-from gradwatch.engine.core import make_settings
+from gradwatch.dashboard.report import log_requested_report
 from gradwatch.engine.report import CheckReport, Mode, Thresholds
-from gradwatch.record.spool import Spool, default_spool_dir, replay
-from gradwatch.record.writer import (
-    Deliverer,
-    check_payload,
-    new_local_id,
-    params_payload,
-    report_payload,
-    resolve_tracking_uri,
-    run_payload,
-    terminate_payload,
+from gradwatch.engine.types import CheckOptions, check_settings
+from gradwatch.record.layout import parse_every
+from gradwatch.record.recorder import (
+    FLUSH_TIMEOUT,
+    MlflowRecorder,
+    NullRecorder,
+    Recorder,
+    RecordSettings,
 )
 from gradwatch.watch.budget import STEP_WINDOW, AdaptiveBudget, Rotation
 from gradwatch.watch.distributed import agree, world
+from gradwatch.watch.plan import CheckPlan
 from gradwatch.watch.probe import ProbeCapture
-from gradwatch.watch.schedule import Schedule, parse_every
+from gradwatch.watch.schedule import Schedule
 
 __all__ = ["CheckPlan", "GradWatch"]
 
 logger = logging.getLogger("gradwatch")
 
-OnAlert = Literal["continue", "stop", "raise"]
-ON_ALERT = ("continue", "stop", "raise")
-#: How long train end waits for the spool to reach MLflow before leaving the rest on disk.
-FLUSH_TIMEOUT = 30.0
 #: close() at interpreter exit, when the program did not call it: bounded, the spool keeps
 #: what is not delivered by then for the next start or `gradwatch flush`.
 EXIT_TIMEOUT = 10.0
-#: Loss evaluations of a check when `budget=` is fixed but None reaches the engine.
-DEFAULT_BUDGET = 2000
-
-
-class CheckPlan:
-    """What one check should do: handed to the `run` of `GradWatch.check_with` (adapters).
-
-    Example:
-        >>> plan = CheckPlan(step=10, mode="auto", eps=1e-7, budget=30, thresholds=Thresholds(),
-        ...                  seed=10, rotation=Rotation())
-        >>> plan.tensors({"w": 1000, "b": 10})  # 30 evaluations cannot cover both
-        ['w']
-        >>> sorted(plan.check_kwargs())
-        ['budget', 'eps', 'mode', 'seed', 'thresholds']
-    """
-
-    def __init__(self, *, step: int, mode: Mode, eps: float, budget: int,
-                 thresholds: Thresholds, seed: int, rotation: Rotation | None) -> None:
-        self.step, self.mode, self.eps, self.budget = step, mode, eps, budget
-        self.thresholds, self.seed, self.rotation = thresholds, seed, rotation
-        self.rotating = False
-        self._chosen: tuple[list[str] | None] | None = None
-
-    def check_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `gradwatch.check` / `check_module` / `check_jax`."""
-        return {"mode": self.mode, "eps": self.eps, "budget": self.budget,
-                "thresholds": self.thresholds, "seed": self.seed}
-
-    def tensors(self, sizes: Mapping[str, int]) -> list[str] | None:
-        """The tensors (name → element count, in the model's order) this check covers: None
-        for all of them, or the next ones of the rotation when the budget cannot cover them
-        all (the following checks cover the rest). Decided once per check."""
-        if self._chosen is None:
-            chosen = self.rotation.pick(sizes, self.budget) if self.rotation else None
-            self._chosen = (chosen,)
-            self.rotating = chosen is not None
-        return self._chosen[0]
 
 
 class GradWatch:
@@ -108,6 +70,18 @@ class GradWatch:
     Args:
         every: optimizer steps between checks (int), or a wall-clock schedule: a duration
             ("30min", "2h") or a cron expression ("0 * * * *").
+        check: the checks' `CheckOptions` (mode, budget, eps, thresholds, include, exclude,
+            seed, samples, directions, top_k); here mode "auto" and, with budget None (the
+            default), an adaptive budget: each check is sized from the measured cost of a
+            training step, of a loss evaluation and of a check's fixed part, so checks take
+            about `overhead` of training time, covering the tensors across successive checks
+            when one check cannot cover them all.
+        record: the `RecordSettings` of the MLflow record (tracking URI, run, experiment,
+            spool, report), for the `MlflowRecorder` the watch builds (`NullRecorder` when
+            `enabled=False`).
+        alerts: the `AlertSettings` (policy, notify, on_alert).
+        recorder: a ready `Recorder` instead (then no `record=` nor its shorthands); the watch
+            hands an `MlflowRecorder` without a report builder gradwatch's run report.
         loss_fn: `loss_fn(model, batch) -> scalar tensor`, the full objective with loss-level
             regularisation. Needed when the model's output carries no loss (e.g. the trainer pops
             `labels` for label smoothing, or a plain loop computes the loss outside the model).
@@ -118,104 +92,92 @@ class GradWatch:
             whose first dimension is the batch size is sliced), None for the whole batch. A
             backward bug shows on a handful of examples; float64 evaluations of a full batch
             are what makes a check expensive.
-        budget: loss evaluations per check. None (default) sizes each check from the measured
-            cost of a training step, of a loss evaluation and of a check's fixed part, so
-            checks take about `overhead` of training time, covering the tensors across
-            successive checks when one check cannot cover them all.
         overhead: the share of training time the adaptive budget aims at. The default, 0.005,
             is half of gradwatch's 1% goal: the rest is margin for the record's delivery in a
             background thread and for a noisy machine.
-        mode, eps, thresholds, include, exclude, seed: as in `gradwatch.check_module`.
-        strict: re-raise exceptions from inside the check instead of recording an "error" check.
-        on_alert: "continue", "stop" (ask the trainer to stop; HF `should_training_stop`) or
-            "raise" (`GradientAlertError` out of `step()` / the HF event).
-        alert_policy: pending/firing/resolved counted in checks (`AlertPolicy`).
-        notify: apprise URLs ("slack://…", "mailto://…") or http(s) URLs for the built-in JSON
-            webhook, or `Notifier` objects. Secrets in URLs are never logged nor sent to MLflow.
-        tracking_uri, run_id, experiment_name: where to log (see the README's "MLflow record").
-        spool_dir: the local journal (default `$GRADWATCH_SPOOL_DIR` or ~/.cache/gradwatch/spool).
-        mlflow: False to keep checks and alerts but log nothing to MLflow.
-        report: log the run report `gradwatch/report.html` (a self-contained HTML page of the
-            run's checks, viewable in the MLflow UI) at train end and every `report_every`
-            checks, and at train end also `gradwatch/report.png`; they are built from the
-            MLflow record by the background delivery thread.
-        report_every: checks between two refreshes of the report during training (default 10).
+        strict: re-raise exceptions from inside the check (and from the record) instead of
+            recording an "error" check (logging the failure).
         clock: seconds since the epoch for measurement timestamps (tests pass their own).
+        mode, budget, eps, thresholds, include, exclude, seed: shorthands for the fields of
+            `check`.
+        on_alert, alert_policy, notify: shorthands for the fields of `alerts` (`policy`,
+            for `alert_policy`).
+        tracking_uri, run_id, experiment_name, spool_dir, mlflow, report, report_every:
+            shorthands for the fields of `record` (`enabled`, for `mlflow`).
+
+    A setting given both in an object and as its shorthand is a `ConfigError`.
+
+    Example:
+        >>> from gradwatch import AlertSettings, CheckOptions, GradWatch, RecordSettings
+        >>> GradWatch(100, check=CheckOptions(budget=300), alerts=AlertSettings(on_alert="stop"),
+        ...           record=RecordSettings(enabled=False))
+        GradWatch(every='100', mode='auto', budget=300, on_alert='stop')
+        >>> GradWatch(100, budget=300, on_alert="stop", mlflow=False)  # the same, by shorthands
+        GradWatch(every='100', mode='auto', budget=300, on_alert='stop')
     """
 
     def __init__(
         self,
         every: int | str = 1000,
         *,
+        check: CheckOptions | Mapping[str, Any] | None = None,
+        record: RecordSettings | Mapping[str, Any] | None = None,
+        alerts: AlertSettings | Mapping[str, Any] | None = None,
+        recorder: Recorder | None = None,
         loss_fn: Callable[[Any, Any], Any] | None = None,
         probe: Any = None,
         first_step: bool = True,
         probe_rows: int | None = 8,
-        mode: Mode = "auto",
-        budget: int | None = None,
         overhead: float = 0.005,
-        eps: float | None = None,
-        thresholds: Thresholds | Mapping[str, float] | None = None,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
-        seed: int = 0,
         strict: bool = False,
-        on_alert: OnAlert = "continue",
-        alert_policy: AlertPolicy | None = None,
-        notify: Sequence[str | Notifier] = (),
-        tracking_uri: str | None = None,
-        run_id: str | None = None,
-        experiment_name: str | None = None,
-        spool_dir: str | Path | None = None,
-        mlflow: bool = True,
-        report: bool = True,
-        report_every: int = 10,
         clock: Callable[[], float] = time.time,
+        mode: Mode | Default = DEFAULT,
+        budget: int | Default | None = DEFAULT,
+        eps: float | Default | None = DEFAULT,
+        thresholds: Thresholds | Mapping[str, float] | Default | None = DEFAULT,
+        include: str | Sequence[str] | Default | None = DEFAULT,
+        exclude: str | Sequence[str] | Default | None = DEFAULT,
+        seed: int | Default = DEFAULT,
+        on_alert: OnAlert | Default = DEFAULT,
+        alert_policy: AlertPolicy | Default | None = DEFAULT,
+        notify: str | Notifier | Sequence[str | Notifier] | Default = DEFAULT,
+        tracking_uri: str | Default | None = DEFAULT,
+        run_id: str | Default | None = DEFAULT,
+        experiment_name: str | Default | None = DEFAULT,
+        spool_dir: str | Path | Default | None = DEFAULT,
+        mlflow: bool | Default = DEFAULT,
+        report: bool | Default = DEFAULT,
+        report_every: int | Default = DEFAULT,
     ) -> None:
         self.every = parse_every(every)
-        self.settings = make_settings(
-            eps=1e-7 if eps is None else eps, mode=mode, thresholds=thresholds, budget=budget,
-            seed=seed,
+        self.options, self.settings = check_settings(
+            "GradWatch", check, argument="check", mode=mode, budget=budget, eps=eps,
+            thresholds=thresholds, include=include, exclude=exclude, seed=seed,
         )
-        if not (isinstance(overhead, (int, float)) and 0 < overhead < 1):
-            raise ConfigError(
-                f"overhead must be a fraction in (0, 1), e.g. 0.005, got {overhead!r}."
-            )
-        if on_alert not in ON_ALERT:
-            raise ConfigError(f"on_alert must be one of {ON_ALERT}, got {on_alert!r}.")
-        if loss_fn is not None and not callable(loss_fn):
-            raise ConfigError(f"loss_fn must be callable(model, batch), got {loss_fn!r}.")
-        if isinstance(notify, (str, bytes)):
-            notify = [notify]
-        if probe_rows is not None and (isinstance(probe_rows, bool) or not isinstance(
-                probe_rows, int) or probe_rows < 1):
-            raise ConfigError(f"probe_rows must be an int ≥ 1 or None, got {probe_rows!r}.")
-        if isinstance(report_every, bool) or not isinstance(report_every, int) \
-                or report_every < 1:
-            raise ConfigError(f"report_every must be an int ≥ 1 (checks between two report "
-                              f"refreshes; default 10), got {report_every!r}; pass report=False "
-                              f"for no report at all.")
-        self.report = bool(report)
-        self.report_every = report_every
-        self._recorded = 0
+        self.alerts = with_shorthands(
+            AlertSettings, alerts, {"on_alert": on_alert, "alert_policy": alert_policy,
+                                    "notify": notify},
+            argument="alerts", entry="GradWatch", fields={"alert_policy": "policy"},
+        )
+        self.recorder: Recorder = _recorder(recorder, record, strict, {
+            "tracking_uri": tracking_uri, "run_id": run_id, "experiment_name": experiment_name,
+            "spool_dir": spool_dir, "mlflow": mlflow, "report": report,
+            "report_every": report_every,
+        })
+        _check_watch_settings(loss_fn, probe_rows, overhead)
         self.probe_rows = probe_rows
         self.loss_fn = loss_fn
         self.probe = probe
-        self.include, self.exclude = include, exclude
+        self.include, self.exclude = self.options.include, self.options.exclude
         self.strict = strict
-        self.on_alert: OnAlert = on_alert
-        self.policy = alert_policy or AlertPolicy()
-        self.notifiers = [make_notifier(spec) for spec in notify]
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self.experiment_name = experiment_name
-        self.spool_root = Path(spool_dir) if spool_dir is not None else None
-        self.use_mlflow = mlflow
+        self.on_alert: OnAlert = self.alerts.on_alert
+        self.policy = self.alerts.policy
+        self.notifiers = list(self.alerts.notify)
         self.clock = clock
         self.schedule = Schedule(self.every, first_step=first_step)
         self.tracker = AlertTracker(self.policy)
         self.capture = ProbeCapture()
-        self.adaptive = AdaptiveBudget(overhead) if budget is None else None
+        self.adaptive = AdaptiveBudget(overhead) if self.settings.budget is None else None
         self.rotation = Rotation()
         #: (time, step) where the training time being measured began: the end of the last
         #: check, or the first step seen.
@@ -229,15 +191,34 @@ class GradWatch:
         self.should_stop = False
         #: Why this model cannot be checked at all (sharded); no more checks run once set.
         self.unsupported: str | None = None
-        self.created_run = False
-        #: The spool's key while the run is not known yet (`_record.Deliverer`).
-        self.local_id: str | None = None
-        self._resolved_uri: str | None = None
         self._restored_run_id: str | None = None  # from load_state_dict (a resumed training)
-        self._spool: Spool | None = None
-        self._replay: threading.Thread | None = None  # delivering earlier runs' leftovers
+        self._recording = False  # the recorder is open
         self._dispatcher: Dispatcher | None = None
         self._ready = False
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run the checks are recorded into, once known (the recorder's)."""
+        return self.recorder.run_id
+
+    @run_id.setter
+    def run_id(self, value: str | None) -> None:
+        self.recorder.run_id = value
+
+    @property
+    def tracking_uri(self) -> str | None:
+        """The tracking URI given to the recorder (None: MLflow's default)."""
+        return getattr(self.recorder, "tracking_uri", None)
+
+    @tracking_uri.setter
+    def tracking_uri(self, value: str | None) -> None:
+        self.recorder.tracking_uri = value  # type: ignore[attr-defined]
+
+    @property
+    def use_mlflow(self) -> bool:
+        """Whether the checks are recorded (False for `mlflow=False`, or after the record
+        could not be opened)."""
+        return bool(self.recorder.enabled)
 
     def __repr__(self) -> str:
         return (f"GradWatch(every={self.every.describe()!r}, mode={self.settings.mode!r}, "
@@ -246,7 +227,7 @@ class GradWatch:
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, model: Any = None, *, active_run_id: str | None = None) -> None:
-        """Resolve the MLflow run, log params once, start the scheduler and the spool."""
+        """Open the record (its run, params once), start the scheduler and the dispatcher."""
         if self._ready:
             return
         self._ready = True
@@ -259,52 +240,24 @@ class GradWatch:
         self.schedule.start()
         if self.notifiers:
             self._dispatcher = Dispatcher(self.notifiers)
-        if self.use_mlflow:
-            self._setup_mlflow(active_run_id)
-
-    def _setup_mlflow(self, active_run_id: str | None) -> None:
-        try:
+        if self.recorder.enabled:
             self._open_record(active_run_id)
+
+    def _open_record(self, active_run_id: str | None) -> None:
+        try:
+            key = self.recorder.open(self.params(), active_run_id=active_run_id,
+                                     restored_run_id=self._restored_run_id)
         except Exception as exc:  # never crash training over its record
             if self.strict:
                 raise
-            logger.error("gradwatch: cannot record to MLflow (%s: %s); checks and alerts go on "
-                         "without it", type(exc).__name__, exc)
-            self.use_mlflow = False
-            if self._spool is not None:
-                self._spool.close(timeout=1.0)
-                self._spool = None
-
-    def _open_record(self, active_run_id: str | None) -> None:
-        """Open the spool; nothing here waits on the network (the run is resolved, or created,
-        by the background delivery: a tracking server that is down or slow at train start
-        costs training nothing, and the records wait on disk under a local id)."""
-        self._resolved_uri = resolve_tracking_uri(self.tracking_uri)
-        uri = self._resolved_uri
-        known = (self.run_id or active_run_id or self._restored_run_id
-                 or os.environ.get("MLFLOW_RUN_ID"))
-        if known:
-            self.run_id, self.created_run, self.local_id = known, False, None
-        else:
-            self.local_id, self.created_run = new_local_id(), True
-        key = str(self.run_id or self.local_id)
-        self.tracker.key = key
-        root = self.spool_root or default_spool_dir()
-        deliverer = Deliverer(root / key, on_run=self._run_created)
-        # removed at close once all is delivered (run and terminate records included)
-        self._spool = Spool(root / key, deliver=deliverer, remove_when_delivered=True)
-        if self.local_id is not None:
-            self._spool.append(run_payload(local_id=self.local_id, tracking_uri=uri,
-                                           experiment_name=self.experiment_name))
-        self._spool.start()
-        self._replay = replay_leftovers(root, skip=root / key)
-        self._spool.append(params_payload(self.params(), run_id=self.run_id, tracking_uri=uri,
-                                          local_id=self.local_id))
-
-    def _run_created(self, run_id: str) -> None:
-        """The delivery thread created (or found) the run of this spool's local id."""
-        self.run_id = run_id
-        logger.info("gradwatch: recording into MLflow run %s", run_id)
+            logger.error("gradwatch: cannot record to %s (%s: %s); checks and alerts go on "
+                         "without it", type(self.recorder).__name__, type(exc).__name__, exc)
+            self.recorder = NullRecorder(RecordSettings(run_id=self.run_id,
+                                                        tracking_uri=self.tracking_uri))
+            return
+        self._recording = True
+        if key is not None:
+            self.tracker.key = key
 
     def params(self) -> dict[str, Any]:
         """The once-per-run MLflow params (no secrets: notification URLs are not among them)."""
@@ -321,31 +274,20 @@ class GradWatch:
         }
 
     def close(self, timeout: float = FLUSH_TIMEOUT) -> None:
-        """Stop the scheduler, deliver what the spool holds (what is left stays on disk for
-        `gradwatch flush`), drain notifications, end the run if gradwatch created it."""
+        """Stop the scheduler, close the record (it delivers what it holds within `timeout`;
+        MLflow's leaves the rest on disk for `gradwatch flush` and ends a run it created),
+        drain notifications."""
         atexit.unregister(self._close_at_exit)
         self.schedule.shutdown()
         self.capture.detach()
-        if self._spool is not None:
-            if self.report and self._recorded:
-                self._request_report(png=True)  # the final one also as a picture
-            if self.created_run:
-                self._append(terminate_payload(run_id=self.run_id, local_id=self.local_id,
-                                               tracking_uri=self._resolved_uri), "end the run")
-            deadline = time.monotonic() + timeout
-            result = self._spool.drain(timeout=timeout)
-            self._spool.close(timeout=1.0)
-            if self._replay is not None:  # earlier runs' leftovers, within the same timeout
-                self._replay.join(max(0.0, deadline - time.monotonic()))
-                self._replay = None
-            if result.pending:
-                logger.warning(
-                    "gradwatch: %d record(s) could not reach MLflow yet (%s); they stay in %s — "
-                    "the next GradWatch start delivers them in the background, or run "
-                    "`gradwatch flush` when the tracking server is back",
-                    result.pending, result.last_error or "still trying", self._spool.directory,
-                )
-            self._spool = None
+        if self._recording:
+            self._recording = False
+            try:
+                self.recorder.close(timeout)
+            except Exception as exc:
+                if self.strict:
+                    raise
+                logger.error("gradwatch: could not close the record: %s", exc)
         if self._dispatcher is not None:
             self._dispatcher.close(timeout=timeout)
             self._dispatcher = None
@@ -456,14 +398,18 @@ class GradWatch:
 
     def _plan(self, step: int) -> CheckPlan:
         since = step - self.last_checked if self.last_checked is not None else 1
-        budget = self.settings.budget
         if self.adaptive is not None:
             budget = self.adaptive.next_budget(since)
+        else:
+            assert self.settings.budget is not None  # None is the adaptive budget
+            budget = self.settings.budget
+        extra = {name: getattr(self.settings, name) for name in ("samples", "directions",
+                                                                 "top_k")
+                 if name in self.options.given}
         return CheckPlan(
-            step=step, mode=self.settings.mode, eps=self.settings.eps,
-            budget=budget or DEFAULT_BUDGET, thresholds=self.settings.thresholds,
-            seed=self.settings.seed + step,
-            rotation=self.rotation if self.adaptive is not None else None,
+            step=step, mode=self.settings.mode, eps=self.settings.eps, budget=budget,
+            thresholds=self.settings.thresholds, seed=self.settings.seed + step,
+            rotation=self.rotation if self.adaptive is not None else None, **extra,
         )
 
     def _run(self, step: int, run: Callable[[CheckPlan], CheckReport]) -> CheckReport | None:
@@ -569,38 +515,14 @@ class GradWatch:
         return report
 
     def _record(self, report: CheckReport, step: int, timestamp_ms: int, alert: str | None) -> None:
-        if self._spool is None:
+        if not self._recording:
             return
         try:
-            payloads = [check_payload(
-                report, step=step, timestamp_ms=timestamp_ms, run_id=self.run_id,
-                tracking_uri=self._resolved_uri, alert=alert, local_id=self.local_id,
-            )]
-            if self.report and (self._recorded + 1) % self.report_every == 0:
-                payloads.append(self._report_payload())
-            self._spool.append_many(payloads)  # one fsync for the check and its report
-            self._recorded += 1
+            self.recorder.record_check(report, step=step, timestamp_ms=timestamp_ms, alert=alert)
         except Exception as exc:
             if self.strict:
                 raise
-            logger.error("gradwatch: could not spool the check at step %d: %s", step, exc)
-
-    def _request_report(self, *, png: bool = False) -> None:
-        self._append(self._report_payload(png=png), "ask for the run report")
-
-    def _report_payload(self, *, png: bool = False) -> dict[str, Any]:
-        return report_payload(run_id=self.run_id, tracking_uri=self._resolved_uri, png=png,
-                              local_id=self.local_id)
-
-    def _append(self, payload: dict[str, Any], what: str) -> None:
-        if self._spool is None:
-            return
-        try:
-            self._spool.append(payload)
-        except Exception as exc:
-            if self.strict:
-                raise
-            logger.error("gradwatch: could not %s: %s", what, exc)
+            logger.error("gradwatch: could not record the check at step %d: %s", step, exc)
 
     def _announce(self, report: CheckReport, transition: Any) -> None:
         notification = make_notification(report, transition, run_id=self.run_id)
@@ -631,11 +553,10 @@ class GradWatch:
 
     # ------------------------------------------------------------------ Hugging Face events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        import mlflow
-
-        active = mlflow.active_run()  # HF's MLflowCallback opened it just before us
         if _is_world_zero(state):
-            self.setup(kwargs.get("model"), active_run_id=active.info.run_id if active else None)
+            # HF's MLflowCallback opened its run just before us
+            active = self.recorder.active_run_id() if self.recorder.enabled else None
+            self.setup(kwargs.get("model"), active_run_id=active)
         return None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -655,34 +576,6 @@ class GradWatch:
         if name.startswith("on_"):
             return _no_event
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-
-def replay_leftovers(root: Path, *, skip: Path) -> threading.Thread | None:
-    """Deliver, in a daemon thread, what earlier runs left in their spools (a crash, a dead
-    server at train end). Spools another live process owns are left to it."""
-    try:
-        others = [p for p in root.iterdir() if p.is_dir() and p != skip]
-    except OSError:
-        return None
-    if not others:
-        return None
-
-    def work() -> None:
-        for directory in others:
-            try:
-                result = replay(directory, Deliverer(directory), timeout=FLUSH_TIMEOUT)
-            except SpoolLockedError:
-                continue
-            except Exception as exc:
-                logger.warning("gradwatch: could not replay %s: %s", directory, exc)
-                continue
-            if result.delivered:
-                logger.info("gradwatch: delivered %d record(s) left in %s", result.delivered,
-                            directory)
-
-    thread = threading.Thread(target=work, name="gradwatch-replay", daemon=True)
-    thread.start()
-    return thread
 
 
 def first_rows(batch: Any, rows: int) -> Any:
@@ -760,6 +653,55 @@ def adapter_watch(
             f"GradWatchCallback got unknown setting(s) {', '.join(unknown)}; it takes {also}"
             f"GradWatch's settings: {', '.join(valid)}, or watch=GradWatch(...)."
         ) from exc
+
+
+def _recorder(
+    recorder: Recorder | None,
+    record: RecordSettings | Mapping[str, Any] | None,
+    strict: bool,
+    shorthands: Mapping[str, Any],
+) -> Recorder:
+    """The watch's recorder: `recorder=` as given, or one built from `record=` and its
+    shorthands; a clear ConfigError for both at once or a recorder that is not one."""
+    settings = with_shorthands(RecordSettings, record, shorthands, argument="record",
+                               entry="GradWatch", fields={"mlflow": "enabled"})
+    if recorder is None:
+        if not settings.enabled:
+            return NullRecorder(settings)
+        return MlflowRecorder(settings, report_builder=log_requested_report, strict=strict)
+    if record is not None or settings.given:
+        given = ["record="] * (record is not None) + [
+            f"{key}=" for key, value in shorthands.items() if key in settings.given
+            or (key == "mlflow" and "enabled" in settings.given)]
+        raise ConfigError(
+            f"GradWatch takes either a recorder (recorder=) or the settings of the one it "
+            f"builds, not both; got recorder= and {', '.join(dict.fromkeys(given))}. Give "
+            f"the settings to your recorder, e.g. recorder=MlflowRecorder(RecordSettings(...))."
+        )
+    if not isinstance(recorder, Recorder):
+        raise ConfigError(
+            f"recorder must implement gradwatch.Recorder (run_id, enabled, active_run_id(), "
+            f"open(), record_check(), close()), e.g. gradwatch.MlflowRecorder(...), got "
+            f"{type(recorder).__name__}."
+        )
+    if isinstance(recorder, MlflowRecorder) and recorder.report_builder is None:
+        recorder.report_builder = log_requested_report
+    return recorder
+
+
+def _check_watch_settings(loss_fn: Any, probe_rows: Any, overhead: Any) -> None:
+    """The settings that belong to the watch itself (the others are validated by their
+    objects)."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn must be callable(model, batch), got {loss_fn!r}.")
+    if probe_rows is not None and (isinstance(probe_rows, bool) or not isinstance(
+            probe_rows, int) or probe_rows < 1):
+        raise ConfigError(f"probe_rows must be an int ≥ 1 or None, got {probe_rows!r}.")
+    if isinstance(overhead, bool) or not (isinstance(overhead, (int, float))
+                                          and 0 < overhead < 1):
+        raise ConfigError(
+            f"overhead must be a fraction in (0, 1), e.g. 0.005, got {overhead!r}."
+        )
 
 
 class _NoProbeYet(Exception):

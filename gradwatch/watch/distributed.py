@@ -1,4 +1,6 @@
-"""Several training processes (DDP, Accelerate, Lightning's DDP strategy): one checks, all agree.
+"""Several training processes (DDP, Accelerate, Lightning): one checks, all agree.
+
+Several training processes (DDP, Accelerate, Lightning's DDP strategy): one checks, all agree.
 
 Only global rank zero checks and records: the check runs on the unwrapped module's float64
 copy, never through the DDP wrapper (whose forward on one rank alone would wait forever for the
@@ -10,6 +12,8 @@ went on alone would hang in its next gradient all-reduce).
 With a step-count schedule every rank knows when a check is due, so nothing is exchanged on
 the other steps. A wall-clock schedule runs on rank zero only; its "due" flag is agreed at
 every step (one one-element all-reduce per step).
+
+Imports: nothing else of gradwatch (torch.distributed when initialised).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Iterating the trainer's dataloader would consume its RNG (and, under Accelerate,
 sync collective), so gradwatch never does. Instead a forward pre-hook on the model keeps a
 reference to the positional and keyword inputs of the latest forward made in training mode.
 Nothing is copied at capture time; the check casts to float64 copies when it runs.
+
+Imports: nothing else of gradwatch.
 """
 
 from __future__ import annotations

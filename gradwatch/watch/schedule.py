@@ -3,79 +3,20 @@
 Wall-clock schedules ("30min", "2h", a cron expression) run on an APScheduler
 `BackgroundScheduler` whose only job is to *mark* a check as due; the check itself always runs on
 the training thread at the next step boundary. The scheduler's thread is a daemon and is shut
-down at train end, so it never keeps a process alive.
+down at train end, so it never keeps a process alive. What `every=` may be, and how it reads, is
+the record's (`gradwatch.record.layout.parse_every`: the param `gradwatch.every` holds it).
+
+Imports: gradwatch.record (the layout: what `every=` means).
 """
 
 from __future__ import annotations
 
-import re
 import threading
-from dataclasses import dataclass
 from typing import Any
 
-from gradwatch.common.errors import ConfigError
+from gradwatch.record.layout import Every
 
-__all__ = ["Schedule", "parse_every"]
-
-_DURATION = re.compile(
-    r"^\s*(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>s|sec|secs|seconds?|m|min|mins|minutes?|"
-    r"h|hr|hrs|hours?|d|days?)\s*$",
-    re.IGNORECASE,
-)
-_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-EVERY_HELP = (
-    "every must be a number of optimizer steps (e.g. every=1000), a duration (every='30min', "
-    "'2h', '90s') or a cron expression (every='0 * * * *' for hourly)"
-)
-
-
-@dataclass(frozen=True)
-class Every:
-    """A parsed `every=`: exactly one of steps, seconds, cron is set."""
-
-    steps: int | None = None
-    seconds: float | None = None
-    cron: str | None = None
-
-    def describe(self) -> str:
-        if self.steps is not None:
-            return str(self.steps)
-        if self.seconds is not None:
-            return f"{self.seconds:g}s"
-        return str(self.cron)
-
-
-def parse_every(every: int | str) -> Every:
-    """Parse `every=`: an int (steps), a duration string or a cron expression.
-
-    Example:
-        >>> parse_every(1000), parse_every("30min").seconds, parse_every("0 * * * *").cron
-        (Every(steps=1000, seconds=None, cron=None), 1800.0, '0 * * * *')
-    """
-    if isinstance(every, bool):
-        raise ConfigError(f"{EVERY_HELP}; got {every!r}.")
-    if isinstance(every, int):
-        if every < 1:
-            raise ConfigError(f"{EVERY_HELP}; got every={every}, which is not ≥ 1.")
-        return Every(steps=every)
-    if not isinstance(every, str):
-        raise ConfigError(f"{EVERY_HELP}; got {type(every).__name__} {every!r}.")
-    if every.strip().isdigit():
-        return parse_every(int(every))
-    match = _DURATION.match(every)
-    if match:
-        seconds = float(match["value"]) * _UNIT_SECONDS[match["unit"][0].lower()]
-        if seconds <= 0:
-            raise ConfigError(f"{EVERY_HELP}; got every={every!r}, a duration of zero.")
-        return Every(seconds=seconds)
-    from apscheduler.triggers.cron import CronTrigger
-
-    try:
-        CronTrigger.from_crontab(every)
-    except ValueError as exc:
-        raise ConfigError(f"{EVERY_HELP}; got every={every!r} ({exc}).") from None
-    return Every(cron=every.strip())
+__all__ = ["Schedule"]
 
 
 class Schedule:
@@ -152,7 +93,7 @@ class Schedule:
         """The first step at which `due` can be True (0: any step, ask `due` each time).
 
         Example:
-            >>> schedule = Schedule(parse_every(1000), first_step=False)
+            >>> schedule = Schedule(Every(steps=1000), first_step=False)
             >>> schedule.next_due(None), schedule.next_due(1), schedule.next_due(2000)
             (1000, 1000, 3000)
         """
