@@ -77,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradwatch import CheckReport, GradWatch
 from gradwatch.watch.budget import MINIMUM
-from tests.hf_zoo import RowBugFn, plant_row_bug
+from tests.support.hf_zoo import RowBugFn, plant_row_bug
 
 EVERY = 10
 OVERHEAD = 0.5  # x EVERY = 5 training steps per check: what overhead=0.005 gives every=1000

@@ -2,10 +2,10 @@
 
     python benchmarks/bench_gpu.py            # needs torch with CUDA; prints one table
 
-For each model (clean and planted bugs, from tests/torch_models.py) `check_module` runs on the
-model where it lives: once with the model on the CPU, once on the GPU. The verdicts must agree,
-the located layer too, and the model, its gradients and the CUDA RNG must be untouched. Seconds
-are wall time of one check (after one warm-up check on each device).
+For each model (clean and planted bugs, from tests/support/torch_models.py) `check_module`
+runs on the model where it lives: once with the model on the CPU, once on the GPU. The
+verdicts must agree, the located layer too, and the model, its gradients and the CUDA RNG
+must be untouched. Seconds are wall time of one check (after one warm-up check on each device).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import gradwatch  # noqa: E402
-from tests.torch_models import big_bug_model, bug_model, mse_loss, regression_batch  # noqa: E402
+from tests.support.torch_models import big_bug_model, bug_model, mse_loss, regression_batch  # noqa: E402
 
 
 def snapshot(model: nn.Module) -> list[torch.Tensor]:

@@ -36,7 +36,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from gradwatch.monitor.config import MonitorConfig  # noqa: E402
 from gradwatch.monitor.service import Monitor  # noqa: E402
 from gradwatch.record.reader import Cursor, find_runs, read_new_checks  # noqa: E402
-from tests.mlflow_server import MlflowServer  # noqa: E402
+from tests.support.mlflow_server import MlflowServer  # noqa: E402
 
 STEP = 10
 

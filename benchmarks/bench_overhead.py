@@ -172,7 +172,7 @@ def overhead_table(steps: int, block: int, root: Path) -> str:
         if tracking == "http":
             if server is None:
                 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-                from tests.mlflow_server import MlflowServer
+                from tests.support.mlflow_server import MlflowServer
 
                 progress("starting a local mlflow server")
                 (root / "server").mkdir()

@@ -48,9 +48,9 @@ from gradwatch.dashboard.data import WORST_CHECKS, read_experiment, read_run  # 
 from gradwatch.dashboard.png import draw_run_png  # noqa: E402
 from gradwatch.dashboard.report import _experiment_page, _run_page  # noqa: E402
 from gradwatch.record.layout import artifact_path, layer_metric_keys  # noqa: E402
-from tests.browser import Chromium, chromium_path  # noqa: E402
-from tests.dashboard_runs import element, report  # noqa: E402
-from tests.mlflow_server import MlflowServer  # noqa: E402
+from tests.support.browser import Chromium, chromium_path  # noqa: E402
+from tests.support.dashboard_runs import element, report  # noqa: E402
+from tests.support.mlflow_server import MlflowServer  # noqa: E402
 
 T = TypeVar("T")
 STEP = 10

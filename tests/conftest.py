@@ -6,7 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.mlflow_server import FAIL_FAST_CLIENT_ENV, MlflowServer
+from tests.support.mlflow_server import FAIL_FAST_CLIENT_ENV, MlflowServer
+
+#: Scripts that tests run in processes of their own (a backend chosen by environment, a
+#: process group): not modules to import for doctests in the pytest process.
+collect_ignore = ["support/keras_train.py", "support/outage_train.py", "support/ddp_worker.py"]
 
 
 @pytest.fixture(scope="session")

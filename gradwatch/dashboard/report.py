@@ -106,7 +106,7 @@ def build_run_report(
     `worst_checks` checks. `tracking_url` (http or https) links the run to its MLflow page;
     by default the client's tracking URI when that is http(s), else no link.
 
-    Example (against a real server; see tests/test_dashboard_html.py):
+    Example (against a real server; see tests/dashboard/test_dashboard_html.py):
         client = mlflow.MlflowClient("http://127.0.0.1:5000")
         Path("report.html").write_text(build_run_report(client, run_id), encoding="utf-8")
     """

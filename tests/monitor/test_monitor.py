@@ -1,0 +1,456 @@
+"""The monitor end to end, in process: a real `mlflow server`, a real HTTP receiver, the real
+state database, and a manual clock. Firing, resolved, repeat, silence, stale, a receiver that is
+down then up, a restart, and the /metrics exposition."""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from gradwatch import MonitorLockedError
+from gradwatch.alerts.state import transition_id
+from gradwatch.monitor.config import MonitorConfig
+from gradwatch.monitor.metrics import MetricsServer
+from gradwatch.monitor.service import Monitor
+from gradwatch.monitor.state import MonitorState, SilenceMatcher
+from tests.support.mlflow_runs import T0_MS, log_check, new_experiment, new_run
+from tests.support.mlflow_server import MlflowServer
+from tests.support.receivers import WebhookReceiver
+
+T0 = T0_MS / 1000.0  # check at step s was logged at T0 + s seconds (tests.support.mlflow_runs)
+HOOK_ENV = "GRADWATCH_TEST_HOOK"
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as server:
+        yield server
+
+
+@pytest.fixture
+def client(mlflow_server: MlflowServer) -> MlflowClient:
+    return MlflowClient(mlflow_server.url)
+
+
+class Rig:
+    """An experiment on the shared server and a way to build monitors on one state file."""
+
+    def __init__(self, server: MlflowServer, client: MlflowClient, receiver: WebhookReceiver,
+                 tmp_path: Path) -> None:
+        self.client = client
+        self.receiver = receiver
+        self.experiment, self.experiment_id = new_experiment(client)
+        self.state_url = f"sqlite:///{tmp_path / 'state.db'}"
+        self.server_url = server.url
+        self.clock = Clock(T0 + 1000)
+
+    def config(self, **overrides: Any) -> MonitorConfig:
+        settings: dict[str, Any] = {
+            "tracking_uri": self.server_url, "experiments": [self.experiment],
+            "state_url": self.state_url, "channels": {"hook": {"url_env": HOOK_ENV}},
+            # checks are logged at T0 + step seconds while the clock reads T0 + 1000: only the
+            # staleness test wants the stale rule
+            "staleness": {"enabled": False},
+        }
+        settings.update(overrides)
+        return MonitorConfig.model_validate(settings)
+
+    def monitor(self, **overrides: Any) -> Monitor:
+        return Monitor(self.config(**overrides), clock=self.clock,
+                       environ={HOOK_ENV: self.receiver.url("/hook")})
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [request.json() for request in self.receiver.requests]
+
+
+@pytest.fixture
+def rig(mlflow_server: MlflowServer, client: MlflowClient, receiver: WebhookReceiver,
+        tmp_path: Path) -> Rig:
+    return Rig(mlflow_server, client, receiver, tmp_path)
+
+
+LAYERS_BAD = {"encoder.weight": 3e-2, "encoder.bias": 2e-8, "head.weight": 5e-3}
+LAYERS_OK = {"encoder.weight": 1e-8, "encoder.bias": 2e-8, "head.weight": 1e-8}
+
+
+def test_fired_and_resolved_between_polls_both_notify_once(rig: Rig) -> None:
+    run_id = new_run(rig.client, rig.experiment_id, name="bert-tiny")
+    monitor = rig.monitor()
+    try:
+        log_check(rig.client, run_id, 10, 1e-8, "ok", layers=LAYERS_OK)
+        log_check(rig.client, run_id, 20, 2e-2, "alert", layers=LAYERS_BAD)
+        log_check(rig.client, run_id, 30, 1e-8, "ok", layers=LAYERS_OK)
+        summary, sent = monitor.run_once()
+        assert (summary.runs, summary.new_checks, summary.transitions, summary.queued) == (
+            1, 3, 2, 2)
+        assert sent.sent == 2 and rig.receiver.wait_for(2)
+        firing, resolved = rig.bodies()
+        key = f"{run_id}/distance"
+        assert firing["id"] == transition_id(key, "firing", 20)
+        assert resolved["id"] == transition_id(key, "resolved", 30)
+        assert rig.receiver.requests[0].header("Idempotency-Key") == firing["id"]
+        assert firing["kind"] == "firing" and firing["step"] == 20
+        assert "bert-tiny" in firing["title"] and "3.00e-02" in firing["title"]
+        # one message per run: the worst layers are listed in it, worst first
+        layers = [entry["layer"] for entry in firing["details"]["worst_layers"]]
+        assert layers[:2] == ["encoder.weight", "head.weight"]
+        assert "encoder.weight 3.00e-02" in firing["body"]
+        assert firing["details"]["run_url"] == (
+            f"{rig.server_url}/#/experiments/{rig.experiment_id}/runs/{run_id}")
+        assert resolved["kind"] == "resolved" and resolved["details"]["fired_at_step"] == 20
+
+        again, sent_again = monitor.run_once()  # nothing new: nothing read, nothing sent
+        assert (again.new_checks, again.transitions, sent_again.sent) == (0, 0, 0)
+        assert len(rig.receiver.requests) == 2
+    finally:
+        monitor.close()
+
+
+def test_repeat_while_firing_and_resolve_after_policy(rig: Rig) -> None:
+    run_id = new_run(rig.client, rig.experiment_id)
+    monitor = rig.monitor(policies={"distance": {"repeat_every": 2, "resolve_after": 2}})
+    try:
+        for step in (10, 20, 30, 40):
+            log_check(rig.client, run_id, step, 5e-3, "alert")
+        log_check(rig.client, run_id, 50, 1e-8, "ok")  # one clean check: not yet resolved
+        monitor.run_once()
+        assert [(b["kind"], b["step"]) for b in rig.bodies()] == [("firing", 10), ("repeat", 30)]
+        assert rig.bodies()[1]["title"].startswith("gradwatch STILL FIRING")
+        log_check(rig.client, run_id, 60, 1e-8, "ok")
+        monitor.run_once()
+        assert [(b["kind"], b["step"]) for b in rig.bodies()][2:] == [("resolved", 60)]
+        stored = monitor.state.alert(run_id, "distance")
+        assert stored is not None and stored.state.state == "inactive"
+        assert stored.last_transition == "resolved"
+    finally:
+        monitor.close()
+
+
+def test_non_finite_and_error_checks_have_their_own_rules(rig: Rig) -> None:
+    run_id = new_run(rig.client, rig.experiment_id)
+    monitor = rig.monitor()
+    try:
+        log_check(rig.client, run_id, 10, 1e-8, "alert",
+                  layers={"w": math.nan, "b": 1e-9})
+        log_check(rig.client, run_id, 20, math.nan, "error")
+        monitor.run_once()
+        kinds = [(b["details"]["rule"], b["kind"], b["step"]) for b in rig.bodies()]
+        # the NaN layer fires non_finite (not distance); the error check resolves it (an
+        # error check says nothing about the values) and fires error
+        assert kinds == [("non_finite", "firing", 10), ("non_finite", "resolved", 20),
+                         ("error", "firing", 20)]
+        assert rig.bodies()[0]["details"]["worst_layers"][0] == {"layer": "w",
+                                                                 "rel_distance": "nan"}
+    finally:
+        monitor.close()
+
+
+def test_a_silence_mutes_then_its_expiry_lets_notifications_through(rig: Rig) -> None:
+    run_id = new_run(rig.client, rig.experiment_id)
+    other = new_run(rig.client, rig.experiment_id)
+    monitor = rig.monitor()
+    try:
+        silence = monitor.state.add_silence(
+            SilenceMatcher(experiment=rig.experiment, rule="distance"), duration=3600,
+            comment="known bad init")
+        log_check(rig.client, run_id, 10, 5e-3, "alert")
+        log_check(rig.client, other, 10, math.nan, "error")  # another rule: not muted
+        summary, _ = monitor.run_once()
+        assert summary.silenced == 1 and summary.queued == 1
+        assert [(b["run_id"], b["details"]["rule"]) for b in rig.bodies()] == [(other, "error")]
+        stored = monitor.state.alert(run_id, "distance")
+        assert stored is not None and stored.state.state == "firing"  # tracked while muted
+        monitor.state.expire_silence(silence)
+        log_check(rig.client, run_id, 20, 1e-8, "ok")
+        monitor.run_once()
+        assert [(b["run_id"], b["kind"]) for b in rig.bodies()][1:] == [(run_id, "resolved")]
+    finally:
+        monitor.close()
+
+
+def test_a_running_run_that_stops_checking_goes_stale_and_resolves(rig: Rig) -> None:
+    run_id = new_run(rig.client, rig.experiment_id, every="10")  # steps: interval observed
+    monitor = rig.monitor(staleness={"enabled": True, "multiple": 3})
+    try:
+        for step in (10, 20, 30):  # checks 10 s apart
+            log_check(rig.client, run_id, step, 1e-8, "ok")
+        rig.clock.now = T0 + 30 + 29  # 29 s since the last check: < 3 × 10 s
+        monitor.run_once()
+        assert rig.bodies() == []
+        rig.clock.now = T0 + 30 + 31
+        monitor.run_once()
+        (stale,) = rig.bodies()
+        assert stale["details"]["rule"] == "stale" and stale["kind"] == "firing"
+        assert stale["step"] == 30 and stale["details"]["expected_interval_seconds"] == 10
+        assert stale["severity"] == "warning" and "has not checked" in stale["title"]
+        monitor.run_once()  # still stale, no repeat configured: no new message
+        assert len(rig.bodies()) == 1
+        log_check(rig.client, run_id, 40, 1e-8, "ok")  # checks resume
+        rig.clock.now = T0 + 45
+        monitor.run_once()
+        assert rig.bodies()[1]["kind"] == "resolved"
+        assert "checks resumed" in rig.bodies()[1]["title"]
+        rig.clock.now = T0 + 40 + 31  # stale again; then the run ends
+        monitor.run_once()
+        rig.client.set_terminated(run_id, "FINISHED")
+        monitor.run_once()
+        assert [b["kind"] for b in rig.bodies()][2:] == ["firing", "resolved"]
+        assert "run FINISHED" in rig.bodies()[3]["title"]
+        assert rig.bodies()[2]["id"] != stale["id"]  # a new episode, a new id
+    finally:
+        monitor.close()
+
+
+def test_a_receiver_that_is_down_then_up_gets_the_notification_once(rig: Rig) -> None:
+    run_id = new_run(rig.client, rig.experiment_id)
+    monitor = rig.monitor()
+    try:
+        port = rig.receiver.port
+        rig.receiver.stop()
+        log_check(rig.client, run_id, 10, 5e-3, "alert")
+        _, sent = monitor.run_once()
+        assert (sent.sent, sent.failed) == (0, 1)
+        (row,) = monitor.state.outbox("pending")
+        assert row.attempts == 1 and "could not reach" in (row.last_error or "")
+        assert row.next_attempt_at == rig.clock.now + monitor.state.backoff_delay(1)
+        assert monitor.send_due().failed == 0  # not due yet: no attempt
+        rig.receiver.start(port)
+        rig.clock.now = row.next_attempt_at
+        assert monitor.send_due().sent == 1
+        assert rig.receiver.wait_for(1) and len(rig.receiver.requests) == 1
+        assert rig.bodies()[0]["id"] == row.notification_id
+        assert monitor.state.outbox("pending") == []
+    finally:
+        monitor.close()
+
+
+def test_a_restarted_monitor_repeats_nothing_and_a_second_one_is_refused(rig: Rig) -> None:
+    run_id = new_run(rig.client, rig.experiment_id)
+    log_check(rig.client, run_id, 10, 5e-3, "alert")
+    first = rig.monitor()
+    try:
+        first.run_once()
+        with pytest.raises(MonitorLockedError):
+            rig.monitor()
+    finally:
+        first.close()
+    second = rig.monitor()
+    try:
+        log_check(rig.client, run_id, 20, 5e-3, "alert")  # still firing: no message
+        log_check(rig.client, run_id, 30, 1e-8, "ok")
+        second.run_once()
+        assert [b["kind"] for b in rig.bodies()] == ["firing", "resolved"]
+        assert second.state.outbox_counts() == {"pending": 0, "sent": 2, "dead": 0}
+    finally:
+        second.close()
+
+
+def test_a_failed_poll_is_recorded_and_counted(rig: Rig, mlflow_fail_fast: None) -> None:
+    from tests.support.mlflow_server import free_port
+
+    monitor = rig.monitor(tracking_uri=f"http://127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(Exception, match=r"127\.0\.0\.1"):
+            monitor.poll()
+        assert monitor.health()["poll_errors"] == 1
+        last = monitor.state.meta("last_poll")
+        assert last is not None and last["error"] and last["runs"] == 0
+    finally:
+        monitor.close()
+
+
+def test_a_poll_that_fails_after_the_search_is_counted_once(rig: Rig) -> None:
+    from gradwatch import GradwatchError
+
+    monitor = rig.monitor()
+    monitor.state.close()  # the state database is gone: cursors cannot be read
+    with pytest.raises(GradwatchError, match="closed"):
+        monitor.poll()
+    health = monitor.health()
+    assert (health["polls"], health["poll_errors"]) == (1, 1)
+    assert health["last_poll"].error and "closed" in health["last_poll"].error
+
+
+def test_metrics_expose_the_latest_poll(rig: Rig) -> None:
+    healthy = new_run(rig.client, rig.experiment_id, name="healthy")
+    broken = new_run(rig.client, rig.experiment_id, name='we<ird "name"')
+    log_check(rig.client, healthy, 10, 1e-8, "ok", layers=LAYERS_OK)
+    log_check(rig.client, broken, 10, 2e-2, "alert", layers=LAYERS_BAD)
+    log_check(rig.client, broken, 20, math.nan, "error", layers={"encoder.weight": math.inf})
+    monitor = rig.monitor(prometheus={"enabled": True, "port": 1})
+    server = MetricsServer(monitor, "127.0.0.1", 0)
+    try:
+        monitor.run_once()
+        with urllib.request.urlopen(server.url, timeout=10) as response:
+            text = response.read().decode()
+        samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        names = set()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                names.add(sample.name)
+                samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+
+        def value(name: str, run_id: str | None = None, **labels: str) -> float:
+            found = [v for (n, ls), v in samples.items() if n == name and
+                     (run_id is None or ("run_id", run_id) in ls) and
+                     all((k, w) in ls for k, w in labels.items())]
+            assert len(found) == 1, (name, run_id, labels, found)
+            return found[0]
+
+        assert value("gradwatch_rel_distance", healthy) == pytest.approx(1e-8)
+        assert math.isnan(value("gradwatch_rel_distance", broken))
+        assert value("gradwatch_check_verdict", broken) == 3
+        assert value("gradwatch_layer_rel_distance", broken, layer="encoder.weight") == math.inf
+        assert value("gradwatch_max_layer_rel_distance", broken) == pytest.approx(5e-3)
+        assert value("gradwatch_check_non_finite", broken) == 0  # an error check
+        assert value("gradwatch_alert_firing", broken, rule="error") == 1
+        assert value("gradwatch_alert_firing", broken, rule="distance") == 0  # resolved by 20
+        assert value("gradwatch_alert_firing", healthy, rule="distance") == 0
+        assert value("gradwatch_last_check_step", broken) == 20
+        assert value("gradwatch_last_check_timestamp_seconds", broken) == T0 + 20
+        assert value("gradwatch_run_running", healthy) == 1
+        assert value("gradwatch_threshold", level="alert") == 1e-3
+        assert value("gradwatch_monitor_polls_total") == 1
+        assert value("gradwatch_monitor_runs_watched") == 2
+        assert value("gradwatch_monitor_outbox_pending") == 0
+        assert ("run_name", 'we<ird "name"') in next(
+            ls for (n, ls) in samples if n == "gradwatch_run_running" and ("run_id", broken) in ls)
+        # the names and labels the Prometheus rules and the Grafana dashboard are written
+        # against (dashboards/metrics.json); stale_multiple is absent with staleness off
+        contract = json.loads(
+            (Path(__file__).resolve().parents[2] / "dashboards" / "metrics.json").read_text())
+        documented = {m["name"]: set(m["labels"]) for m in contract["metrics"]}
+        assert names == set(documented) - {"gradwatch_stale_multiple"}
+        for (name, labels), _ in samples.items():
+            assert {k for k, _ in labels} == documented[name], name
+    finally:
+        server.close()
+        monitor.close()
+
+
+def test_a_second_state_opener_without_the_lock_can_read_status(rig: Rig) -> None:
+    run_id = new_run(rig.client, rig.experiment_id)
+    log_check(rig.client, run_id, 10, 5e-3, "alert")
+    monitor = rig.monitor()
+    try:
+        monitor.run_once()
+        with MonitorState(rig.state_url, lock=False) as reader:
+            (stored,) = reader.alerts(run_id)
+            assert stored.rule == "distance" and stored.state.state == "firing"
+            last = reader.meta("last_poll")
+            assert last is not None and last["transitions"] == 1
+    finally:
+        monitor.close()
+
+
+def test_a_run_that_ended_before_the_history_window_is_not_replayed(rig: Rig) -> None:
+    import time
+
+    old = new_run(rig.client, rig.experiment_id, name="old")
+    recent = new_run(rig.client, rig.experiment_id, name="recent")
+    for run_id in (old, recent):
+        log_check(rig.client, run_id, 10, 5e-3, "alert")
+    rig.client.set_terminated(old, "FINISHED", end_time=int((time.time() - 7200) * 1000))
+    rig.client.set_terminated(recent, "FINISHED")
+    rig.clock.now = time.time()
+    monitor = rig.monitor(history_window=3600)
+    try:
+        summary, _ = monitor.run_once()
+        assert summary.runs == 2 and summary.new_checks == 1
+        assert [b["run_id"] for b in rig.bodies()] == [recent]
+        assert monitor.state.alerts(old) == []
+    finally:
+        monitor.close()
+
+
+def test_a_planted_bug_logged_by_the_real_callback_is_announced_with_its_layer(
+    rig: Rig, tmp_path: Path
+) -> None:
+    from gradwatch import GradWatch
+    from tests.watch.test_callback_loop import loss_fn, train
+
+    watch = GradWatch(every=5, loss_fn=loss_fn, tracking_uri=rig.server_url,
+                      experiment_name=rig.experiment, spool_dir=tmp_path / "spool", budget=500)
+    _, reports = train(watch, 20, wrong_between=(8, 13))  # wrong weight gradient at step 10
+    assert [r.verdict for r in reports] == ["ok", "ok", "alert", "ok", "ok"]
+    monitor = rig.monitor()
+    try:
+        summary, sent = monitor.run_once()
+        assert summary.new_checks == 5 and sent.sent == 2
+        firing, resolved = rig.bodies()
+        assert (firing["kind"], firing["step"], resolved["kind"], resolved["step"]) == (
+            "firing", 10, "resolved", 15)
+        assert firing["run_id"] == watch.run_id
+        assert firing["details"]["worst_layers"][0]["layer"] == "3.weight"
+    finally:
+        monitor.close()
+
+
+def test_an_apprise_channel_gets_apprise_s_own_payload(rig: Rig) -> None:
+    run_id = new_run(rig.client, rig.experiment_id, name="via-apprise")
+    log_check(rig.client, run_id, 10, 5e-3, "alert")
+    config = rig.config(channels={"hook": {"url_env": HOOK_ENV},
+                                  "apprise": {"url_env": "APPRISE_URL"}})
+    monitor = Monitor(config, clock=rig.clock, environ={
+        HOOK_ENV: rig.receiver.url("/hook"),
+        "APPRISE_URL": f"json://127.0.0.1:{rig.receiver.port}/ap"})
+    try:
+        _, sent = monitor.run_once()
+        assert sent.sent == 2 and rig.receiver.wait_for(2)
+        by_path = {r.path: r.json() for r in rig.receiver.requests}
+        assert by_path["/hook"]["kind"] == "firing"
+        assert "via-apprise" in by_path["/ap"]["title"]  # apprise's own JSON: title, message
+        assert by_path["/ap"]["type"] == "failure"
+    finally:
+        monitor.close()
+
+
+def test_a_first_poll_over_many_runs_reads_their_histories_in_bulk(rig: Rig) -> None:
+    from tests.support.mlflow_runs import CountingClient
+
+    run_ids = [new_run(rig.client, rig.experiment_id, name=f"many-{i}") for i in range(6)]
+    for run_id in run_ids:
+        log_check(rig.client, run_id, 10, 1e-8, "ok", layers=LAYERS_OK)
+        log_check(rig.client, run_id, 20, 2e-2, "alert", layers=LAYERS_BAD)
+    counting = CountingClient(rig.client)
+    monitor = Monitor(rig.config(), client=counting, clock=rig.clock,
+                      environ={HOOK_ENV: rig.receiver.url("/hook")})
+    try:
+        summary, sent = monitor.run_once()
+        assert (summary.new_checks, sent.sent) == (12, 6)
+        assert counting.calls["get_metric_history"] == 0  # 6 keys x 1 bulk call instead of 36
+        assert sorted(b["run_id"] for b in rig.bodies()) == sorted(run_ids)
+        assert all(b["details"]["worst_layers"][0]["layer"] == "encoder.weight"
+                   for b in rig.bodies())
+    finally:
+        monitor.close()
+
+
+def test_a_notification_for_a_channel_no_longer_configured_is_kept_dead(rig: Rig) -> None:
+    monitor = rig.monitor()
+    try:
+        monitor.state.enqueue("n-gone", "gone", '{"id": "n-gone", "kind": "firing", '
+                                                '"title": "t"}')
+        result = monitor.send_due()
+        assert (result.sent, result.failed, result.dead) == (0, 1, 1)
+        (row,) = monitor.state.outbox("dead")
+        assert "'gone' is no longer in the monitor's config" in (row.last_error or "")
+        assert rig.receiver.requests == []
+    finally:
+        monitor.close()
