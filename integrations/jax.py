@@ -43,7 +43,7 @@ from gradwatch.common.progress import resolve_progress
 from gradwatch.common.settings import DEFAULT, Default
 from gradwatch.engine.core import run_check
 from gradwatch.engine.report import CheckReport, Mode, Thresholds
-from gradwatch.engine.torch_backend import describe_batch
+from gradwatch.engine.torch_model import describe_batch
 from gradwatch.engine.types import CheckOptions, check_settings, select_names
 from gradwatch.watch.callback import first_rows
 

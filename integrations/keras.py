@@ -76,7 +76,7 @@ from gradwatch.common.errors import (
 )
 from gradwatch.engine.core import run_check
 from gradwatch.engine.report import CheckReport
-from gradwatch.engine.torch_backend import describe_batch
+from gradwatch.engine.torch_model import describe_batch
 from gradwatch.engine.types import select_names
 from gradwatch.watch.callback import CheckPlan, GradWatch, adapter_watch, first_rows
 
@@ -357,7 +357,7 @@ def _preserved_rng(backend: str) -> Iterator[None]:
     if backend == "torch":
         import torch
 
-        from gradwatch.engine.torch_backend import preserved_global_state
+        from gradwatch.engine.torch_model import preserved_global_state
 
         torch_scope = preserved_global_state(torch)
     try:

@@ -243,7 +243,7 @@ def _print_status(data: dict[str, Any], now: float) -> None:
 # ---------------------------------------------------------------------------- silences
 def _silence_add(args: argparse.Namespace) -> int:
     from gradwatch.monitor.config import RULES
-    from gradwatch.monitor.state import SilenceMatcher
+    from gradwatch.monitor.stored import SilenceMatcher
 
     if args.rule is not None and not any(ch in args.rule for ch in "*?[") \
             and args.rule not in RULES:

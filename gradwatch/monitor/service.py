@@ -50,7 +50,8 @@ from gradwatch.monitor.rules import (
     worst_layers,
 )
 from gradwatch.monitor.schema import parse_url, sqlite_file
-from gradwatch.monitor.state import Clock, MonitorState, OutboxEntry
+from gradwatch.monitor.state import Clock, MonitorState
+from gradwatch.monitor.stored import OutboxEntry
 from gradwatch.record.layout import REL_DISTANCE
 from gradwatch.record.reader import (
     CheckPoint,

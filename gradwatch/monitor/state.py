@@ -48,7 +48,11 @@ or passed as ``now=``; nothing here reads the clock otherwise, so tests use a ma
 With a SQLite file, ``lock=True`` (the default) flocks ``<file>.lock`` so that a second monitor
 on the same state refuses to start (`MonitorLockedError`); the lock goes with `close()`.
 
-Imports: gradwatch.common, gradwatch.record (the cursor), gradwatch.alerts, monitor.schema.
+The values stored and handed back (`StoredAlert`, `OutboxEntry`, `OutboxRow`, `Silence`,
+`SilenceMatcher`) are defined in `monitor.stored`.
+
+Imports: gradwatch.common, gradwatch.record (the cursor), gradwatch.alerts, monitor.schema,
+monitor.stored.
 """
 
 from __future__ import annotations
@@ -59,18 +63,15 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
-from fnmatch import fnmatchcase
 from types import TracebackType
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from gradwatch.alerts.notify import Notification
 from gradwatch.alerts.redact import scrub_urls
-from gradwatch.alerts.state import AlertState, Transition, TransitionKind
+from gradwatch.alerts.state import AlertState, Transition
 from gradwatch.common.errors import ConfigError, GradwatchError, InputError, MonitorLockedError
 from gradwatch.common.files import acquire_pid_lock
 from gradwatch.monitor.schema import (
@@ -92,135 +93,29 @@ from gradwatch.monitor.schema import (
     sqlite_file,
     upsert,
 )
+from gradwatch.monitor.stored import (
+    OutboxEntry,
+    OutboxRow,
+    OutboxStatus,
+    Silence,
+    SilenceMatcher,
+    StoredAlert,
+    alert_from_row,
+    outbox_from_row,
+    silence_from_row,
+)
 from gradwatch.record.reader import Cursor
 
 __all__ = [
     "Clock",
     "MonitorLockedError",
     "MonitorState",
-    "OutboxEntry",
-    "OutboxRow",
-    "OutboxStatus",
-    "Silence",
-    "SilenceMatcher",
     "StateTransaction",
-    "StoredAlert",
     "default_state_url",
 ]
 
 Clock = Callable[[], float]
 """Returns the current Unix time in seconds."""
-OutboxStatus = Literal["pending", "sent", "dead"]
-
-# -- values -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoredAlert:
-    """One (run, rule) alert as stored: its `AlertState` and the last transition announced."""
-
-    run_id: str
-    rule: str
-    state: AlertState
-    last_transition: TransitionKind | None
-    last_transition_step: int | None
-    last_transition_at: float | None
-    updated_at: float
-
-
-class OutboxEntry(NamedTuple):
-    """A notification to write to the outbox for one channel.
-
-    `channel` names a channel of the monitor's config (e.g. "ops-slack"), never its URL: URLs
-    carry secrets and the database is not a place for them.
-    """
-
-    notification_id: str
-    channel: str
-    payload: str
-
-    @classmethod
-    def for_channels(
-        cls, notification: Notification, channels: Iterable[str]
-    ) -> list[OutboxEntry]:
-        """One entry per channel, all carrying `notification`'s id and webhook payload.
-
-        Example:
-            >>> n = Notification(id="abc", kind="firing", title="gradwatch ALERT")
-            >>> [(e.notification_id, e.channel) for e in OutboxEntry.for_channels(n, ["a", "b"])]
-            [('abc', 'a'), ('abc', 'b')]
-        """
-        payload = notification.to_json().decode()
-        return [cls(notification.id, channel, payload) for channel in channels]
-
-
-@dataclass(frozen=True)
-class OutboxRow:
-    """One stored (notification, channel) delivery and where it stands."""
-
-    id: int
-    notification_id: str
-    channel: str
-    payload: str
-    status: OutboxStatus
-    attempts: int
-    created_at: float
-    next_attempt_at: float
-    last_attempt_at: float | None
-    sent_at: float | None
-    last_error: str | None
-
-
-@dataclass(frozen=True)
-class SilenceMatcher:
-    """What a silence mutes: fnmatch globs (case-sensitive) on the run id, the experiment (name
-    or id) and the rule; None matches anything. `SilenceMatcher()` mutes everything.
-
-    Example:
-        >>> matcher = SilenceMatcher(experiment="llm-*", rule="stale")
-        >>> matcher.matches("r1", ["llm-7b", "12"], "stale")
-        True
-        >>> SilenceMatcher(run_id="r2").matches("r1", ["llm-7b"], "stale")
-        False
-    """
-
-    run_id: str | None = None
-    experiment: str | None = None
-    rule: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("run_id", "experiment", "rule"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value
-                                      or len(value) > NAME_LIMIT):
-                raise ConfigError(
-                    f"SilenceMatcher.{name} must be None (any) or a non-empty glob of at most "
-                    f"{NAME_LIMIT} characters, e.g. 'llm-*', got {value!r}."
-                )
-
-    def matches(self, run_id: str, experiments: Iterable[str], rule: str) -> bool:
-        """Whether a (run, experiment names/ids, rule) alert falls under this matcher."""
-        if self.run_id is not None and not fnmatchcase(run_id, self.run_id):
-            return False
-        if self.rule is not None and not fnmatchcase(rule, self.rule):
-            return False
-        pattern = self.experiment
-        return pattern is None or any(fnmatchcase(e, pattern) for e in experiments)
-
-
-@dataclass(frozen=True)
-class Silence:
-    """A stored silence: active while `created_at` ≤ now < `expires_at`."""
-
-    id: int
-    matcher: SilenceMatcher
-    created_at: float
-    expires_at: float
-    comment: str
-
-    def active(self, now: float) -> bool:
-        return self.created_at <= now < self.expires_at
-
 
 # -- the store --------------------------------------------------------------------------------
 
@@ -388,7 +283,7 @@ class MonitorState:
         if run_id is not None:
             query = query.where(alerts_table.c.run_id == run_id)
         with self._connection_begin() as connection:
-            return [_alert_from_row(row) for row in connection.execute(query)]
+            return [alert_from_row(row) for row in connection.execute(query)]
 
     # -- the monitor's own record ----------------------------------------------------------
 
@@ -427,7 +322,7 @@ class MonitorState:
             .limit(limit)
         )
         with self._connection_begin() as connection:
-            return [_outbox_from_row(row) for row in connection.execute(query)]
+            return [outbox_from_row(row) for row in connection.execute(query)]
 
     def outbox(self, status: OutboxStatus | None = None) -> list[OutboxRow]:
         """Every outbox row (or those with `status`), in the order they were written."""
@@ -435,7 +330,7 @@ class MonitorState:
         if status is not None:
             query = query.where(outbox_table.c.status == _check_status(status))
         with self._connection_begin() as connection:
-            return [_outbox_from_row(row) for row in connection.execute(query)]
+            return [outbox_from_row(row) for row in connection.execute(query)]
 
     def pending_count(self) -> int:
         """How many rows still wait to be sent (dead rows are not pending)."""
@@ -573,7 +468,7 @@ class MonitorState:
             query = query.where(silences_table.c.created_at <= moment,
                                 silences_table.c.expires_at > moment)
         with self._connection_begin() as connection:
-            return [_silence_from_row(row) for row in connection.execute(query)]
+            return [silence_from_row(row) for row in connection.execute(query)]
 
     def expire_silence(self, silence_id: int, *, now: float | None = None) -> Silence:
         """End a silence now (it is kept, with its new expiry, for the record)."""
@@ -593,7 +488,7 @@ class MonitorState:
             if row.expires_at > moment:
                 connection.execute(sa.update(silences_table).where(
                     silences_table.c.id == silence_id).values(expires_at=moment))
-            return _silence_from_row(connection.execute(
+            return silence_from_row(connection.execute(
                 sa.select(silences_table).where(silences_table.c.id == silence_id)).one())
 
     def silenced_by(
@@ -788,30 +683,4 @@ def _get_outbox(connection: Connection, outbox_id: int) -> OutboxRow:
         raise InputError(
             f"No outbox row with id {outbox_id!r}; use the id of a row from due() or outbox()."
         )
-    return _outbox_from_row(row)
-
-
-def _outbox_from_row(row: sa.Row[Any]) -> OutboxRow:
-    return OutboxRow(
-        id=row.id, notification_id=row.notification_id, channel=row.channel,
-        payload=row.payload, status=row.status, attempts=row.attempts,
-        created_at=row.created_at, next_attempt_at=row.next_attempt_at,
-        last_attempt_at=row.last_attempt_at, sent_at=row.sent_at, last_error=row.last_error,
-    )
-
-
-def _alert_from_row(row: sa.Row[Any]) -> StoredAlert:
-    state = AlertState(**{name: getattr(row, name) for name in AlertState.model_fields})
-    return StoredAlert(
-        run_id=row.run_id, rule=row.rule, state=state, last_transition=row.last_transition,
-        last_transition_step=row.last_transition_step,
-        last_transition_at=row.last_transition_at, updated_at=row.updated_at,
-    )
-
-
-def _silence_from_row(row: sa.Row[Any]) -> Silence:
-    return Silence(
-        id=row.id,
-        matcher=SilenceMatcher(run_id=row.run_id, experiment=row.experiment, rule=row.rule),
-        created_at=row.created_at, expires_at=row.expires_at, comment=row.comment,
-    )
+    return outbox_from_row(row)

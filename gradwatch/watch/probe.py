@@ -5,7 +5,7 @@ sync collective), so gradwatch never does. Instead a forward pre-hook on the mod
 reference to the positional and keyword inputs of the latest forward made in training mode.
 Nothing is copied at capture time; the check casts to float64 copies when it runs.
 
-Imports: nothing else of gradwatch.
+Imports: engine.torch_model (deferred, for the loss of a captured call).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class ProbeCapture:
 
 
 def _loss_of_call(model: Any, batch: dict[str, Any]) -> Any:
-    from gradwatch.engine.torch_backend import loss_of_output
+    from gradwatch.engine.torch_model import loss_of_output
 
     output = model(*batch["args"], **batch["kwargs"])
     return loss_of_output(output, "model(*args, **kwargs) on the captured training inputs")

@@ -20,7 +20,8 @@ from gradwatch.alerts.state import transition_id
 from gradwatch.monitor.config import MonitorConfig
 from gradwatch.monitor.metrics import MetricsServer
 from gradwatch.monitor.service import Monitor
-from gradwatch.monitor.state import MonitorState, SilenceMatcher
+from gradwatch.monitor.state import MonitorState
+from gradwatch.monitor.stored import SilenceMatcher
 from tests.support.mlflow_runs import T0_MS, log_check, new_experiment, new_run
 from tests.support.mlflow_server import MlflowServer
 from tests.support.receivers import WebhookReceiver

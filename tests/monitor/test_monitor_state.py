@@ -18,12 +18,8 @@ from gradwatch import ConfigError, GradwatchError, InputError
 from gradwatch.alerts.notify import Notification
 from gradwatch.alerts.state import AlertPolicy, AlertState, advance
 from gradwatch.common.errors import DeliveryError
-from gradwatch.monitor.state import (
-    MonitorLockedError,
-    MonitorState,
-    OutboxEntry,
-    SilenceMatcher,
-)
+from gradwatch.monitor.state import MonitorLockedError, MonitorState
+from gradwatch.monitor.stored import OutboxEntry, SilenceMatcher
 from gradwatch.record.reader import Cursor
 
 T0 = 1_700_000_000.0  # a fixed "now" for the manual clock
