@@ -67,7 +67,8 @@ regard to case and otherwise kept as written::
 ``GRADWATCH_CONFIG`` names the file when `load_config` gets no path. Other ``GRADWATCH_*``
 variables whose first part is not a setting (``GRADWATCH_SPOOL_DIR``, ...) are left alone.
 
-Imports: gradwatch.common, gradwatch.engine (thresholds), gradwatch.alerts, monitor.schema.
+Imports: gradwatch.common, gradwatch.engine (thresholds), gradwatch.alerts, monitor.schema,
+monitor.config_files.
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ from gradwatch.alerts.channels import make_notifier
 from gradwatch.alerts.notify import Notifier
 from gradwatch.alerts.redact import redact, scrub_urls
 from gradwatch.alerts.state import AlertPolicy
-from gradwatch.common.errors import ConfigError, MissingDependencyError, missing_dependency
+from gradwatch.common.errors import ConfigError, MissingDependencyError
 from gradwatch.engine.report import Thresholds
+from gradwatch.monitor.config_files import anchor_secret_files, read_file, read_secret_file
 from gradwatch.monitor.schema import default_state_url, parse_url
 
 __all__ = [
@@ -206,7 +208,7 @@ class ChannelSpec(_Section):
                 raise ConfigError(f"environment variable {self.url_env} is not set or empty; "
                                   f"set it to the channel's notification URL.")
         elif self.url_file is not None:
-            value = _read_secret_file(Path(self.url_file).expanduser())
+            value = read_secret_file(Path(self.url_file).expanduser())
         else:
             value = (self.url or "").strip()
         scheme, sep, _ = value.partition("://")
@@ -455,8 +457,8 @@ def load_config(
     origin = "from the environment"
     if path is not None:
         file = Path(path).expanduser()
-        data = _read_file(file)
-        _anchor_secret_files(data, file.parent)
+        data = read_file(file)
+        anchor_secret_files(data, file.parent)
         origin = f"in {file}"
     sources, problems = _apply_env(data, env)
     if "tracking_uri" not in data and env.get("MLFLOW_TRACKING_URI"):
@@ -499,82 +501,6 @@ def _channel_problems(channels: Any, environ: Mapping[str, str]) -> list[str]:
 def _summary(title: str, problems: list[str]) -> str:
     count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
     return f"{title}, {count}:\n" + "\n".join(f"  - {scrub_urls(line)}" for line in problems)
-
-
-def _read_file(file: Path) -> dict[str, Any]:
-    suffix = file.suffix.lower()
-    if suffix not in (".toml", ".yaml", ".yml"):
-        raise ConfigError(f"The monitor config must be a .toml, .yaml or .yml file, got "
-                          f"{file.name!r}; rename it or convert it (see docs: example config).")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"Cannot read the monitor config {file}: {exc.strerror or exc}. "
-                          f"Check the path (or GRADWATCH_CONFIG) and its permissions.") from None
-    data = _parse_toml(text, file) if suffix == ".toml" else _parse_yaml(text, file)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"The monitor config {file} must hold a table of settings at the top "
-                          f"level, got {type(data).__name__}; start with e.g. experiments = […].")
-    return data
-
-
-def _parse_toml(text: str, file: Path) -> Any:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
-        except ModuleNotFoundError:
-            raise missing_dependency("a TOML monitor config on Python 3.10", "tomli",
-                                     "monitor") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:  # says line and column, never the text
-        raise ConfigError(f"The monitor config {file} is not valid TOML: {exc}. Fix that "
-                          f"line; strings need quotes, e.g. url_env = \"SLACK_URL\".") from None
-
-
-def _parse_yaml(text: str, file: Path) -> Any:
-    try:
-        import yaml
-    except ModuleNotFoundError:
-        raise missing_dependency("a YAML monitor config", "PyYAML", "yaml") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        # str(exc) quotes the offending line, which may hold a secret: keep the position only.
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(f"The monitor config {file} is not valid YAML{where}: {problem}. "
-                          f"Fix that line, or use TOML.") from None
-
-
-def _anchor_secret_files(data: dict[str, Any], directory: Path) -> None:
-    """Make each relative ``url_file`` in the file relative to the file's directory."""
-    channels = data.get("channels")
-    if not isinstance(channels, dict):
-        return
-    for spec in channels.values():
-        if isinstance(spec, dict) and isinstance(spec.get("url_file"), str):
-            secret = Path(spec["url_file"]).expanduser()
-            if "://" not in spec["url_file"] and not secret.is_absolute():
-                spec["url_file"] = str((directory / secret).absolute())
-
-
-def _read_secret_file(file: Path) -> str:
-    try:
-        value = file.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read url_file {file}: {exc.strerror or exc}; create it "
-                          f"with the channel's URL, readable by the monitor.") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"url_file {file} is not UTF-8 text; it should hold one URL.") from None
-    if not value:
-        raise ConfigError(f"url_file {file} is empty; write the channel's URL into it.")
-    return value
 
 
 # ---------------------------------------------------------------------------- environment
