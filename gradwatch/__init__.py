@@ -34,7 +34,16 @@ from gradwatch.common.errors import (
 from gradwatch.common.version import __version__
 from gradwatch.engine.numerics import rel_distance
 from gradwatch.engine.numpy_backend import check
-from gradwatch.engine.report import CheckReport, ElementReport, LayerReport, Thresholds
+from gradwatch.engine.report import (
+    CheckReport,
+    ElementReport,
+    KernelElement,
+    KernelLayer,
+    KernelReport,
+    LayerReport,
+    RatioThresholds,
+    Thresholds,
+)
 from gradwatch.engine.torch_backend import check_module
 from gradwatch.engine.types import CheckOptions
 from gradwatch.record.recorder import MlflowRecorder, NullRecorder, Recorder, RecordSettings
@@ -54,12 +63,16 @@ __all__ = [
     "GradientAlertError",
     "GradwatchError",
     "InputError",
+    "KernelElement",
+    "KernelLayer",
+    "KernelReport",
     "LayerReport",
     "LossError",
     "MissingDependencyError",
     "MlflowRecorder",
     "MonitorLockedError",
     "NullRecorder",
+    "RatioThresholds",
     "RecordSettings",
     "Recorder",
     "SpoolLockedError",

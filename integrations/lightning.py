@@ -132,6 +132,8 @@ class GradWatchCallback(_CallbackBase):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._last_global_step = int(trainer.global_step)
+        if self.watch.autocast == "auto":  # the training-kernels measurement's autocast
+            self.watch.autocast = LIGHTNING_AUTOCAST.get(str(trainer.precision))
         if trainer.global_rank != 0:
             return  # GradWatch.step checks on global rank zero only; no record elsewhere
         try:
@@ -227,6 +229,11 @@ def _no_logging(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+#: Lightning's `precision=` → the autocast dtype its precision plugin trains under ("-true"
+#: precisions convert the parameters instead, which the measurement reads from them).
+LIGHTNING_AUTOCAST = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
+
+
 class _TrainingStepLoss:
     """`loss_fn(shadow, batch)`: the loss of the module's own `training_step`, called on
     gradwatch's float64 copy (`shadow`) with `self.log` / `self.log_dict` silenced on it."""
@@ -246,11 +253,30 @@ class _TrainingStepLoss:
                                "module, not on the module being trained")
         if shadow.__dict__.get("log") is not _no_logging:
             _prepare_shadow(shadow, self.trainer)
+        return _loss_of(self._training_step(shadow, batch), type(shadow).__name__)
+
+    def training_loss(self, live: Any, batch: Any) -> Any:
+        """The loss on the module being trained, for the training-kernels measurement (its
+        gradient at the training precision, by autograd.grad: nothing of the module changes):
+        `self.log` / `self.log_dict` are silenced for the call and put back exactly."""
+        saved = [(module, {key: module.__dict__[key] for key in ("log", "log_dict")
+                           if key in module.__dict__})
+                 for module in live.modules() if isinstance(module, _LIGHTNING_MODULES)]
+        try:
+            for module, _ in saved:
+                module.__dict__["log"] = module.__dict__["log_dict"] = _no_logging
+            output = self._training_step(live, batch)
+        finally:
+            for module, attributes in saved:
+                for key in ("log", "log_dict"):
+                    module.__dict__.pop(key, None)
+                module.__dict__.update(attributes)
+        return _loss_of(output, type(live).__name__)
+
+    def _training_step(self, module: Any, batch: Any) -> Any:
         if self.takes_batch_idx:
-            output = shadow.training_step(batch, self.batch_idx)
-        else:
-            output = shadow.training_step(batch)
-        return _loss_of(output, type(shadow).__name__)
+            return module.training_step(batch, self.batch_idx)
+        return module.training_step(batch)
 
 
 def _prepare_shadow(shadow: Any, trainer: Any) -> None:

@@ -24,6 +24,12 @@ away; tooltips give the step range and the number of checks. The same worst-per-
 thins the lines: a run's distance chart keeps up to `MAX_POINTS` checks, the experiment chart
 `MAX_POINTS_PER_RUN` per run.
 
+The training-kernels ratio (`run_precision_chart`, a run whose checks measured it) is drawn as
+the overall distance is, on its own log axis: bands and dashed lines at the run's ratio
+thresholds (warn 8, alert 32 by default), points coloured by that measurement's own verdict,
+its alert stretches shaded; a check whose measurement failed ("error", no ratio) is a square at
+the top.
+
 Imports: gradwatch.common, gradwatch.engine (thresholds), gradwatch.record (the reader),
 dashboard.data.
 """
@@ -35,14 +41,15 @@ import json
 import math
 import statistics
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
 
 from gradwatch.dashboard.data import ExperimentData, RunData
-from gradwatch.engine.report import Thresholds
+from gradwatch.engine.report import RatioThresholds, Thresholds
+from gradwatch.record.layout import VERDICT_WORDS
 from gradwatch.record.reader import CheckPoint
 
 __all__ = [
@@ -53,15 +60,20 @@ __all__ = [
     "distance_levels",
     "experiment_distance_chart",
     "format_distance",
+    "format_ratio",
     "group_checks",
     "keep_end",
     "load_spec",
+    "precision_checks",
+    "ratio_of",
     "run_distance_chart",
     "run_layers_chart",
+    "run_precision_chart",
     "short_number",
 ]
 
-SPEC_NAMES = ("run-distance.json", "run-layers.json", "experiment-distance.json")
+SPEC_NAMES = ("run-distance.json", "run-layers.json", "experiment-distance.json",
+              "run-precision.json")
 HEATMAP_MAX_CELLS = 20_000
 HEATMAP_MAX_COLUMNS = 200
 HEATMAP_MIN_COLUMNS = 20
@@ -74,6 +86,8 @@ WARN_COLOUR, ALERT_COLOUR, NON_FINITE_COLOUR = "#f2a900", "#d62728", "#000000"
 CALM_COLOURS = ("#dce6ee", "#b9cddc", "#93b0c6", "#6e92ad")
 
 Dataset = list[dict[str, Any]]
+#: A check's verdict code for one measurement (the check's own, or the training kernels').
+VerdictOf = Callable[[CheckPoint], "int | None"]
 
 
 @cache
@@ -111,7 +125,7 @@ class Bounds:
     ceiling: float
 
     @classmethod
-    def of(cls, values: Sequence[float], thresholds: Thresholds) -> Bounds:
+    def of(cls, values: Sequence[float], thresholds: Thresholds | RatioThresholds) -> Bounds:
         positive = [v for v in values if math.isfinite(v) and v > 0]
         low = min(positive, default=thresholds.warn / 100)
         floor = 10.0 ** math.floor(math.log10(min(low, thresholds.warn / 10)))
@@ -132,6 +146,18 @@ def format_distance(value: float) -> str:
     if math.isinf(value):
         return "+inf" if value > 0 else "-inf"
     return "0" if value == 0 else f"{value:.3g}"
+
+
+def format_ratio(value: float | None) -> str:
+    """A training-kernels ratio as text ("error": not measured).
+
+    Example:
+        >>> [format_ratio(v) for v in (1.2345, 912.4, 12345.0, math.inf, None)]
+        ['1.23', '912', '1.23e+04', '+inf', 'error']
+    """
+    if value is None:
+        return "error"
+    return format_distance(value)
 
 
 def short_number(value: float) -> str:
@@ -214,8 +240,9 @@ def keep_end(name: str, limit: int) -> str:
     return "…" + name[start:]
 
 
-def _point(value: float, bounds: Bounds) -> dict[str, Any]:
-    """The fields of one plotted distance (see `dashboards/vega-lite/run-distance.json`)."""
+def _point(value: float, bounds: Bounds, name: str = "distance") -> dict[str, Any]:
+    """The fields of one plotted distance (see `dashboards/vega-lite/run-distance.json`), or
+    of another value named `name` (a ratio: `run-precision.json`)."""
     finite = math.isfinite(value)
     if not finite:
         shown_as, plotted = format_distance(value), bounds.ceiling
@@ -223,16 +250,26 @@ def _point(value: float, bounds: Bounds) -> dict[str, Any]:
         shown_as, plotted = "zero", bounds.floor
     else:
         shown_as, plotted = "value", max(value, bounds.floor)
-    return {"distance": value if finite else None, "distance_text": format_distance(value),
+    return {name: value if finite else None, f"{name}_text": format_distance(value),
             "plotted": plotted, "shown_as": shown_as, "finite": finite}
 
 
-def _thresholds(thresholds: Thresholds) -> Dataset:
+def _thresholds(thresholds: Thresholds | RatioThresholds,
+                label: Callable[[float], str] = short_number) -> Dataset:
     return [
-        {"level": level, "value": value, "label": f"{level} ≥ {short_number(value)}",
+        {"level": level, "value": value, "label": f"{level} ≥ {label(value)}",
          "colour": colour}
         for level, value, colour in (("warn", thresholds.warn, WARN_COLOUR),
                                      ("alert", thresholds.alert, ALERT_COLOUR))
+    ]
+
+
+def _bands(thresholds: Thresholds | RatioThresholds, bounds: Bounds) -> Dataset:
+    return [
+        {"level": "warn band", "low": thresholds.warn, "high": thresholds.alert,
+         "colour": WARN_COLOUR},
+        {"level": "alert band", "low": thresholds.alert, "high": bounds.ceiling,
+         "colour": ALERT_COLOUR},
     ]
 
 
@@ -240,26 +277,73 @@ def _verdict(check: CheckPoint) -> str:
     return check.verdict_word or "unknown"
 
 
+def _check_verdict(check: CheckPoint) -> int | None:
+    return check.verdict
+
+
+def _precision_verdict(check: CheckPoint) -> int | None:
+    return check.precision_verdict
+
+
+def _word(code: int | None) -> str:
+    return VERDICT_WORDS[code] if code is not None and 0 <= code < len(VERDICT_WORDS) \
+        else "unknown"
+
+
 def run_distance_chart(data: RunData) -> dict[str, Any]:
     """Spec (a): the overall distance per check, bands, thresholds, alert periods."""
     checks = thin(data.checks, MAX_POINTS)
     bounds = Bounds.of([c.rel_distance for c in checks], data.thresholds)
-    warn, alert = data.thresholds.warn, data.thresholds.alert
     return _filled("run-distance.json", {
         "checks": [{"step": c.step, "verdict": _verdict(c), **_point(c.rel_distance, bounds)}
                    for c in checks],
-        "bands": [
-            {"level": "warn band", "low": warn, "high": alert, "colour": WARN_COLOUR},
-            {"level": "alert band", "low": alert, "high": bounds.ceiling, "colour": ALERT_COLOUR},
-        ],
+        "bands": _bands(data.thresholds, bounds),
         "thresholds": _thresholds(data.thresholds),
         "alert_periods": alert_periods(data.checks),
     })
 
 
-def alert_periods(checks: Sequence[CheckPoint]) -> Dataset:
+def precision_checks(data: RunData) -> list[CheckPoint]:
+    """The run's checks that measured the training kernels (their own verdict logged)."""
+    return [check for check in data.checks if check.precision_verdict is not None]
+
+
+def ratio_of(check: CheckPoint) -> float:
+    """A check's training-kernels ratio for ranking and scales (NaN when not measured)."""
+    return math.nan if check.precision_ratio is None else check.precision_ratio
+
+
+def run_precision_chart(data: RunData) -> dict[str, Any] | None:
+    """Spec (c): the training-kernels ratio per check, the run's ratio bands and thresholds,
+    that measurement's alert periods; None for a run without the measurement."""
+    if data.kernels is None:
+        return None
+    measured = precision_checks(data)
+    checks = thin(measured, MAX_POINTS, key=ratio_of)
+    thresholds = data.kernels.thresholds
+    bounds = Bounds.of([ratio_of(c) for c in checks], thresholds)
+    rows: Dataset = []
+    for check in checks:
+        if check.precision_ratio is None:  # the measurement failed: no ratio, drawn at the top
+            point = {"ratio": None, "ratio_text": "error", "plotted": bounds.ceiling,
+                     "shown_as": "error", "finite": False}
+        else:
+            point = _point(check.precision_ratio, bounds, "ratio")
+        rows.append({"step": check.step, "verdict": _word(check.precision_verdict), **point})
+    return _filled("run-precision.json", {
+        "checks": rows,
+        "bands": _bands(thresholds, bounds),
+        "thresholds": _thresholds(thresholds, label=lambda value: f"{value:g}"),
+        "alert_periods": alert_periods(measured, verdict_of=_precision_verdict),
+    })
+
+
+def alert_periods(
+    checks: Sequence[CheckPoint], *, verdict_of: VerdictOf = _check_verdict
+) -> Dataset:
     """Each stretch of consecutive alert/error checks, from its first check up to the next
-    check (or half a typical interval past its last, at the end of the run).
+    check (or half a typical interval past its last, at the end of the run). `verdict_of`
+    picks the measurement (default: the check's verdict, both measurements folded).
 
     Example:
         >>> c = lambda step, verdict: CheckPoint(step, 0, 0.0, verdict, None)
@@ -272,15 +356,16 @@ def alert_periods(checks: Sequence[CheckPoint]) -> Dataset:
     half_gap = max(statistics.median(gaps) / 2, 0.5) if gaps else 0.5
     current: dict[str, Any] | None = None
     for check in checks:
-        alerting = check.verdict is not None and check.verdict >= 2
+        code = verdict_of(check)
+        alerting = code is not None and code >= 2
         if alerting and current is None:
             current = {"step_from": check.step, "step_to": check.step + half_gap,
-                       "verdict": _verdict(check), "checks": 0}
+                       "verdict": _word(code), "checks": 0}
             periods.append(current)
         if alerting and current is not None:
             current["checks"] += 1
             current["step_to"] = check.step + half_gap
-            if check.verdict == 3:
+            if code == 3:
                 current["verdict"] = "error"
         elif current is not None:
             current["step_to"] = check.step
@@ -375,12 +460,15 @@ def worst(values: Sequence[float]) -> float:
     return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
-def thin(checks: Sequence[CheckPoint], limit: int) -> list[CheckPoint]:
+def thin(checks: Sequence[CheckPoint], limit: int, *,
+         key: Callable[[CheckPoint], float] | None = None) -> list[CheckPoint]:
     """At most `limit` checks: up to `limit` all of them, else the worst check (by overall
-    distance) of each of `limit` consecutive groups."""
+    distance, or by `key`: NaN worst, then +inf, then the largest) of each of `limit`
+    consecutive groups."""
     if len(checks) <= limit:
         return list(checks)
-    return [max(group, key=lambda c: _severity(c.rel_distance))
+    value = key or (lambda c: c.rel_distance)
+    return [max(group, key=lambda c: _severity(value(c)))
             for group in group_checks(checks, limit)]
 
 

@@ -2,8 +2,9 @@
 
 What the dashboards show, read from MLflow in the record layout of `gradwatch.record.layout`.
 
-    read_run(client, run_id)              one run: every check (overall, verdict, each layer)
-        │                                 and the worst elements of its latest checks
+    read_run(client, run_id)              one run: every check (overall, verdict, each layer;
+        │                                 the training-kernels ratios when it has them) and
+        │                                 the worst elements of its latest checks
         ▼
     RunData ──► gradwatch.dashboard.charts (named datasets) ──► gradwatch.dashboard.report (HTML)
 
@@ -12,9 +13,10 @@ What the dashboards show, read from MLflow in the record layout of `gradwatch.re
     ExperimentData
 
 Cost. A run: one `get_run`, 3 + (layer keys) `get_metric_history` calls fetched on
-`READ_THREADS` threads, one `list_artifacts` of `gradwatch/checks/` and one download per check
-whose worst elements are shown (the latest `worst_checks`, default 10: a run with 1,000 checks
-downloads 10 JSON files, not 1,000). An experiment: one paged `search_runs`, then per run the
+`READ_THREADS` threads (2 + its precision layer keys more when its checks measured the
+training kernels, `history_keys`), one `list_artifacts` of `gradwatch/checks/` and one download
+per check whose worst elements are shown (the latest `worst_checks`, default 10: a run with 1,000
+checks downloads 10 JSON files, not 1,000). An experiment: one paged `search_runs`, then per run the
 same metric histories, and for a run with alerted layers its latest check artifact (for the
 parameters' own names): "which layers ever alerted" needs every layer's history,
 because a layer's logged distance can reach the alert threshold while its check's verdict does
@@ -40,13 +42,11 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from gradwatch.common.errors import ConfigError, InputError
-from gradwatch.engine.report import Thresholds
+from gradwatch.engine.report import RatioThresholds, Thresholds
 from gradwatch.record.layout import (
     CHECKS_FOLDER,
     LAYER_PREFIX,
-    MAX_ELEMENT_ERROR,
-    REL_DISTANCE,
-    VERDICT,
+    PRECISION_LAYER_PREFIX,
     artifact_path,
     layer_metric_keys,
     threshold_param,
@@ -56,12 +56,14 @@ from gradwatch.record.reader import (
     MonitoredRun,
     bulk_histories,
     find_runs,
+    history_keys,
     known_experiments,
     read_new_checks,
 )
 
 __all__ = [
     "ExperimentData",
+    "KernelInfo",
     "RunData",
     "RunSummary",
     "WorstElement",
@@ -97,13 +99,39 @@ class WorstElement:
 
 
 @dataclass(frozen=True)
+class KernelInfo:
+    """A run's training-kernels measurement, as the report shows it beside its checks'
+    ratios (`CheckPoint.precision_*`).
+
+    `thresholds` are the run's ratio thresholds (from the newest check artifact read that
+    has them; the defaults, warn 8 and alert 32, otherwise); `layer_names` maps each
+    `gradwatch/precision/layer/*` key to the parameter's own name (else the key without its
+    prefix) and `layer_order` lists the keys in model order. `step`, `dtype`, `autocast`,
+    `compiled`, `device` and `custom_ops` say how the newest measured check read ran (None
+    and empty when no artifact of a measured check was read).
+    """
+
+    thresholds: RatioThresholds
+    layer_names: Mapping[str, str]
+    layer_order: list[str]
+    step: int | None = None
+    dtype: str = ""
+    autocast: str | None = None
+    compiled: bool = False
+    device: str = ""
+    custom_ops: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RunData:
     """Everything the run report shows.
 
     `layer_names` maps each `gradwatch/layer/*` metric key to the parameter's own name (known
     from the check artifacts read; otherwise the key without its prefix); `layer_order` lists
     the keys in model order. `worst_steps` are the steps whose artifacts were read, of
-    `artifact_steps` (every check with an artifact).
+    `artifact_steps` (every check with an artifact). `kernels` is the training-kernels
+    measurement's, for a run whose checks measured it (None for one without: a float32 model
+    on CPU).
     """
 
     run: MonitoredRun
@@ -115,6 +143,7 @@ class RunData:
     worst_elements: list[WorstElement]
     worst_steps: list[int]
     artifact_steps: list[int]
+    kernels: KernelInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +196,7 @@ def read_run(client: Any, run_id: str, *, worst_checks: int = WORST_CHECKS) -> R
         run=run, experiment_name=str(experiment.name), thresholds=thresholds_of(run),
         checks=checks, layer_names=names, layer_order=order, worst_elements=worst,
         worst_steps=sorted(reports), artifact_steps=artifact_steps,
+        kernels=_kernel_info(run, checks, reports),
     )
 
 
@@ -185,7 +215,8 @@ def read_experiment(client: Any, experiment: str, *, layers: bool = True) -> Exp
         for start in range(0, len(runs), BULK_CHUNK):
             # BULK_CHUNK runs at a time: their histories in one bulk call per metric key
             # (when the tracking server has the endpoint), and only theirs in memory
-            chunk = [run if layers else replace(run, layer_keys=())
+            chunk = [run if layers else replace(run, layer_keys=(), precision_keys=tuple(
+                         k for k in run.precision_keys if not k.startswith(PRECISION_LAYER_PREFIX)))
                      for run in runs[start:start + BULK_CHUNK]]
             bulk = bulk_histories(client, chunk) if len(chunk) > 1 else None
             for run, read in zip(runs[start:start + BULK_CHUNK], chunk):
@@ -206,7 +237,7 @@ def _summary(client: Any, run: MonitoredRun, read: MonitoredRun, pool: ThreadPoo
     alerted = alerted_layers(checks, thresholds.alert)
     return RunSummary(
         run=run, thresholds=thresholds,
-        checks=[replace(check, layers={}) for check in checks],
+        checks=[replace(check, layers={}, precision_layers={}) for check in checks],
         alerted_layers=alerted,
         layer_names=_names_of(client, run, alerted, pool) if alerted else {},
     )
@@ -276,7 +307,7 @@ def thresholds_of(run: MonitoredRun) -> Thresholds:
 
 
 def _read_checks(client: Any, run: MonitoredRun, pool: ThreadPoolExecutor) -> list[CheckPoint]:
-    keys = [REL_DISTANCE, VERDICT, MAX_ELEMENT_ERROR, *run.layer_keys]
+    keys = history_keys(run)
     histories = dict(zip(keys, _map(pool, lambda key: client.get_metric_history(run.run_id, key),
                                     keys)))
     checks, _ = read_new_checks(client, run, None, histories=histories)
@@ -388,10 +419,11 @@ def _download_reports(
 
 
 def _layer_names(
-    keys: Sequence[str], reports: Iterable[Mapping[str, Any]]
+    keys: Sequence[str], reports: Iterable[Mapping[str, Any]], prefix: str = LAYER_PREFIX
 ) -> tuple[dict[str, str], list[str]]:
     """Metric key → parameter name, and the keys in model order (the newest report's order;
-    keys no report names come last, sorted)."""
+    keys no report names come last, sorted). `reports` are check reports, or for `prefix`
+    `PRECISION_LAYER_PREFIX` their training-kernels parts."""
     wanted = set(keys)
     names: dict[str, str] = {}
     order: list[str] = []
@@ -399,13 +431,50 @@ def _layer_names(
         layers = report.get("layers")
         if not isinstance(layers, dict):
             continue
-        key_of = layer_metric_keys(layers)
+        key_of = layer_metric_keys(layers, prefix)
         names.update({key: name for name, key in key_of.items() if key in wanted})
         order = [key_of[name] for name in layers if key_of[name] in wanted]
     rest = sorted(wanted - set(order))
     for key in rest:
-        names.setdefault(key, key[len(LAYER_PREFIX):])
+        names.setdefault(key, key[len(prefix):])
     return names, order + rest
+
+
+def _kernel_info(run: MonitoredRun, checks: Sequence[CheckPoint],
+                 reports: Mapping[int, Mapping[str, Any]]) -> KernelInfo | None:
+    """The run's training-kernels measurement (None when no check of it measured it): the
+    layer keys its checks logged, named from the check artifacts read, and how the newest
+    measured one ran."""
+    if not any(check.precision_verdict is not None for check in checks):
+        return None
+    keys = sorted({key for check in checks for key in check.precision_layers}
+                  | {k for k in run.precision_keys if k.startswith(PRECISION_LAYER_PREFIX)})
+    parts = {step: report["kernels"] for step, report in sorted(reports.items())
+             if isinstance(report.get("kernels"), dict)}
+    names, order = _layer_names(keys, parts.values(), PRECISION_LAYER_PREFIX)
+    measured = [(step, part) for step, part in parts.items() if part.get("status") == "measured"]
+    if not measured:
+        return KernelInfo(thresholds=RatioThresholds(), layer_names=names, layer_order=order)
+    step, newest = measured[-1]
+    ops = newest.get("custom_ops")
+    return KernelInfo(
+        thresholds=_ratio_thresholds(newest.get("thresholds")), layer_names=names,
+        layer_order=order, step=step, dtype=str(newest.get("dtype") or ""),
+        autocast=str(newest["autocast"]) if newest.get("autocast") else None,
+        compiled=bool(newest.get("compiled", False)), device=str(newest.get("device") or ""),
+        custom_ops=tuple(str(op) for op in ops) if isinstance(ops, list) else (),
+    )
+
+
+def _ratio_thresholds(value: object) -> RatioThresholds:
+    """A report's ratio thresholds, read leniently (the defaults for anything unreadable)."""
+    if isinstance(value, dict):
+        try:
+            return RatioThresholds(**{k: number(v) for k, v in value.items()
+                                      if k in ("warn", "alert")})
+        except ConfigError:
+            pass
+    return RatioThresholds()
 
 
 def _worst_elements(step: int, report: Mapping[str, Any]) -> list[WorstElement]:

@@ -5,7 +5,9 @@ and the user's rcParams are not touched. The same data as the HTML charts: the o
 per check (log scale, warn/alert bands, alert stretches shaded, NaN/±inf as × at the top) and
 the layer × step heatmap (columns grouped as in `gradwatch.dashboard.charts`, coloured by the
 same threshold-anchored levels as the HTML heatmap: blue-grey below warn, amber, red, NaN/±inf
-black; not checked blank).
+black; not checked blank), and for a run whose checks measured the training kernels, that
+measurement's ratio per check (log scale, its warn/alert ratio bands, its alert stretches
+shaded, a failed measurement as a square at the top).
 
 Imports: dashboard.charts, dashboard.data (matplotlib when installed).
 """
@@ -26,18 +28,22 @@ from gradwatch.dashboard.charts import (
     group_checks,
     heatmap_columns,
     keep_end,
+    precision_checks,
+    ratio_of,
     short_number,
     worst,
 )
 from gradwatch.dashboard.data import RunData
 
-__all__ = ["HEATMAP_LABEL", "draw_run_png", "run_figure"]
+__all__ = ["HEATMAP_LABEL", "RATIO_LABEL", "draw_run_png", "run_figure"]
 
 VERDICT_COLOURS = {"ok": "#2ca02c", "warn": WARN_COLOUR, "alert": ALERT_COLOUR, "error": "#6a3d9a"}
 MAX_LAYER_LABELS = 40
 LAYER_LABEL_CHARS = 48  # longer names keep their end (weight or bias), as in the HTML tables
 DPI = 100
 HEATMAP_LABEL = "layer heatmap"  # the heatmap Axes' label, to find it in the figure
+RATIO_LABEL = "training kernels"  # the training-kernels ratio Axes' label
+RATIO_HEIGHT = 2.8  # inches
 
 
 def draw_run_png(data: RunData, path: Path) -> Path:
@@ -53,16 +59,18 @@ def run_figure(data: RunData) -> Any:
 
     layers = len(data.layer_order) if data.checks else 0
     heat_height = min(max(layers, 1), 60) * 0.12 + 1.2 if layers else 0.0
-    figure = Figure(figsize=(11, 3.4 + heat_height), dpi=DPI, layout="constrained")
+    ratio_height = RATIO_HEIGHT if data.kernels is not None and precision_checks(data) else 0.0
+    heights = [h for h in (3.4, heat_height, ratio_height) if h]
+    figure = Figure(figsize=(11, sum(heights)), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
-    rows = 2 if layers else 1
-    axes = figure.subplots(rows, 1, squeeze=False,
-                           height_ratios=[3.4, heat_height] if layers else [1])[:, 0]
+    axes = list(figure.subplots(len(heights), 1, squeeze=False, height_ratios=heights)[:, 0])
     title = f"gradwatch: {data.run.name or data.run.run_id} ({data.run.run_id})"
     figure.suptitle(title, parse_math=False, fontsize=12)
-    _distance(axes[0], data)
+    _distance(axes.pop(0), data)
     if layers:
-        _heatmap(axes[1], data, figure)
+        _heatmap(axes.pop(0), data, figure)
+    if ratio_height:
+        _ratio(axes.pop(0), data)
     return figure
 
 
@@ -98,6 +106,42 @@ def _distance(ax: Any, data: RunData) -> None:
                    color="#000", zorder=4, label="NaN / ±inf")
     ax.set_ylim(bounds.floor, bounds.ceiling * 1.5)
     ax.legend(loc="upper left", fontsize=8, ncols=4, frameon=False)
+
+
+def _ratio(ax: Any, data: RunData) -> None:
+    """The training-kernels ratio per check, drawn as the distance is."""
+    assert data.kernels is not None  # run_figure checks
+    checks = precision_checks(data)
+    warn, alert = data.kernels.thresholds.warn, data.kernels.thresholds.alert
+    bounds = Bounds.of([ratio_of(c) for c in checks], data.kernels.thresholds)
+    ax.set_label(RATIO_LABEL)
+    ax.set_yscale("log")
+    ax.set_ylabel("training-kernels ratio")
+    ax.set_xlabel("step")
+    ax.axhspan(warn, alert, color=VERDICT_COLOURS["warn"], alpha=0.1, lw=0)
+    ax.axhspan(alert, bounds.ceiling, color=VERDICT_COLOURS["alert"], alpha=0.1, lw=0)
+    for level, value in (("warn", warn), ("alert", alert)):
+        ax.axhline(value, color=VERDICT_COLOURS[level], ls="--", lw=1, label=f"{level} {value:g}")
+    for period in alert_periods(checks, verdict_of=lambda c: c.precision_verdict):
+        ax.axvspan(period["step_from"], period["step_to"], color=VERDICT_COLOURS["alert"],
+                   alpha=0.18, lw=0)
+    finite = [c for c in checks if math.isfinite(ratio_of(c))]
+    ax.plot([c.step for c in finite], [max(ratio_of(c), bounds.floor) for c in finite],
+            color="#4c78a8", lw=1.2)
+    for verdict, colour in VERDICT_COLOURS.items():
+        shown = [c for c in finite if c.precision_verdict_word == verdict]
+        if shown:
+            ax.scatter([c.step for c in shown], [max(ratio_of(c), bounds.floor) for c in shown],
+                       s=14, color=colour, zorder=3, label=verdict)
+    for marker, label, chosen in (
+            ("x", "NaN / ±inf", [c for c in checks if c.precision_ratio is not None
+                                 and not math.isfinite(c.precision_ratio)]),
+            ("s", "not measured (error)", [c for c in checks if c.precision_ratio is None])):
+        if chosen:
+            ax.scatter([c.step for c in chosen], [bounds.ceiling] * len(chosen), marker=marker,
+                       s=40, color="#000", zorder=4, label=label)
+    ax.set_ylim(bounds.floor, bounds.ceiling * 1.5)
+    ax.legend(loc="best", fontsize=8, ncols=4, frameon=False)  # its markers sit at the top
 
 
 def _heatmap(ax: Any, data: RunData, figure: Any) -> None:

@@ -52,10 +52,13 @@ from gradwatch.common.version import __version__
 from gradwatch.dashboard.charts import (
     experiment_distance_chart,
     format_distance,
+    format_ratio,
     keep_end,
+    precision_checks,
     run_distance_chart,
     run_label,
     run_layers_chart,
+    run_precision_chart,
     short_number,
 )
 from gradwatch.dashboard.data import (
@@ -88,6 +91,13 @@ SHOWN_ALERTED_LAYERS = 8  # per run in the experiment table; the rest behind "mo
 #: take about 420 px: the worst-elements table stays within 1,000 px.
 LAYER_NAME_CHARS = 60
 
+#: Under the distance chart of a run that also measured the training kernels.
+_FOLDED_NOTE = (
+    '<p class="note">Point colours and red shading here are the check\'s verdict, which '
+    "includes the training-kernels measurement's (see \"Training kernels\" below); the "
+    "distances themselves are the backprop definition's.</p>"
+)
+
 _JSON_ESCAPES = str.maketrans({
     "<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029",
 })
@@ -103,7 +113,9 @@ def build_run_report(
 
     Charts: the overall distance per check (log scale, warn/alert bands, alert periods
     shaded), a layer × step heatmap, and a table of the worst elements of the latest
-    `worst_checks` checks. `tracking_url` (http or https) links the run to its MLflow page;
+    `worst_checks` checks; for a run whose checks measured the training kernels, also that
+    measurement's ratio per check (log scale, its warn/alert ratio bands) and a per-layer
+    table of its ratios. `tracking_url` (http or https) links the run to its MLflow page;
     by default the client's tracking URI when that is http(s), else no link.
 
     Example (against a real server; see tests/dashboard/test_dashboard_html.py):
@@ -205,7 +217,8 @@ def _run_page(data: RunData, base: str | None) -> str:
             "Bands: warn and alert ranges; dashed lines: the run's thresholds; red shading: "
             "stretches of alert/error checks. NaN and ±inf are drawn at the top (×, ▲), "
             "a distance of 0 at the bottom (▼).",
-            '<div id="chart-distance" class="chart"></div>'))
+            '<div id="chart-distance" class="chart"></div>'
+            + (_FOLDED_NOTE if data.kernels is not None else "")))
         if data.layer_order:
             spec, layout = run_layers_chart(data)
             charts["chart-layers"] = spec
@@ -218,6 +231,10 @@ def _run_page(data: RunData, base: str | None) -> str:
                 f"red from alert ({alert}); black: NaN or ±inf; blank: not checked.",
                 '<div id="chart-layers" class="chart"></div>'))
         parts.append(_alerted_section(data))
+        precision = run_precision_chart(data)
+        if precision is not None:
+            charts["chart-precision"] = precision
+            parts.append(_kernels_section(data))
     else:
         parts.append(_section("No checks yet", "This run has no gradwatch check in MLflow "
                               "(no gradwatch/rel_distance metric).", ""))
@@ -261,6 +278,12 @@ def _run_cards(data: RunData) -> str:
         ("thresholds", f"warn {short_number(data.thresholds.warn)} · "
                        f"alert {short_number(data.thresholds.alert)}"),
     ]
+    measured = precision_checks(data)
+    if measured:
+        newest = measured[-1]
+        cards.insert(4, ("training kernels", (
+            f"{_badge(newest.precision_verdict_word)} <small>ratio "
+            f"{_text(format_ratio(newest.precision_ratio))} at step {newest.step}</small>")))
     return '<section class="cards">' + "".join(
         f'<div class="card"><div class="label">{label}</div><div class="value">{value}</div>'
         f'</div>' for label, value in cards) + "</section>"
@@ -286,6 +309,63 @@ def _alerted_section(data: RunData) -> str:
         f"Layers with a distance ≥ {alert} (or NaN/±inf) at some check.",
         _table(["layer", "first step", "worst distance", "checks at or above"], rows,
                numeric=(1, 2, 3)))
+
+
+def _kernels_section(data: RunData) -> str:
+    """The training-kernels measurement: its ratio chart and a table of its layers."""
+    kernels = data.kernels
+    assert kernels is not None  # the caller checks
+    warn, alert = kernels.thresholds.warn, kernels.thresholds.alert
+    how = [kernels.dtype or "training dtype unknown"]
+    if kernels.autocast:
+        how.append(f"autocast {kernels.autocast}")
+    if kernels.compiled:
+        how.append("compiled")
+    if kernels.custom_ops:
+        how.append("custom ops " + ", ".join(kernels.custom_ops))
+    if kernels.device:
+        how.append(f"on {kernels.device}")
+    source = f" (as of step {kernels.step}: {'; '.join(how)})" if kernels.step is not None \
+        else ""
+    note = (f"The gradient as training computes it{source} against the float64 gradient the "
+            f"central differences validated. Ratio = its distance from float64 / the distance "
+            f"of a correct computation at the same precision (emulated): about 1 is right. Bands "
+            f"and dashed lines: the run's ratio thresholds, warn {warn:g} and alert {alert:g}; "
+            f"red shading: stretches where this measurement alerted or failed (squares at the "
+            f"top: it could not run). The backprop definition above can be right while the "
+            f"kernels training runs are wrong.")
+    return _section("Training kernels (precision)", note,
+                    '<div id="chart-precision" class="chart"></div>' + _kernel_table(data))
+
+
+def _kernel_table(data: RunData) -> str:
+    """Each layer's training-kernels ratio: latest, worst (and where), checks at or above
+    the alert ratio. Red: at or above the alert ratio, or not finite."""
+    kernels = data.kernels
+    assert kernels is not None
+    measured = precision_checks(data)
+    alert = kernels.thresholds.alert
+
+    def severe(value: float) -> bool:
+        return not math.isfinite(value) or value >= alert
+
+    rows = []
+    for key in kernels.layer_order:
+        values = [(c.step, c.precision_layers[key]) for c in measured if key in c.precision_layers]
+        if not values:
+            continue
+        worst_step, worst = max(values, key=lambda item: _severity(item[1]))
+        latest_step, latest = values[-1]
+        rows.append([
+            layer_name_html(kernels.layer_names.get(key, key)),
+            _severe(format_ratio(latest), severe(latest)), str(latest_step),
+            _severe(format_ratio(worst), severe(worst)), str(worst_step),
+            f"{sum(severe(v) for _, v in values):,} of {len(values):,}",
+        ])
+    if not rows:
+        return "<p>No layer ratio was logged (the measurement did not run to the end).</p>"
+    return _table(["layer", "latest ratio", "at step", "worst ratio", "at step",
+                   f"checks ≥ {alert:g}"], rows, numeric=(1, 2, 3, 4, 5))
 
 
 def _worst_section(data: RunData) -> str:

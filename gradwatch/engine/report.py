@@ -26,8 +26,12 @@ __all__ = [
     "SCHEMA_VERSION",
     "CheckReport",
     "ElementReport",
+    "KernelElement",
+    "KernelLayer",
+    "KernelReport",
     "LayerReport",
     "Mode",
+    "RatioThresholds",
     "Thresholds",
     "Verdict",
 ]
@@ -95,6 +99,55 @@ class Thresholds(BaseModel):
         return "ok"
 
 
+class RatioThresholds(BaseModel):
+    """Where the training-kernels ratio turns into a warning or an alert.
+
+    The ratio is (distance of the training gradient from the float64 one) / (distance of an
+    emulated correct computation at the training precision from it); correct models measured
+    on the HF zoo stay below ~5 (bf16 parameters, the longest reductions), a wrong backward
+    reaches 50 and more at bf16 and 10⁴ at float32.
+
+    Example:
+        >>> RatioThresholds().classify(40.0), RatioThresholds(warn=2, alert=4).classify(3)
+        ('alert', 'warn')
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    warn: float = Field(default=8.0, description="ratio from which the measurement warns")
+    alert: float = Field(default=32.0, description="ratio from which the measurement alerts")
+
+    def __init__(self, **data: float) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            messages = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+            raise ConfigError(f"Invalid RatioThresholds: {messages}") from None
+
+    @model_validator(mode="after")
+    def _check_order(self) -> RatioThresholds:
+        for name in ("warn", "alert"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 1):
+                raise ConfigError(
+                    f"RatioThresholds.{name} must be a finite number > 1 (a ratio of "
+                    f"distances; 1 is a correct kernel's), got {value!r}. Defaults: warn=8, "
+                    f"alert=32."
+                )
+        if not self.warn < self.alert:
+            raise ConfigError(
+                f"RatioThresholds.warn must be below .alert, got warn={self.warn!r} and "
+                f"alert={self.alert!r}. Swap them or pick e.g. warn=8, alert=32."
+            )
+        return self
+
+    def classify(self, ratio: float) -> Verdict:
+        """The verdict a ratio earns (non-finite → "alert")."""
+        if not math.isfinite(ratio) or ratio >= self.alert:
+            return "alert"
+        return "warn" if ratio >= self.warn else "ok"
+
+
 class ElementReport(BaseModel):
     """One checked element of a parameter tensor."""
 
@@ -139,6 +192,71 @@ class LayerReport(BaseModel):
     grad_norm: float = Field(default=0.0, description="||dθ|| of the checked part")
     noise_floor: float = Field(default=0.0, description="rounding-noise level of ||dθapprox||")
     notes: list[str] = Field(default_factory=list, description="why the verdict is what it is")
+
+
+class KernelElement(BaseModel):
+    """One element of a tensor's gradient as training computes it, against the references."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+    index: tuple[int, ...] = Field(description="unravelled index into the parameter tensor")
+    training: float = Field(description="dθ[i] as training computes it (dtype, kernels)")
+    reference: float = Field(description="dθ[i] by float64 backprop (validated by central "
+                                         "differences)")
+    emulated: float = Field(description="dθ[i] by the float64 path rounded to the training "
+                                        "precision")
+
+
+class KernelLayer(BaseModel):
+    """The training-kernels measurement of one parameter tensor."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+    distance: float = Field(description="relative distance of the training gradient from the "
+                                        "float64 reference (floor-protected)")
+    reference_distance: float = Field(description="the same distance for the emulated "
+                                                  "computation at the training precision")
+    ratio: float = Field(description="distance / max(reference_distance, unit roundoff)")
+    verdict: Verdict
+    numel: int = 0
+    worst: list[KernelElement] = Field(default_factory=list, description="largest "
+                                       "|training − reference| first")
+
+
+class KernelReport(BaseModel):
+    """The second measurement of a check: the gradient training computes (its dtype, autocast,
+    compiled graph, custom ops, device) against the float64 reference, judged by the error
+    that an emulated correct computation at the same precision makes (docs/numerics.md).
+
+    `status`: "measured"; "same" (the training path is the float64 check's own: float32 eager
+    on CPU without autocast or custom autograd ops, nothing more to measure); "off" (not
+    asked for); "error" (could not measure, `reasons` says why). `verdict` is None unless
+    measured or error.
+    """
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+    status: Literal["measured", "same", "off", "error"]
+    verdict: Verdict | None = None
+    reasons: list[str] = Field(default_factory=list)
+    dtype: str = Field(default="", description="the training precision emulated (the lowest "
+                                               "floating dtype training computes in)")
+    autocast: str | None = Field(default=None, description="autocast dtype, when training "
+                                                           "runs under autocast")
+    compiled: bool = False
+    device: str = ""
+    custom_ops: list[str] = Field(default_factory=list, description="custom autograd ops seen")
+    distance: float = math.nan
+    reference_distance: float = math.nan
+    ratio: float = Field(default=math.nan, description="the largest layer ratio")
+    thresholds: RatioThresholds = Field(default_factory=RatioThresholds)
+    layers: dict[str, KernelLayer] = Field(default_factory=dict)
+    seconds: float = 0.0
+
+    def worst_layers(self, k: int = 3) -> list[tuple[str, KernelLayer]]:
+        """The `k` layers with the largest ratios, worst first."""
+        return sorted(self.layers.items(), key=lambda item: _sortable(item[1].ratio),
+                      reverse=True)[:k]
 
 
 class CheckReport(BaseModel):
@@ -196,6 +314,14 @@ class CheckReport(BaseModel):
     probe: dict[str, object] = Field(
         default_factory=dict, description="what the check ran on (shapes, step, source)"
     )
+    definition_verdict: Verdict | None = Field(
+        default=None, description="the central-difference measurement's own verdict, kept "
+                                  "when the training-kernels verdict is folded into `verdict`"
+    )
+    kernels: KernelReport | None = Field(
+        default=None, description="the training-kernels measurement (PyTorch checks): the "
+                                  "gradient at the training precision against the float64 one"
+    )
 
     # ------------------------------------------------------------------ reading
     def worst_layers(self, k: int = 3) -> list[tuple[str, LayerReport]]:
@@ -206,6 +332,16 @@ class CheckReport(BaseModel):
             reverse=True,
         )
         return ranked[:k]
+
+    def fired_by(self) -> list[str]:
+        """The measurements whose verdict is this report's: "backprop definition" (central
+        differences on the float64 model) and/or "training kernels" (the training precision)."""
+        definition = self.definition_verdict or self.verdict
+        kernels = self.kernels.verdict if self.kernels is not None else None
+        found = [name for name, verdict in (("backprop definition", definition),
+                                            ("training kernels", kernels))
+                 if verdict == self.verdict]
+        return found or ["backprop definition"]
 
     @property
     def ok(self) -> bool:

@@ -74,4 +74,34 @@ def render_summary(report: CheckReport, *, max_layers: int = 20, max_elements: i
                              f"design, see notes)")
         if len(ranked) > max_layers:
             lines.append(f"  ... {len(ranked) - max_layers} more layers")
+    lines += _kernels(report, max_layers, max_elements)
     return "\n".join(lines)
+
+
+def _kernels(report: CheckReport, max_layers: int, max_elements: int) -> list[str]:
+    """The training-kernels measurement: a line when not measured, else a table by ratio."""
+    kernels = report.kernels
+    if kernels is None:
+        return []
+    if kernels.status != "measured":
+        why = kernels.reasons[0] if kernels.reasons else ""
+        return [f"  training kernels: {kernels.status.upper()}"
+                + (f" — {why.removeprefix('training kernels: ')}" if why else "")]
+    lines = [f"  training kernels: {str(kernels.verdict).upper()}  ratio {_number(kernels.ratio)}"
+             f" at {kernels.dtype}" + (f" (autocast {kernels.autocast})" if kernels.autocast
+                                       else "")
+             + (", compiled" if kernels.compiled else "") + f" on {kernels.device}; distance "
+             f"{_number(kernels.distance)} vs {_number(kernels.reference_distance)} emulated;"
+             f" {kernels.seconds:.2f} s"]
+    ranked = kernels.worst_layers(len(kernels.layers))[:max_layers]
+    if ranked:
+        width = max(len("layer"), *(len(name) for name, _ in ranked))
+        lines.append(f"  {'layer':<{width}}  verdict  ratio     distance  emulated")
+        for name, layer in ranked:
+            lines.append(f"  {name:<{width}}  {layer.verdict:<7}  {_number(layer.ratio):<8}  "
+                         f"{_number(layer.distance)}  {_number(layer.reference_distance)}")
+            if layer.verdict in ("warn", "alert"):
+                lines += [f"  {'':<{width}}    {list(e.index)} training {e.training:.6g} vs "
+                          f"float64 {e.reference:.6g} (emulated {e.emulated:.6g})"
+                          for e in layer.worst[:max_elements]]
+    return lines

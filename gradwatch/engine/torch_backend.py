@@ -13,7 +13,7 @@ The live model and its batch (unwrapping, the float64 shadow, the default loss, 
 state a check restores) are taken in by `engine.torch_model`.
 
 Imports: gradwatch.common, engine.types, engine.core, engine.numerics, engine.report,
-engine.precision, engine.torch_model (torch itself only when a check runs).
+engine.precision, engine.kernels, engine.torch_model (torch itself only when a check runs).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from gradwatch.common.progress import resolve_progress
 from gradwatch.common.settings import DEFAULT, Default
 from gradwatch.engine.core import run_check
 from gradwatch.engine.numerics import ROUNDING, Signs
-from gradwatch.engine.report import CheckReport, Mode, Thresholds
+from gradwatch.engine.report import CheckReport, KernelReport, Mode, Thresholds, worst_verdict
 from gradwatch.engine.torch_model import (
     LOSS_FN_HELP,
     LossFn,
@@ -78,6 +78,7 @@ def check_module(
     batching: Batching = "auto",
     progress: bool | Callable[[int, int], None] = False,
     loss_scale: float | None = None,
+    autocast: Any = "auto",
 ) -> CheckReport:
     """Check the backward pass of a PyTorch `nn.Module` on one batch.
 
@@ -96,6 +97,17 @@ def check_module(
             initialisation is a good one; default: the loss itself). A loss near 0 made of
             larger terms — a cross-entropy the model has driven to 1e-9 — rounds at
             u·loss_scale, not at u·|J|; `GradWatch` passes the largest loss of its checks.
+        autocast: the autocast dtype training runs under, for the training-kernels
+            measurement (`options.kernels`): "auto" (the autocast active where
+            check_module is called, if any), None, "bfloat16" or "float16". `GradWatch`
+            passes the one its probe capture saw around the training forward.
+
+    Besides central differences on the float64 copy ("backprop definition"), the check
+    measures the gradient as training computes it — parameter dtypes, autocast, the compiled
+    module, custom ops, device — against the float64 one ("training kernels",
+    `report.kernels`; see `gradwatch.engine.kernels`). A float32 eager model on CPU without
+    autocast or custom autograd ops trains on the float64 path's own code: then it says so
+    (status "same") and spends nothing.
 
     Example:
         >>> import torch, gradwatch
@@ -134,11 +146,19 @@ def check_module(
     live = unwrap_model(model)
     refuse_sharded(live)
     names = select_parameters(live, options.include, options.exclude)
+    path = None
+    if options.kernels == "auto":
+        from gradwatch.engine.kernels import training_path  # imports torch: not at gradwatch's
+
+        path = training_path(model, names, autocast)
     with preserved_global_state(torch):
         shadow = float64_shadow(torch, live)
         shadow_batch = to_float64(torch, batch)
         resolved_loss = loss_fn if loss_fn is not None else default_loss
         objective = _ModuleObjective(torch, shadow, shadow_batch, resolved_loss, names, batching)
+        # custom autograd ops only decide whether the kernels are measured when nothing else
+        # already says so (the graph walk is then the only cost of a float32 CPU model)
+        objective.find_custom = path is not None and not path.differences([])
         with single_thread(torch):  # one backward on a probe batch: small ops
             analytic = _first_evaluation(objective, batch, loss_fn is not None)
         probe = {
@@ -153,6 +173,10 @@ def check_module(
         with resolve_progress(progress, "gradwatch check") as report_progress:
             report = run_check(objective, analytic, settings, probe=probe,
                                progress=report_progress)
+        if path is not None:
+            report.kernels = _measure_kernels(objective, path, analytic, batch, resolved_loss,
+                                              settings)
+            fold_kernels(report)
     for name in objective.unused:
         layer = report.layers[name]
         if layer.verdict == "ok":
@@ -169,6 +193,49 @@ def check_module(
 
 
 # ---------------------------------------------------------------------- helpers
+def _measure_kernels(
+    objective: _ModuleObjective,
+    path: Any,
+    analytic: dict[str, Vector],
+    batch: Any,
+    loss_fn: LossFn,
+    settings: Any,
+) -> KernelReport:
+    """The training-kernels measurement (`gradwatch.engine.kernels`), or "same"."""
+    from gradwatch.engine import kernels
+
+    thresholds = settings.kernel_thresholds
+    if not path.differences(objective.custom_ops):
+        return KernelReport(status="same", device=path.device, thresholds=thresholds, reasons=[
+            "the training path is the float64 check's own (float32 eager on CPU, no autocast, "
+            "no custom autograd op): central differences cover it, nothing more to measure"])
+
+    def measure() -> Any:
+        training, dtype, ops = kernels.training_gradients(
+            path, loss_fn, batch, objective.names, objective._scalar)
+        emulated = objective.emulated_gradients(dtype, kernels.loss_scale(dtype))
+        shapes = {name: tuple(objective.parameters[name].shape) for name in objective.names}
+        layers, distance, reference = kernels.judge(
+            analytic, training, emulated, shapes, dtype, thresholds, settings.top_k)
+        return layers, distance, reference, dtype, ops
+
+    report: KernelReport = kernels.build_report(path, measure, objective.custom_ops,
+                                                thresholds)
+    report.reasons[:0] = [f"training kernels: {note}" for note in path.notes]
+    return report
+
+
+def fold_kernels(report: CheckReport) -> None:
+    """Fold the training-kernels verdict into the check's (keeping the central-difference
+    one as `definition_verdict`), with its reasons."""
+    kernels = report.kernels
+    if kernels is None or kernels.verdict in (None, "ok"):
+        return
+    report.definition_verdict = report.verdict
+    report.verdict = worst_verdict(report.verdict, kernels.verdict)
+    report.reasons += [reason for reason in kernels.reasons if reason not in report.reasons]
+
+
 def _first_evaluation(objective: _ModuleObjective, batch: Any, given: bool) -> dict[str, Vector]:
     """dθ by backprop: the first call of the user's code, so its failures are explained."""
     try:
@@ -236,6 +303,8 @@ class _ModuleObjective:
         #: than the next joint one needs θ (a restore is a pass over the weights).
         self.perturbed: set[str] = set()
         self.reference: float | None = None  # J(θ) by a plain call, for vmap's control row
+        self.find_custom = False  # walk the first evaluation's graph for custom autograd ops
+        self.custom_ops: list[str] = []
         # The float64 shadow must not run under the trainer's autocast: when the check is
         # called inside one, each evaluation leaves it (entering the context costs as much as
         # a small op, so it is skipped when no autocast is active).
@@ -300,6 +369,10 @@ class _ModuleObjective:
                 "does not depend on any checked parameter (detached, or computed under "
                 "torch.no_grad()). Return the loss built from model(...)'s output."
             )
+        if self.find_custom:
+            from gradwatch.engine.kernels import custom_autograd_nodes
+
+            self.custom_ops = custom_autograd_nodes(loss)
         grads = torch.autograd.grad(loss, selected, allow_unused=True)
         # Nothing to keep at float64: the later evaluations may skip the guard.
         self.guard_needed = bool(self.guard.prevented or self.guard.escaped)
@@ -311,6 +384,22 @@ class _ModuleObjective:
             # no copy: the gradient is autograd's fresh tensor, and the engine only reads it
             analytic[name] = grad.detach().to("cpu", torch.float64).numpy()
         return analytic
+
+    def emulated_gradients(self, dtype: Any, scale: float) -> dict[str, Vector]:
+        """g_E: dθ by the float64 path with every op rounded to `dtype` (`RoundingMode`),
+        of the loss times `scale` (then divided), as the training gradient is taken."""
+        from gradwatch.engine.kernels import RoundingMode
+
+        torch = self.torch
+        self._restore()
+        selected = [self.parameters[name] for name in self.names]
+        with torch.enable_grad(), RoundingMode(dtype):
+            loss = self._loss_tensor()
+            grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, selected,
+                                        allow_unused=True)
+        return {name: (torch.zeros_like(parameter) if grad is None else grad.detach())
+                .to("cpu", torch.float64).numpy() / scale
+                for name, parameter, grad in zip(self.names, selected, grads)}
 
     def coordinate_losses(
         self, layer: str, indices: NDArray[np.int64], eps: float

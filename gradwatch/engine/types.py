@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from gradwatch.common.errors import ConfigError
 from gradwatch.common.settings import DEFAULT, Default, Settings, with_shorthands
 from gradwatch.engine.numerics import Signs, norm
-from gradwatch.engine.report import Mode, Thresholds
+from gradwatch.engine.report import Mode, RatioThresholds, Thresholds
 
 __all__ = [
     "ENTRY_DEFAULTS",
@@ -45,6 +45,7 @@ Vector = NDArray[np.float64]
 Indices = NDArray[np.int64]
 
 MODES = ("full", "sample", "sketch", "auto")
+Kernels = Literal["auto", "off"]
 
 class Objective(Protocol):
     """What the engine needs from a backend. All values are float64.
@@ -96,6 +97,8 @@ class CheckSettings:
     directions: int = 8
     top_k: int = 5
     loss_scale: float = 0.0  # size of the terms the loss is computed from (0: |J|)
+    kernels: Kernels = "auto"
+    kernel_thresholds: RatioThresholds = field(default_factory=RatioThresholds)
 
 
 def glob_list(value: str | Sequence[str] | None, argument: str) -> list[str]:
@@ -174,7 +177,14 @@ class CheckOptions(Settings):
     samples     16          coordinates per tensor in "sample" mode
     directions  8           random directions per tensor in "sketch" mode
     top_k       5           worst elements kept per layer
+    kernels     "auto"      PyTorch: also measure the gradient as training computes it (dtype,
+                            autocast, compiled graph, custom ops) against float64, where the
+                            training path differs from the float64 one; "off": never
     ==========  ==========  ====================================================================
+
+    `kernel_thresholds` (default warn 8, alert 32): a `RatioThresholds(warn=, alert=)` or a
+    dict, for that measurement's ratio (the training gradient's error over a correct
+    computation's at the training precision, `gradwatch.engine.kernels`).
 
     `mode` and `budget` differ by entry point, on purpose (`ENTRY_DEFAULTS`); left out, they
     read `DEFAULT`:
@@ -202,7 +212,7 @@ class CheckOptions(Settings):
     """
 
     NONE_IS_DEFAULT: ClassVar[frozenset[str]] = frozenset(
-        {"eps", "thresholds", "include", "exclude"})
+        {"eps", "thresholds", "include", "exclude", "kernel_thresholds"})
 
     mode: Mode | Default = DEFAULT
     budget: int | Default | None = DEFAULT
@@ -214,6 +224,9 @@ class CheckOptions(Settings):
     samples: int = 16
     directions: int = 8
     top_k: int = 5
+    kernels: Kernels = "auto"
+    kernel_thresholds: RatioThresholds | Mapping[str, float] = field(
+        default_factory=RatioThresholds)
 
     def __post_init__(self) -> None:
         self._fill_defaults()
@@ -226,6 +239,12 @@ class CheckOptions(Settings):
             _check_budget(self.budget)
         _check_eps(self.eps)
         object.__setattr__(self, "thresholds", _thresholds(self.thresholds))
+        if self.kernels not in ("auto", "off"):
+            raise ConfigError(f"kernels must be 'auto' (measure the training precision where "
+                              f"it differs from float64) or 'off', got {self.kernels!r}.")
+        object.__setattr__(self, "kernel_thresholds", _thresholds(
+            self.kernel_thresholds, RatioThresholds, "kernel_thresholds", "{'warn': 8, "
+            "'alert': 32}"))
         for name in ("include", "exclude"):
             value = getattr(self, name)
             globs = glob_list(value, name)
@@ -252,7 +271,8 @@ class CheckOptions(Settings):
             eps=float(self.eps), mode=mode if self.mode is DEFAULT else self.mode,
             thresholds=self.thresholds, budget=budget if self.budget is DEFAULT else self.budget,
             seed=self.seed, samples=self.samples, directions=self.directions, top_k=self.top_k,
-            loss_scale=float(loss_scale or 0.0),
+            loss_scale=float(loss_scale or 0.0), kernels=self.kernels,
+            kernel_thresholds=self.kernel_thresholds,  # type: ignore[arg-type]
         )
 
 
@@ -294,14 +314,15 @@ def _check_budget(budget: Any) -> None:
         )
 
 
-def _thresholds(thresholds: Any) -> Thresholds:
-    if isinstance(thresholds, Thresholds):
+def _thresholds(thresholds: Any, kind: type[Any] = Thresholds, argument: str = "thresholds",
+                example: str = "{'warn': 1e-5, 'alert': 1e-3}") -> Any:
+    if isinstance(thresholds, kind):
         return thresholds
     if isinstance(thresholds, Mapping):
-        return Thresholds(**thresholds)
+        return kind(**thresholds)
     raise ConfigError(
-        f"thresholds must be a gradwatch.Thresholds or a dict like "
-        f"{{'warn': 1e-5, 'alert': 1e-3}}, got {type(thresholds).__name__}."
+        f"{argument} must be a gradwatch.{kind.__name__} or a dict like {example}, got "
+        f"{type(thresholds).__name__}."
     )
 
 

@@ -66,7 +66,7 @@ def add_monitor_parser(commands: Any) -> None:
     add.add_argument("--run", metavar="GLOB", help="run id glob")
     add.add_argument("--experiment", metavar="GLOB", help="experiment name or id glob")
     add.add_argument("--rule", metavar="GLOB",
-                     help="distance, non_finite, error or stale (or a glob)")
+                     help="distance, non_finite, error, kernels or stale (or a glob)")
     until = add.add_mutually_exclusive_group(required=True)
     until.add_argument("--for", dest="duration", metavar="DURATION",
                        help="e.g. 90min, 2h, 1d")

@@ -113,10 +113,11 @@ __all__ = [
     "load_config",
 ]
 
-#: The monitor's alert rules, as named in ``[policies.<rule>]`` and in silences.
-RuleName = Literal["distance", "non_finite", "error", "stale"]
+#: The monitor's alert rules, as named in ``[policies.<rule>]`` and in silences ("kernels":
+#: the training-kernels measurement, `gradwatch.monitor.rules`).
+RuleName = Literal["distance", "non_finite", "error", "kernels", "stale"]
 RULES: tuple[str, ...] = get_args(RuleName)
-PolicyName = Literal["default", "distance", "non_finite", "error", "stale"]
+PolicyName = Literal["default", "distance", "non_finite", "error", "kernels", "stale"]
 
 ENV_PREFIX = "GRADWATCH_"
 CONFIG_ENV = "GRADWATCH_CONFIG"

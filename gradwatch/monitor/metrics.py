@@ -15,6 +15,12 @@ Per run (labels ``run_id``, ``run_name``, ``experiment_id``)::
     gradwatch_expected_check_interval_seconds    absent while unknown
     gradwatch_run_running                        1 while the MLflow run is RUNNING
     gradwatch_alert_firing{rule}                 1 while the monitor's alert is firing
+    gradwatch_precision_ratio                    latest training-kernels ratio (largest layer)
+    gradwatch_layer_precision_ratio{layer}       latest training-kernels ratio per layer
+    gradwatch_precision_verdict                  the training-kernels verdict, 0 … 3
+
+The three precision series exist only for runs whose checks measured the training kernels
+(a float32 model on CPU has nothing to measure: no series).
 
 and ``gradwatch_threshold{level}``, ``gradwatch_stale_multiple``, ``gradwatch_monitor_*``.
 
@@ -25,14 +31,21 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from gradwatch.common.errors import ConfigError, missing_dependency
 from gradwatch.monitor.config import RULES
-from gradwatch.monitor.rules import ERROR_VERDICT
-from gradwatch.record.layout import LAYER_PREFIX, REL_DISTANCE, VERDICT
+from gradwatch.monitor.rules import definition_failed
+from gradwatch.record.layout import (
+    LAYER_PREFIX,
+    PRECISION_LAYER_PREFIX,
+    PRECISION_RATIO,
+    PRECISION_VERDICT,
+    REL_DISTANCE,
+    VERDICT,
+)
 
 if TYPE_CHECKING:
     from gradwatch.monitor.service import Monitor
@@ -65,6 +78,12 @@ def collect(monitor: Monitor) -> Iterator[Any]:
     running = gauge("gradwatch_run_running", "1 while the MLflow run is RUNNING.")
     firing = gauge("gradwatch_alert_firing", "1 while the monitor's alert for the rule fires.",
                    (*RUN_LABELS, "rule"))
+    ratio = gauge("gradwatch_precision_ratio", "Latest training-kernels ratio (largest layer): "
+                  "training gradient error / error of a correct computation at its precision.")
+    layer_ratio = gauge("gradwatch_layer_precision_ratio",
+                        "Latest training-kernels ratio per layer.", (*RUN_LABELS, "layer"))
+    precision_verdict = gauge("gradwatch_precision_verdict", "Latest training-kernels "
+                              "verdict: 0 ok, 1 warn, 2 alert, 3 error.")
     snapshot = monitor.snapshot()
     for snap in snapshot.values():
         run = snap.run
@@ -77,8 +96,9 @@ def collect(monitor: Monitor) -> Iterator[Any]:
         if distance is not None:
             overall.add_metric(labels, distance)
             values = [distance, *layers.values()]
+            failed = definition_failed(code, latest.get(PRECISION_VERDICT), distance)
             non_finite.add_metric(labels, float(
-                code != ERROR_VERDICT and any(not math.isfinite(v) for v in values)))
+                not failed and any(not math.isfinite(v) for v in values)))
         for name, value in sorted(layers.items()):
             layer.add_metric([*labels, name], value)
         finite = [v for v in layers.values() if math.isfinite(v)]
@@ -95,8 +115,9 @@ def collect(monitor: Monitor) -> Iterator[Any]:
         running.add_metric(labels, float(run.status == "RUNNING"))
         for rule in RULES:
             firing.add_metric([*labels, rule], float(rule in snap.firing))
+        _precision(latest, labels, ratio, layer_ratio, precision_verdict)
     yield from (overall, layer, max_layer, verdict, non_finite, step, stamp, interval, running,
-                firing)
+                firing, ratio, layer_ratio, precision_verdict)
 
     config = monitor.config
     threshold = GaugeMetricFamily("gradwatch_threshold", "The monitor's thresholds.",
@@ -129,6 +150,19 @@ def collect(monitor: Monitor) -> Iterator[Any]:
                             "Notifications waiting to be sent.", value=outbox["pending"])
     yield GaugeMetricFamily("gradwatch_monitor_outbox_dead",
                             "Notifications given up after their retries.", value=outbox["dead"])
+
+
+def _precision(latest: Mapping[str, float], labels: list[str], ratio: Any, layer_ratio: Any,
+               verdict: Any) -> None:
+    """A run's training-kernels series, from its latest values (none without them)."""
+    if PRECISION_RATIO in latest:
+        ratio.add_metric(labels, latest[PRECISION_RATIO])
+    code = latest.get(PRECISION_VERDICT)
+    if code is not None and math.isfinite(code):
+        verdict.add_metric(labels, code)
+    for key, value in sorted(latest.items()):
+        if key.startswith(PRECISION_LAYER_PREFIX):
+            layer_ratio.add_metric([*labels, key.removeprefix(PRECISION_LAYER_PREFIX)], value)
 
 
 class _Collector:

@@ -3,18 +3,31 @@
 The monitor's alert rules, as pure functions: checks and the stored states in, new states and
 transitions out. No MLflow, no database, no clock (the caller passes `now`).
 
-Four rules, each one alert per run (the key of its state machine is ``<run id>/<rule>``)::
+Five rules, each one alert per run (the key of its state machine is ``<run id>/<rule>``)::
 
     distance     the overall distance or any layer's distance ≥ the alert threshold (finite
                  values only; one alert per run: its message lists the worst layers, so the
-                 overall alert absorbs the per-layer ones)
+                 overall alert absorbs the per-layer ones) — the "backprop definition"
+                 measurement (central differences on the float64 model)
     non_finite   a distance (overall or a layer) is NaN or ±inf, in a check that ran
-    error        the check itself failed (verdict "error")
+    error        the check itself failed (verdict "error"): the central differences, or the
+                 training-kernels measurement (its "error" is folded into the verdict)
+    kernels      the "training kernels" measurement alerts: its own verdict is "alert"
+                 (a layer's ratio ≥ the run's alert ratio, default 32) or its ratio is NaN or
+                 ±inf; one alert per run, its message lists the worst layers by ratio
     stale        a RUNNING run whose last check is older than `multiple` × its expected
                  interval; resolves when checks resume or the run ends
 
-The first three advance once per check read, in step order, so an alert that fired and resolved
-between two polls produces both transitions. "stale" advances once per poll (its "checks" are
+The first four advance once per check read, in step order, so an alert that fired and resolved
+between two polls produces both transitions. A check without the training-kernels measurement
+(a float32 model on CPU: nothing to measure) counts as a clean check for "kernels".
+
+Which verdict means what. `gradwatch/verdict` is the worse of the two measurements', so an
+"alert" there may come from either: "distance" reads the distances themselves and "kernels"
+the measurement's own verdict (`gradwatch/precision/verdict`), never the folded one. An
+"error" there fires "error"; when only the training-kernels measurement failed (its own
+verdict "error", the distance finite), the distances were measured and still go through
+"distance" and "non_finite" (`definition_failed`). "stale" advances once per poll (its "checks" are
 polls), and its transition step is the poll's Unix second: each stale episode and each repeat has
 its own id, and the notification carries the run's last check step instead.
 
@@ -38,17 +51,25 @@ from datetime import datetime, timezone
 from gradwatch.alerts.state import AlertPolicy, AlertState, Transition, advance
 from gradwatch.common.errors import ConfigError
 from gradwatch.monitor.config import RULES
-from gradwatch.record.layout import LAYER_PREFIX, VERDICT_CODES, parse_every
+from gradwatch.record.layout import (
+    LAYER_PREFIX,
+    PRECISION_LAYER_PREFIX,
+    VERDICT_CODES,
+    parse_every,
+)
 from gradwatch.record.reader import CheckPoint, MonitoredRun
 
 __all__ = [
     "CHECK_RULES",
     "RuleOutcome",
     "check_signals",
+    "definition_failed",
     "evaluate_checks",
     "evaluate_stale",
     "expected_interval",
+    "kernels_alerting",
     "observed_interval",
+    "worst_kernel_layers",
     "worst_layers",
 ]
 
@@ -56,6 +77,10 @@ __all__ = [
 STALE = "stale"
 CHECK_RULES: tuple[str, ...] = tuple(rule for rule in RULES if rule != STALE)
 ERROR_VERDICT = VERDICT_CODES["error"]
+ALERT_VERDICT = VERDICT_CODES["alert"]
+#: The two measurements of a check, as alerts name them (`CheckReport.fired_by`).
+DEFINITION = "backprop definition"
+KERNELS = "training kernels"
 _RECENT_GAPS = 20  # gaps the observed interval is the median of
 
 
@@ -78,16 +103,44 @@ def check_signals(check: CheckPoint, alert_threshold: float) -> dict[str, bool]:
         >>> c = CheckPoint(step=10, timestamp_ms=0, rel_distance=2e-3, verdict=2,
         ...                max_element_error=None, layers={"gradwatch/layer/w": float("nan")})
         >>> check_signals(c, 1e-3)
-        {'distance': True, 'non_finite': True, 'error': False}
+        {'distance': True, 'non_finite': True, 'error': False, 'kernels': False}
+        >>> k = CheckPoint(10, 0, 1e-9, 2, None, precision_verdict=2, precision_ratio=900.0)
+        >>> check_signals(k, 1e-3)
+        {'distance': False, 'non_finite': False, 'error': False, 'kernels': True}
     """
-    if check.verdict == ERROR_VERDICT:
-        return {"distance": False, "non_finite": False, "error": True}
-    values = [check.rel_distance, *check.layers.values()]
+    values = [] if definition_failed(check.verdict, check.precision_verdict,
+                                     check.rel_distance) else [check.rel_distance,
+                                                               *check.layers.values()]
     return {
         "distance": any(math.isfinite(v) and v >= alert_threshold for v in values),
         "non_finite": any(not math.isfinite(v) for v in values),
-        "error": False,
+        "error": check.verdict == ERROR_VERDICT,
+        "kernels": kernels_alerting(check.precision_verdict, check.precision_ratio),
     }
+
+
+def definition_failed(
+    verdict: float | None, precision_verdict: float | None, rel_distance: float | None
+) -> bool:
+    """Whether a check's central differences failed (its distances say nothing then): verdict
+    "error", unless that error is the training-kernels measurement's alone (its own verdict
+    "error" and the distance finite: the distances were measured).
+
+    Example:
+        >>> definition_failed(3, None, float("nan")), definition_failed(3, 3, 1e-9)
+        (True, False)
+    """
+    if verdict != ERROR_VERDICT:
+        return False
+    only_kernels = precision_verdict == ERROR_VERDICT and rel_distance is not None and \
+        math.isfinite(rel_distance)
+    return not only_kernels
+
+
+def kernels_alerting(precision_verdict: float | None, ratio: float | None) -> bool:
+    """The "kernels" rule's signal: the training-kernels verdict is "alert", or its ratio is
+    NaN or ±inf (None, None: not measured, not alerting)."""
+    return precision_verdict == ALERT_VERDICT or (ratio is not None and not math.isfinite(ratio))
 
 
 def evaluate_checks(
@@ -198,10 +251,10 @@ def observed_interval(
 
 
 def worst_layers(
-    layers: Mapping[str, float], *, limit: int = 5
+    layers: Mapping[str, float], *, limit: int = 5, prefix: str = LAYER_PREFIX
 ) -> list[tuple[str, float]]:
-    """The `limit` worst layers, names without the ``gradwatch/layer/`` prefix: non-finite
-    first, then by distance, largest first.
+    """The `limit` worst layers, names without the ``gradwatch/layer/`` prefix (or `prefix`):
+    non-finite first, then by value (distance, or ratio), largest first.
 
     Example:
         >>> worst_layers({"gradwatch/layer/a": 1e-8, "gradwatch/layer/b": float("nan"),
@@ -213,7 +266,20 @@ def worst_layers(
         return (1, 0.0) if not math.isfinite(value) else (0, value)
 
     ranked = sorted(layers.items(), key=badness, reverse=True)[:limit]
-    return [(name.removeprefix(LAYER_PREFIX), value) for name, value in ranked]
+    return [(name.removeprefix(prefix), value) for name, value in ranked]
+
+
+def worst_kernel_layers(check: CheckPoint, *, limit: int = 5) -> list[tuple[str, float]]:
+    """The check's `limit` worst layers by training-kernels ratio (names without the
+    ``gradwatch/precision/layer/`` prefix), non-finite first.
+
+    Example:
+        >>> c = CheckPoint(10, 0, 1e-9, 2, None, precision_layers={
+        ...     "gradwatch/precision/layer/a": 1.5, "gradwatch/precision/layer/b": 900.0})
+        >>> worst_kernel_layers(c)
+        [('b', 900.0), ('a', 1.5)]
+    """
+    return worst_layers(check.precision_layers, limit=limit, prefix=PRECISION_LAYER_PREFIX)
 
 
 def _cron_gap(expression: str, now: float) -> float | None:

@@ -41,12 +41,17 @@ from gradwatch.alerts.state import AlertPolicy, AlertState, Transition
 from gradwatch.common.errors import ConfigError, DeliveryError
 from gradwatch.monitor.config import RULES, MonitorConfig
 from gradwatch.monitor.rules import (
+    DEFINITION,
+    ERROR_VERDICT,
+    KERNELS,
     STALE,
     RuleOutcome,
+    definition_failed,
     evaluate_checks,
     evaluate_stale,
     expected_interval,
     observed_interval,
+    worst_kernel_layers,
     worst_layers,
 )
 from gradwatch.monitor.schema import parse_url, sqlite_file
@@ -70,10 +75,18 @@ logger = logging.getLogger("gradwatch.monitor")
 _SEND_BATCH = 100
 _BULK_FROM = 5  # runs with new checks in one poll from which their histories are read in bulk
 _RULE_WORDS = {
-    "distance": "gradient distance",
-    "non_finite": "non-finite gradient distance",
+    "distance": f"{DEFINITION}: gradient distance",
+    "non_finite": f"{DEFINITION}: non-finite gradient distance",
     "error": "gradient check error",
+    "kernels": f"{KERNELS}: gradient ratio",
     "stale": "no gradient check",
+}
+#: What each measurement compares, for the notification body.
+_MEASUREMENT_HELP = {
+    DEFINITION: "central differences against backprop on the float64 model",
+    KERNELS: "the gradient as training computes it (its dtype, autocast, compiled graph, "
+             "custom ops) against the float64 one, as a ratio to the error of a correct "
+             "computation at that precision",
 }
 
 
@@ -349,7 +362,9 @@ class Monitor:
         *, interval: float | None, cursor: Cursor,
     ) -> Notification:
         """The message of one transition: one per run and rule; a "distance" message lists
-        the run's worst layers (the per-layer alerts are absorbed in it)."""
+        the run's worst layers (the per-layer alerts are absorbed in it), a "kernels" one its
+        worst layers by ratio. A check's message names the measurement that fired
+        (`details["measurement"]`): "backprop definition" and/or "training kernels"."""
         name = run.name or run.run_id
         step = check.step if check is not None else cursor.last_step
         details: dict[str, Any] = {
@@ -364,14 +379,27 @@ class Monitor:
         lines = [f"experiment {details['experiment']!r}, run {run.run_id}"]
         if check is not None:
             layers = worst_layers(check.layers)
+            measurements = _measurements(rule, check)
             details.update(rel_distance=_json_number(check.rel_distance),
                            verdict=check.verdict_word,
                            worst_layers=[{"layer": n, "rel_distance": _json_number(v)}
-                                         for n, v in layers])
-            lines.append(f"relative distance {_fmt(check.rel_distance)} at step {check.step} "
-                         f"(alert ≥ {_fmt(self.config.thresholds.alert)})")
-            if layers:
-                lines.append("worst layers: " + ", ".join(f"{n} {_fmt(v)}" for n, v in layers))
+                                         for n, v in layers],
+                           measurement=" and ".join(measurements))
+            lines += [f"measurement: {m} — {_MEASUREMENT_HELP[m]}" for m in measurements]
+            if check.precision_verdict is not None:
+                details["precision"] = _precision_details(check)
+            if rule == "kernels":
+                lines += _kernel_lines(check)
+            else:
+                lines.append(f"relative distance {_fmt(check.rel_distance)} at step "
+                             f"{check.step} (alert ≥ {_fmt(self.config.thresholds.alert)})")
+                if layers:
+                    lines.append("worst layers: " + ", ".join(f"{n} {_fmt(v)}"
+                                                              for n, v in layers))
+                if rule == "error" and KERNELS in measurements:
+                    lines.append(f"{KERNELS}: the measurement at training precision could "
+                                 f"not run (its verdict is error); the run's check report "
+                                 f"says why")
         else:
             age = None if cursor.last_check_at is None else transition.step - cursor.last_check_at
             details.update(last_check_step=cursor.last_step, last_check_at=cursor.last_check_at,
@@ -402,8 +430,14 @@ class Monitor:
         if rule == "distance" and check is not None:
             worst = max([check.rel_distance, *check.layers.values()],
                         key=lambda v: v if math.isfinite(v) else -1.0)
-            return (f"{prefix}: run {name!r}: gradient distance {_fmt(worst)} ≥ "
+            return (f"{prefix}: run {name!r}: {DEFINITION}: gradient distance {_fmt(worst)} ≥ "
                     f"{_fmt(self.config.thresholds.alert)} at step {check.step}")
+        if rule == "kernels" and check is not None:
+            return (f"{prefix}: run {name!r}: {KERNELS}: gradient {_ratio(check.precision_ratio)}"
+                    f"× farther from float64 than a correct computation at step {check.step}")
+        if rule == "error" and check is not None:
+            fired = " and ".join(_measurements(rule, check))
+            return f"{prefix}: run {name!r}: {what} ({fired}) at step {transition.step}"
         if rule == STALE:
             return f"{prefix}: run {name!r} is RUNNING but has not checked its gradients lately"
         return f"{prefix}: run {name!r}: {what} at step {transition.step}"
@@ -591,6 +625,51 @@ def _parse_payload(payload: str) -> Notification:
     except ValueError as error:
         raise DeliveryError(f"the stored payload is not a notification ({error})",
                             retryable=False) from None
+
+
+def _measurements(rule: str, check: CheckPoint) -> list[str]:
+    """The measurements a check rule's transition is about: "distance" and "non_finite" read
+    the central differences, "kernels" the training precision; "error" names whichever
+    failed (`definition_failed`)."""
+    if rule == "kernels":
+        return [KERNELS]
+    if rule != "error":
+        return [DEFINITION]
+    failed = []
+    if definition_failed(check.verdict, check.precision_verdict, check.rel_distance):
+        failed.append(DEFINITION)
+    if check.precision_verdict == ERROR_VERDICT:
+        failed.append(KERNELS)
+    return failed or [DEFINITION]
+
+
+def _precision_details(check: CheckPoint) -> dict[str, Any]:
+    ratio = check.precision_ratio
+    return {
+        "verdict": check.precision_verdict_word,
+        "ratio": None if ratio is None else _json_number(ratio),
+        "worst_layers": [{"layer": n, "ratio": _json_number(v)}
+                         for n, v in worst_kernel_layers(check)],
+    }
+
+
+def _kernel_lines(check: CheckPoint) -> list[str]:
+    """The body of a "kernels" message: the ratio and the worst layers by ratio."""
+    lines = [f"ratio {_ratio(check.precision_ratio)} at step {check.step} (verdict "
+             f"{check.precision_verdict_word or '?'}; training error / error of a correct "
+             f"computation at the training precision: ~1 is right, the run's alert ratio "
+             f"(default 32) and above is a wrong backward at that precision)"]
+    layers = worst_kernel_layers(check)
+    if layers:
+        lines.append("worst layers by ratio: " + ", ".join(f"{n} {_ratio(v)}"
+                                                         for n, v in layers))
+    return lines
+
+
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value:.3g}" if math.isfinite(value) else str(value)
 
 
 def _json_number(value: float) -> float | str:

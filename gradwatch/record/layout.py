@@ -12,7 +12,12 @@ Per check, at step = the training global step:
            `layer_metric_keys`; only the tensors measured on their own in this check — a
            tensor that was only screened jointly has no distance of its own),
            gradwatch/coverage/screened, /localised, /measured (tensor counts),
-           gradwatch/estimated (1 when rel_distance is an estimate)
+           gradwatch/estimated (1 when rel_distance is an estimate),
+           the training-kernels measurement, when it ran (a check's `kernels`, status
+           "measured" or "error"): gradwatch/precision/verdict (its own verdict code, also
+           folded into gradwatch/verdict), gradwatch/precision/ratio (the largest layer ratio),
+           gradwatch/precision/distance and /reference_distance (overall, training and
+           emulated), gradwatch/precision/layer/<parameter name> (each layer's ratio)
   tags     gradwatch.status (latest verdict word), gradwatch.last_step,
            gradwatch.alert ("firing" / "resolved", once an alert ever fired)
   artifact gradwatch/checks/step-<9-digit step>.json  (the CheckReport JSON, `artifact_path`)
@@ -57,6 +62,12 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "METRIC_PREFIX",
     "PARAM_PREFIX",
+    "PRECISION_DISTANCE",
+    "PRECISION_LAYER_PREFIX",
+    "PRECISION_PREFIX",
+    "PRECISION_RATIO",
+    "PRECISION_REFERENCE",
+    "PRECISION_VERDICT",
     "REL_DISTANCE",
     "REPORT_HTML",
     "REPORT_PNG",
@@ -87,6 +98,13 @@ LAYER_PREFIX = METRIC_PREFIX + "layer/"
 #: Tensors a check screened jointly / localised / measured on their own (auto mode).
 COVERAGE_PREFIX = METRIC_PREFIX + "coverage/"
 COVERAGE_KINDS = ("screened", "localised", "measured")
+#: The training-kernels measurement (`CheckReport.kernels`).
+PRECISION_PREFIX = METRIC_PREFIX + "precision/"
+PRECISION_VERDICT = PRECISION_PREFIX + "verdict"
+PRECISION_RATIO = PRECISION_PREFIX + "ratio"
+PRECISION_DISTANCE = PRECISION_PREFIX + "distance"
+PRECISION_REFERENCE = PRECISION_PREFIX + "reference_distance"
+PRECISION_LAYER_PREFIX = PRECISION_PREFIX + "layer/"
 VERDICT_CODES = {"ok": 0, "warn": 1, "alert": 2, "error": 3}
 VERDICT_WORDS = tuple(sorted(VERDICT_CODES, key=VERDICT_CODES.__getitem__))
 
@@ -141,8 +159,9 @@ def _sanitise(name: str) -> str:
     return cleaned
 
 
-def layer_metric_keys(names: Iterable[str]) -> dict[str, str]:
-    """Parameter name → metric key `gradwatch/layer/<sanitised name>`, unique and ≤ 250 chars.
+def layer_metric_keys(names: Iterable[str], prefix: str = LAYER_PREFIX) -> dict[str, str]:
+    """Parameter name → metric key `gradwatch/layer/<sanitised name>` (or under `prefix`,
+    e.g. `PRECISION_LAYER_PREFIX`), unique and ≤ 250 chars.
 
     Characters MLflow refuses become "_"; names that collide after that, or that are too long,
     get "-" + the first 8 hex digits of sha1(original name), so the key of a name never depends
@@ -153,7 +172,7 @@ def layer_metric_keys(names: Iterable[str]) -> dict[str, str]:
         'gradwatch/layer/a_b-...'
     """
     names = list(names)
-    room = MAX_KEY_LENGTH - len(LAYER_PREFIX)
+    room = MAX_KEY_LENGTH - len(prefix)
     cleaned = {name: _sanitise(name) for name in names}
     counts: dict[str, int] = {}
     for value in cleaned.values():
@@ -164,7 +183,7 @@ def layer_metric_keys(names: Iterable[str]) -> dict[str, str]:
         changed = value != name
         if (counts[value] > 1 and changed) or len(value) > room:
             value = f"{value[: room - 9]}-{digest}"
-        keys[name] = LAYER_PREFIX + value
+        keys[name] = prefix + value
     return keys
 
 

@@ -4,7 +4,8 @@ What one monitor poll (or one dashboard) reads: the runs, and each run's checks 
 
     find_runs(client, ["team-a", "17"])          one search_runs call per page of runs
         │   MonitoredRun: ids, name, status, times, gradwatch.* params, gradwatch.status,
-        │                 gradwatch.last_step (tag), the run's gradwatch/layer/* keys
+        │                 gradwatch.last_step (tag), the run's gradwatch/layer/* keys and
+        │                 its training-kernels keys (gradwatch/precision/*), if any
         ▼
     read_new_checks(client, run, cursor)         nothing, when the run's gradwatch.last_step
         │                                        is ≤ cursor.last_step (no new check);
@@ -34,7 +35,9 @@ Why these choices (the layout is the contract in `gradwatch.record.layout`):
   writes ±DBL_MAX (`gradwatch.record.layout.encode_metric`); the reader maps it back to ±inf.
 
 Cost of a run with new checks: 3 + (number of layer keys) `get_metric_history` calls, each
-returning the key's whole history (MLflow's client has no step range for it). When many runs
+returning the key's whole history (MLflow's client has no step range for it); a run whose checks
+measured the training kernels reads 2 + (number of precision layer keys) more, a run without
+that measurement (float32 eager on CPU) none (`history_keys`). When many runs
 have new checks at once (a monitor's first poll), `bulk_histories` reads them through the
 tracking server's bulk endpoint instead: one call per metric key for up to 100 runs.
 
@@ -57,6 +60,9 @@ from gradwatch.record.layout import (
     MAX_ELEMENT_ERROR,
     METRIC_PREFIX,
     PARAM_PREFIX,
+    PRECISION_LAYER_PREFIX,
+    PRECISION_RATIO,
+    PRECISION_VERDICT,
     REL_DISTANCE,
     STATUS_TAG,
     VERDICT,
@@ -71,6 +77,7 @@ __all__ = [
     "MonitoredRun",
     "bulk_histories",
     "find_runs",
+    "history_keys",
     "read_new_checks",
     "resolve_experiments",
 ]
@@ -124,8 +131,10 @@ class MonitoredRun:
     `last_step` is the tag `gradwatch.last_step` (None before the first check, or for a run
     written without it); `layer_keys` the run's `gradwatch/layer/*` metric keys; `params` its
     `gradwatch.*` params (`every`, thresholds, ...); `latest` the latest value of each
-    `gradwatch/*` metric (±inf decoded) as the search row carries it. Times are Unix
-    milliseconds.
+    `gradwatch/*` metric (±inf decoded) as the search row carries it. `precision_keys` are the
+    training-kernels keys its checks are read with (`gradwatch/precision/verdict`, `/ratio` and
+    each `gradwatch/precision/layer/*`; empty for a run whose checks never measured them).
+    Times are Unix milliseconds.
     """
 
     run_id: str
@@ -139,6 +148,7 @@ class MonitoredRun:
     params: Mapping[str, str] = field(default_factory=dict)
     layer_keys: tuple[str, ...] = ()
     latest: Mapping[str, float] = field(default_factory=dict)
+    precision_keys: tuple[str, ...] = ()
 
     @property
     def every(self) -> str | None:
@@ -163,6 +173,7 @@ class MonitoredRun:
             layer_keys=tuple(sorted(k for k in data.metrics if k.startswith(LAYER_PREFIX))),
             latest={k: decode_metric(v) for k, v in data.metrics.items()
                     if k.startswith(METRIC_PREFIX)},
+            precision_keys=_precision_keys(data.metrics),
         )
 
 
@@ -170,9 +181,12 @@ class MonitoredRun:
 class CheckPoint:
     """One check read back from MLflow: the values logged at `step`.
 
-    `verdict` is the code (0 ok, 1 warn, 2 alert, 3 error; None if it was not logged);
-    `layers` maps each `gradwatch/layer/<name>` key logged at this step to its distance.
-    NaN and ±inf are kept as such.
+    `verdict` is the code (0 ok, 1 warn, 2 alert, 3 error; None if it was not logged), with
+    the training-kernels verdict folded in; `layers` maps each `gradwatch/layer/<name>` key
+    logged at this step to its distance. The training-kernels measurement, when the check ran
+    it: `precision_verdict` (its own code), `precision_ratio` (the largest layer ratio) and
+    `precision_layers` (each `gradwatch/precision/layer/<name>` key logged at this step → its
+    ratio); None, None and {} for a check without it. NaN and ±inf are kept as such.
     """
 
     step: int
@@ -181,13 +195,19 @@ class CheckPoint:
     verdict: int | None
     max_element_error: float | None
     layers: Mapping[str, float] = field(default_factory=dict)
+    precision_verdict: int | None = None
+    precision_ratio: float | None = None
+    precision_layers: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def verdict_word(self) -> str | None:
         """"ok", "warn", "alert" or "error" (None if unknown)."""
-        if self.verdict is None or not 0 <= self.verdict < len(VERDICT_WORDS):
-            return None
-        return VERDICT_WORDS[self.verdict]
+        return _word(self.verdict)
+
+    @property
+    def precision_verdict_word(self) -> str | None:
+        """The training-kernels verdict as a word (None when the check did not measure it)."""
+        return _word(self.precision_verdict)
 
 
 def resolve_experiments(client: MlflowReader, experiments: Iterable[str]) -> list[str]:
@@ -291,12 +311,20 @@ def read_new_checks(
         return [], cursor
     verdicts, element_errors = history(VERDICT), history(MAX_ELEMENT_ERROR)
     layers = {key: history(key) for key in run.layer_keys}
+    precision = {key: history(key) for key in run.precision_keys}
+    precision_verdicts = precision.pop(PRECISION_VERDICT, {})
+    ratios = precision.pop(PRECISION_RATIO, {})
     checks = [
         CheckPoint(
             step=step, timestamp_ms=timestamp_ms, rel_distance=value,
             verdict=int(verdicts[step][1]) if _finite_at(verdicts, step) else None,
             max_element_error=element_errors[step][1] if step in element_errors else None,
             layers={key: values[step][1] for key, values in layers.items() if step in values},
+            precision_verdict=(int(precision_verdicts[step][1])
+                               if _finite_at(precision_verdicts, step) else None),
+            precision_ratio=ratios[step][1] if step in ratios else None,
+            precision_layers={key: values[step][1] for key, values in precision.items()
+                              if step in values},
         )
         for step, (timestamp_ms, value) in sorted(spine.items())
     ]
@@ -359,8 +387,7 @@ def bulk_histories(
     try:
         for start in range(0, len(runs), BULK_RUNS):
             batch = runs[start:start + BULK_RUNS]
-            keys = {REL_DISTANCE, VERDICT, MAX_ELEMENT_ERROR}
-            keys.update(key for run in batch for key in run.layer_keys)
+            keys = {key for run in batch for key in history_keys(run)}
             for key in sorted(keys):
                 fetch([run.run_id for run in batch], key)
     except Exception:  # no endpoint (404), another server, a proxy that refuses it: per run
@@ -368,7 +395,26 @@ def bulk_histories(
     return result
 
 
+def history_keys(run: MonitoredRun) -> list[str]:
+    """The metric keys whose histories make `run`'s checks (what `read_new_checks` reads):
+    the check's own, its layers', and the training-kernels ones when the run has them."""
+    return [REL_DISTANCE, VERDICT, MAX_ELEMENT_ERROR, *run.layer_keys, *run.precision_keys]
+
+
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _precision_keys(metrics: Mapping[str, Any]) -> tuple[str, ...]:
+    """The training-kernels keys a run's checks are read with, of its metric keys."""
+    own = [key for key in (PRECISION_VERDICT, PRECISION_RATIO) if key in metrics]
+    layers = sorted(key for key in metrics if key.startswith(PRECISION_LAYER_PREFIX))
+    return (*own, *layers)
+
+
+def _word(code: int | None) -> str | None:
+    if code is None or not 0 <= code < len(VERDICT_WORDS):
+        return None
+    return VERDICT_WORDS[code]
 
 
 def _by_step(

@@ -35,6 +35,11 @@ from gradwatch.record.layout import (
     LAST_STEP_TAG,
     LOCAL_ID_TAG,
     MAX_ELEMENT_ERROR,
+    PRECISION_DISTANCE,
+    PRECISION_LAYER_PREFIX,
+    PRECISION_RATIO,
+    PRECISION_REFERENCE,
+    PRECISION_VERDICT,
     REL_DISTANCE,
     SECONDS,
     STATUS_TAG,
@@ -99,6 +104,7 @@ def check_payload(
     keys = layer_metric_keys(report.layers)
     for name, layer in checked.items():
         metrics.append([keys[name], encode_metric(layer.rel_distance), timestamp_ms, step])
+    metrics += _kernel_metrics(report, timestamp_ms, step)
     tags = {STATUS_TAG: report.verdict, LAST_STEP_TAG: str(step)}
     if alert is not None:
         tags[ALERT_TAG] = alert
@@ -113,6 +119,20 @@ def check_payload(
         "tags": tags,
         "artifacts": {artifact_path(step): report.model_dump_json()},
     }
+
+
+def _kernel_metrics(report: CheckReport, timestamp_ms: int, step: int) -> list[list[Any]]:
+    """The training-kernels measurement's metrics (`layout`), when it ran."""
+    kernels = report.kernels
+    if kernels is None or kernels.verdict is None:
+        return []
+    values = {PRECISION_VERDICT: float(VERDICT_CODES[kernels.verdict])}
+    if kernels.status == "measured":
+        values.update({PRECISION_RATIO: kernels.ratio, PRECISION_DISTANCE: kernels.distance,
+                       PRECISION_REFERENCE: kernels.reference_distance})
+        keys = layer_metric_keys(kernels.layers, PRECISION_LAYER_PREFIX)
+        values.update({keys[name]: layer.ratio for name, layer in kernels.layers.items()})
+    return [[key, encode_metric(value), timestamp_ms, step] for key, value in values.items()]
 
 
 def params_payload(

@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import JsonValue
+
 from gradwatch.alerts.dispatch import Dispatcher
 from gradwatch.alerts.notify import Notification, Notifier
 from gradwatch.alerts.settings import AlertSettings, OnAlert
@@ -58,6 +60,9 @@ from gradwatch.watch.schedule import Schedule
 __all__ = ["CheckPlan", "GradWatch"]
 
 logger = logging.getLogger("gradwatch")
+
+#: The values of GradWatch(autocast=) besides None and the torch dtypes.
+AUTOCAST_NAMES = ("auto", "bfloat16", "bf16", "float16", "fp16", "half")
 
 #: close() at interpreter exit, when the program did not call it: bounded, the spool keeps
 #: what is not delivered by then for the next start or `gradwatch flush`.
@@ -95,6 +100,10 @@ class GradWatch:
         overhead: the share of training time the adaptive budget aims at. The default, 0.005,
             is half of gradwatch's 1% goal: the rest is margin for the record's delivery in a
             background thread and for a noisy machine.
+        autocast: the autocast dtype training runs under, for the training-kernels
+            measurement: "auto" (the one around the latest training forward, as the probe
+            capture saw it; Lightning's adapter reads `trainer.precision`), None, "bfloat16"
+            or "float16".
         strict: re-raise exceptions from inside the check (and from the record) instead of
             recording an "error" check (logging the failure).
         clock: seconds since the epoch for measurement timestamps (tests pass their own).
@@ -129,6 +138,7 @@ class GradWatch:
         first_step: bool = True,
         probe_rows: int | None = 8,
         overhead: float = 0.005,
+        autocast: Any = "auto",
         strict: bool = False,
         clock: Callable[[], float] = time.time,
         mode: Mode | Default = DEFAULT,
@@ -164,7 +174,7 @@ class GradWatch:
             "spool_dir": spool_dir, "mlflow": mlflow, "report": report,
             "report_every": report_every,
         })
-        _check_watch_settings(loss_fn, probe_rows, overhead)
+        _check_watch_settings(loss_fn, probe_rows, overhead, autocast)
         self.probe_rows = probe_rows
         self.loss_fn = loss_fn
         self.probe = probe
@@ -176,7 +186,8 @@ class GradWatch:
         self.clock = clock
         self.schedule = Schedule(self.every, first_step=first_step)
         self.tracker = AlertTracker(self.policy)
-        self.capture = ProbeCapture()
+        self.capture = ProbeCapture(keep_inputs=probe is None)
+        self.autocast = autocast
         self.adaptive = AdaptiveBudget(overhead) if self.settings.budget is None else None
         self.rotation = Rotation()
         #: (time, step) where the training time being measured began: the end of the last
@@ -235,8 +246,8 @@ class GradWatch:
         # so the background delivery is not killed inside native code at finalisation (which
         # aborts the process) and what it holds reaches MLflow.
         atexit.register(self._close_at_exit)
-        if model is not None and self.probe is None:
-            self.capture.attach(model)
+        if model is not None:
+            self.capture.attach(model)  # the inputs (without probe=) and the autocast
         self.schedule.start()
         if self.notifiers:
             self._dispatcher = Dispatcher(self.notifiers)
@@ -507,9 +518,13 @@ class GradWatch:
             batch = first_rows(batch, self.probe_rows)
         # No rotation: auto mode screens every tensor jointly in every check (`_screen`).
         include, exclude = self.include, self.exclude
+        autocast = self.autocast if self.autocast != "auto" else self.capture.autocast
         report = check_module(
             model, batch, loss_fn or self.loss_fn or default_loss, include=include,
-            exclude=exclude, loss_scale=self._loss_scale or None, **plan.check_kwargs(),
+            exclude=exclude, loss_scale=self._loss_scale or None, autocast=autocast,
+            options=CheckOptions(kernels=self.settings.kernels,
+                                 kernel_thresholds=self.settings.kernel_thresholds),
+            **plan.check_kwargs(),
         )
         report.probe.update({"step": step, "from": source})
         return report
@@ -689,9 +704,16 @@ def _recorder(
     return recorder
 
 
-def _check_watch_settings(loss_fn: Any, probe_rows: Any, overhead: Any) -> None:
+def _check_watch_settings(loss_fn: Any, probe_rows: Any, overhead: Any, autocast: Any) -> None:
     """The settings that belong to the watch itself (the others are validated by their
     objects)."""
+    dtype = type(autocast).__name__ == "dtype" and str(autocast) in ("torch.bfloat16",
+                                                                      "torch.float16")
+    if not (autocast is None or dtype or autocast in AUTOCAST_NAMES):
+        raise ConfigError(
+            f"autocast must be 'auto' (detected from the training forward), None, 'bfloat16' "
+            f"or 'float16' (the dtype training's autocast uses), got {autocast!r}."
+        )
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"loss_fn must be callable(model, batch), got {loss_fn!r}.")
     if probe_rows is not None and (isinstance(probe_rows, bool) or not isinstance(
@@ -731,16 +753,31 @@ def make_notification(report: CheckReport, transition: Any, *, run_id: str | Non
     word = {"firing": "ALERT", "repeat": "ALERT (still firing)", "resolved": "resolved"}
     title = (f"gradwatch {word[transition.kind]}: gradient check at step {transition.step}"
              + (f" in run {run_id}" if run_id else ""))
-    lines = [f"verdict {report.verdict}, rel_distance {report.rel_distance:.3g}"]
+    fired = report.fired_by()
+    ranked = (report.kernels.worst_layers(3) if report.kernels is not None
+              and fired == ["training kernels"] else report.worst_layers(3))
+    worst = list[JsonValue](name for name, _ in ranked)
+    lines = [f"verdict {report.verdict} by {' and '.join(fired)}, rel_distance "
+             f"{report.rel_distance:.3g}"]
     lines += [f"- {reason}" for reason in report.reasons[:5]]
-    for name, layer in report.worst_layers(3):
-        if layer.verdict in ("warn", "alert"):
-            element = layer.worst[0] if layer.worst else None
-            where = (f"; worst element {list(element.index)}: analytic {element.analytic:.6g} "
-                     f"vs numeric {element.numeric:.6g}" if element else "")
-            lines.append(f"layer {name}: rel_distance {layer.rel_distance:.3g}{where}")
+    if "backprop definition" in fired:
+        for name, layer in report.worst_layers(3):
+            if layer.verdict in ("warn", "alert"):
+                element = layer.worst[0] if layer.worst else None
+                where = (f"; worst element {list(element.index)}: analytic "
+                         f"{element.analytic:.6g} vs numeric {element.numeric:.6g}"
+                         if element else "")
+                lines.append(f"layer {name}: rel_distance {layer.rel_distance:.3g}{where}")
+    if "training kernels" in fired and report.kernels is not None:
+        for name, kernel in report.kernels.worst_layers(3):
+            if kernel.verdict in ("warn", "alert"):
+                top = kernel.worst[0] if kernel.worst else None
+                where = (f"; worst element {list(top.index)}: training {top.training:.6g} vs "
+                         f"float64 {top.reference:.6g}" if top else "")
+                lines.append(f"layer {name} (training kernels, {report.kernels.dtype}): ratio "
+                             f"{kernel.ratio:.3g}{where}")
     return Notification.from_transition(
         transition, title=title, body="\n".join(lines), run_id=run_id,
         details={"rel_distance": report.rel_distance, "verdict": report.verdict,
-                 "worst_layers": [name for name, _ in report.worst_layers(3)]},
+                 "measurements": list[JsonValue](fired), "worst_layers": worst},
     )

@@ -285,3 +285,26 @@ def test_no_text_overlaps_in_the_tables_and_charts_of_both_pages_at_1400_px(
     labels = page.evaluate("Array.from(document.querySelectorAll('#chart-layers text'))"
                            ".map(t => t.textContent)")
     assert kept in labels and LONG_LAYERS[0] in labels
+
+
+def test_the_training_kernels_chart_and_table_render_without_overlaps(
+    client: MlflowClient, page: Page, tmp_path: Path
+) -> None:
+    from tests.dashboard.test_dashboard_html import a_run_with_training_kernels
+
+    path = tmp_path / "kernels.html"
+    path.write_text(build_run_report(client, a_run_with_training_kernels(client)),
+                    encoding="utf-8")
+    page.command("Emulation.setDeviceMetricsOverride",
+                 {"width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": False})
+    open_file(page, path)
+    assert page.errors() == []
+    assert count(page, "#chart-precision.vega-embed svg.marks") == 1
+    assert count(page, "#chart-precision g.mark-symbol.role-mark path") == 5  # one per check
+    ticks = page.evaluate("Array.from(document.querySelectorAll('#chart-precision text'))"
+                          ".map(t => t.textContent)")
+    assert "training-kernels ratio" in ticks
+    boxes = page.evaluate(TEXT_BOXES)
+    assert overlapping(boxes) == []
+    assert [box["text"] for box in boxes if box["clipped"]] == []
+    assert page.screenshot(tmp_path / "kernels.png").startswith(b"\x89PNG")

@@ -264,3 +264,67 @@ def test_script_json_cannot_close_the_script_element() -> None:
     assert json.loads(text) == {"name": EVIL_LAYER + "\u2028&<!--"}
     with pytest.raises(ValueError):
         script_json({"x": math.nan})
+
+
+def a_run_with_training_kernels(client: MlflowClient) -> str:
+    """Real checks by the record's writer: clean (10), a custom op wrong outside float64
+    (20, 30), the kernels measurement failed (40), clean again (50)."""
+    from tests.record.kernel_runs import kernel_error_report, kernel_report
+
+    _, experiment_id = new_experiment(client)
+    good, bad = kernel_report(faulty=False), kernel_report(faulty=True)
+    checks = [(10, good), (20, bad), (30, bad), (40, kernel_error_report()), (50, good)]
+    return write_run(client, experiment_id, checks, name="bf16-op")
+
+
+def test_a_run_with_training_kernels_shows_its_ratio_and_layers(
+    client: MlflowClient, mlflow_server: MlflowServer
+) -> None:
+    page = build_run_report(client, a_run_with_training_kernels(client))
+    charts = chart_data(page)
+    spec = charts["chart-precision"]
+    rows = {row["step"]: row for row in spec["datasets"]["checks"]}
+    assert sorted(rows) == [10, 20, 30, 40, 50]
+    assert [rows[s]["verdict"] for s in sorted(rows)] == ["ok", "alert", "alert", "error", "ok"]
+    assert rows[20]["ratio"] > 1e3 and rows[10]["ratio"] < 8
+    assert rows[40]["shown_as"] == "error"
+    assert spec["layer"][0]["encoding"]["y"]["scale"] == {"type": "log"}
+    assert [t["value"] for t in spec["datasets"]["thresholds"]] == [8.0, 32.0]
+    assert spec["datasets"]["alert_periods"] == [
+        {"step_from": 20, "step_to": 50, "verdict": "error", "checks": 3}]
+    # the definition's chart is still the distance, clean throughout
+    assert all(row["distance"] < 1e-6 for row in charts["chart-distance"]["datasets"]["checks"])
+
+    section = page.split("<h2>Training kernels (precision)</h2>")[1].split("<h2>")[0]
+    assert "float32" in section and "gwmon::tanh" in section  # how the newest one ran
+    assert "warn 8 and alert 32" in section
+    body = section.split("<tbody>")[1].split("</tbody>")[0]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in body.split("<tr>")[1:]]
+    by_layer = {row[0]: row[1:] for row in cells}
+    assert list(by_layer) == ["first.weight", "first.bias", "second.weight", "second.bias"]
+    latest, latest_step, worst, worst_step, count = by_layer["first.weight"]
+    assert (latest_step, worst_step, count) == ("50", "20", "2 of 4")  # step 40: no ratio
+    assert worst.startswith('<span class="severe">') and "severe" not in latest
+    assert by_layer["second.weight"][4] == "0 of 4"
+    cards = page.split('<section class="cards">')[1].split("</section>")[0]
+    assert "training kernels" in cards and "at step 50" in cards
+    assert "includes the training-kernels measurement" in page  # under the distance chart
+    assert_offline(page, allowed_prefix=mlflow_server.url)
+
+
+def test_a_run_without_training_kernels_shows_nothing_new(client: MlflowClient) -> None:
+    _, experiment_id = new_experiment(client)
+    run_id = write_run(client, experiment_id, [(10, report({"w": 1e-9}))])
+    page = build_run_report(client, run_id)
+    assert "chart-precision" not in chart_data(page)
+    assert "Training kernels" not in page and "training kernels" not in page
+    assert "training-kernels" not in outside_scripts(page)
+
+
+def test_the_png_of_a_run_with_training_kernels_has_the_ratio(client: MlflowClient,
+                                                               tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = render_run_png(client, a_run_with_training_kernels(client), tmp_path / "r.png")
+    with Image.open(path) as image:
+        assert image.height > 640  # distance, heatmap and the ratio (3 × ~2.8 in at 100 dpi)

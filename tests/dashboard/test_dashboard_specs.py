@@ -10,6 +10,7 @@ import colorsys
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gradwatch import Thresholds
+from gradwatch import RatioThresholds, Thresholds
 from gradwatch.dashboard.charts import (
     ALERT_COLOUR,
     CALM_COLOURS,
@@ -31,9 +32,10 @@ from gradwatch.dashboard.charts import (
     load_spec,
     run_distance_chart,
     run_layers_chart,
+    run_precision_chart,
     thin,
 )
-from gradwatch.dashboard.data import ExperimentData, RunData, RunSummary
+from gradwatch.dashboard.data import ExperimentData, KernelInfo, RunData, RunSummary
 from gradwatch.dashboard.png import HEATMAP_LABEL, run_figure
 from gradwatch.record.reader import CheckPoint, MonitoredRun
 
@@ -285,3 +287,70 @@ def test_keep_end_keeps_what_tells_weight_from_bias() -> None:
     assert keep_end(name, 30) == "…q_proj.lora_A.default.weight"
     assert len(keep_end(name, 30)) <= 30 and keep_end(name, 71) == name
     assert keep_end("a." + "b" * 40, 10) == "…bbbbbbbbb"  # no dot to start at: a hard cut
+
+
+# -- the training-kernels ratio -----------------------------------------------------------------
+
+
+def kernel_checks() -> list[CheckPoint]:
+    """Ok, alert (a wrong custom op), a failed measurement (no ratio), +inf, NaN, exactly 0,
+    and a check without the measurement (left out of the ratio chart)."""
+    key = "gradwatch/precision/layer/first.weight"
+    values = [(10, 0, 1.4), (20, 2, 8.3e4), (30, 3, None), (40, 2, math.inf), (50, 2, math.nan),
+              (60, 0, 0.0), (70, None, None)]
+    return [CheckPoint(step, 0, 1e-9, verdict, None, {"gradwatch/layer/w": 1e-9},
+                       precision_verdict=verdict, precision_ratio=ratio,
+                       precision_layers={} if ratio is None else {key: ratio})
+            for step, verdict, ratio in values]
+
+
+def with_kernels(data: RunData, thresholds: RatioThresholds | None = None) -> RunData:
+    key = "gradwatch/precision/layer/first.weight"
+    return replace(data, kernels=KernelInfo(thresholds=thresholds or RatioThresholds(),
+                                            layer_names={key: "first.weight"},
+                                            layer_order=[key]))
+
+
+def test_the_ratio_chart_is_valid_log_scaled_and_names_what_it_cannot_plot() -> None:
+    data = with_kernels(run_data(kernel_checks(), ["gradwatch/layer/w"]))
+    spec = run_precision_chart(data)
+    assert spec is not None and schema_errors(spec) == []
+    no_nan(json.dumps(spec, allow_nan=False))
+    assert spec["layer"][0]["encoding"]["y"]["scale"] == {"type": "log"}
+    rows = {row["step"]: row for row in spec["datasets"]["checks"]}
+    assert sorted(rows) == [10, 20, 30, 40, 50, 60]  # 70 did not measure the kernels
+    assert (rows[10]["ratio"], rows[10]["verdict"], rows[10]["shown_as"]) == (1.4, "ok", "value")
+    assert (rows[20]["ratio"], rows[20]["verdict"]) == (8.3e4, "alert")
+    ceiling = rows[40]["plotted"]
+    assert ceiling >= 1e5
+    assert (rows[30]["ratio"], rows[30]["ratio_text"], rows[30]["shown_as"],
+            rows[30]["verdict"], rows[30]["plotted"]) == (None, "error", "error", "error", ceiling)
+    assert (rows[40]["shown_as"], rows[50]["shown_as"], rows[50]["plotted"]) == (
+        "+inf", "NaN", ceiling)
+    assert rows[60]["shown_as"] == "zero" and rows[60]["plotted"] < 1
+    # the warn 8 / alert 32 lines and bands, and this measurement's own alert stretch
+    assert [(t["value"], t["label"]) for t in spec["datasets"]["thresholds"]] == [
+        (8.0, "warn ≥ 8"), (32.0, "alert ≥ 32")]
+    assert [(b["low"], b["high"]) for b in spec["datasets"]["bands"]] == [
+        (8.0, 32.0), (32.0, ceiling)]
+    assert spec["datasets"]["alert_periods"] == [
+        {"step_from": 20, "step_to": 60, "verdict": "error", "checks": 4}]
+    # the run's own ratio thresholds when its reports carry others
+    custom = run_precision_chart(with_kernels(data, RatioThresholds(warn=4, alert=16)))
+    assert custom is not None
+    assert [t["value"] for t in custom["datasets"]["thresholds"]] == [4.0, 16.0]
+
+
+def test_no_ratio_chart_or_png_axes_without_the_measurement(tmp_path: Path) -> None:
+    from gradwatch.dashboard.png import RATIO_LABEL
+
+    plain = run_data(odd_checks(), ["gradwatch/layer/a"])
+    assert plain.kernels is None and run_precision_chart(plain) is None
+    labels = [ax.get_label() for ax in run_figure(plain).axes]
+    assert RATIO_LABEL not in labels
+    figure = run_figure(with_kernels(replace(plain, checks=kernel_checks())))
+    (ratio_axes,) = [ax for ax in figure.axes if ax.get_label() == RATIO_LABEL]
+    assert ratio_axes.get_yscale() == "log"
+    assert {text.get_text() for text in ratio_axes.get_legend().get_texts()} >= {
+        "warn 8", "alert 32", "NaN / ±inf", "not measured (error)"}
+    figure.savefig(tmp_path / "report.png", format="png", dpi=figure.dpi)

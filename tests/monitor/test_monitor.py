@@ -90,6 +90,29 @@ LAYERS_BAD = {"encoder.weight": 3e-2, "encoder.bias": 2e-8, "head.weight": 5e-3}
 LAYERS_OK = {"encoder.weight": 1e-8, "encoder.bias": 2e-8, "head.weight": 1e-8}
 
 
+def log_precision(client: MlflowClient, run_id: str, step: int, verdict: str,
+                  ratio: float | None, layers: dict[str, float] | None = None) -> None:
+    """The training-kernels metrics of the check at `step`, in the record's layout (after
+    `log_check`, at the same step and time)."""
+    from mlflow.entities import Metric
+
+    from gradwatch.record.layout import (
+        PRECISION_LAYER_PREFIX,
+        PRECISION_RATIO,
+        PRECISION_VERDICT,
+        VERDICT_CODES,
+        encode_metric,
+    )
+
+    timestamp = T0_MS + step * 1000
+    metrics = [Metric(PRECISION_VERDICT, float(VERDICT_CODES[verdict]), timestamp, step)]
+    if ratio is not None:
+        metrics.append(Metric(PRECISION_RATIO, encode_metric(ratio), timestamp, step))
+    metrics += [Metric(PRECISION_LAYER_PREFIX + name, encode_metric(value), timestamp, step)
+                for name, value in (layers or {}).items()]
+    client.log_batch(run_id, metrics=metrics)
+
+
 def test_fired_and_resolved_between_polls_both_notify_once(rig: Rig) -> None:
     run_id = new_run(rig.client, rig.experiment_id, name="bert-tiny")
     monitor = rig.monitor()
@@ -294,6 +317,8 @@ def test_metrics_expose_the_latest_poll(rig: Rig) -> None:
     log_check(rig.client, healthy, 10, 1e-8, "ok", layers=LAYERS_OK)
     log_check(rig.client, broken, 10, 2e-2, "alert", layers=LAYERS_BAD)
     log_check(rig.client, broken, 20, math.nan, "error", layers={"encoder.weight": math.inf})
+    # the healthy run's check also measured the training kernels (bf16 autocast, say)
+    log_precision(rig.client, healthy, 10, "ok", 1.3, {"encoder.weight": 1.3, "head.weight": 1.1})
     monitor = rig.monitor(prometheus={"enabled": True, "port": 1})
     server = MetricsServer(monitor, "127.0.0.1", 0)
     try:
@@ -330,6 +355,13 @@ def test_metrics_expose_the_latest_poll(rig: Rig) -> None:
         assert value("gradwatch_monitor_polls_total") == 1
         assert value("gradwatch_monitor_runs_watched") == 2
         assert value("gradwatch_monitor_outbox_pending") == 0
+        assert value("gradwatch_precision_ratio", healthy) == pytest.approx(1.3)
+        assert value("gradwatch_layer_precision_ratio", healthy,
+                     layer="head.weight") == pytest.approx(1.1)
+        assert value("gradwatch_precision_verdict", healthy) == 0
+        assert value("gradwatch_alert_firing", healthy, rule="kernels") == 0
+        assert not [n for (n, ls) in samples if n.startswith("gradwatch_precision")
+                    and ("run_id", broken) in ls]  # no measurement: no series
         assert ("run_name", 'we<ird "name"') in next(
             ls for (n, ls) in samples if n == "gradwatch_run_running" and ("run_id", broken) in ls)
         # the names and labels the Prometheus rules and the Grafana dashboard are written
@@ -453,5 +485,84 @@ def test_a_notification_for_a_channel_no_longer_configured_is_kept_dead(rig: Rig
         (row,) = monitor.state.outbox("dead")
         assert "'gone' is no longer in the monitor's config" in (row.last_error or "")
         assert rig.receiver.requests == []
+    finally:
+        monitor.close()
+
+
+def test_a_training_kernels_alert_fires_its_own_rule_named_by_its_measurement(rig: Rig) -> None:
+    """Real checks of a float32 model whose custom op's backward is 1% wrong outside float64,
+    written by the real record writer: the definition reads ok, the training kernels alert;
+    one "kernels" alert per run (not a "distance" one), naming the measurement and listing
+    the worst layers by ratio. A definition alert in another run names its measurement."""
+    from tests.record.kernel_runs import kernel_report
+    from tests.support.dashboard_runs import write_run
+
+    bad, good = kernel_report(faulty=True), kernel_report(faulty=False)
+    run_id = write_run(rig.client, rig.experiment_id,
+                       [(10, good), (20, bad), (30, bad), (40, good)], name="bf16-op")
+    other = new_run(rig.client, rig.experiment_id, name="definition-bug")
+    log_check(rig.client, other, 10, 2e-2, "alert", layers=LAYERS_BAD)
+    monitor = rig.monitor()
+    try:
+        summary, sent = monitor.run_once()
+        assert (summary.new_checks, sent.sent) == (5, 3)
+        bodies = {(b["run_id"], b["details"]["rule"], b["kind"]): b for b in rig.bodies()}
+        assert set(bodies) == {(run_id, "kernels", "firing"), (run_id, "kernels", "resolved"),
+                               (other, "distance", "firing")}
+        firing = bodies[run_id, "kernels", "firing"]
+        assert firing["id"] == transition_id(f"{run_id}/kernels", "firing", 20)
+        assert firing["step"] == 20 and firing["severity"] == "critical"
+        assert firing["details"]["measurement"] == "training kernels"
+        assert "training kernels" in firing["title"] and "bf16-op" in firing["title"]
+        assert "measurement: training kernels" in firing["body"]
+        precision = firing["details"]["precision"]
+        assert precision["verdict"] == "alert" and precision["ratio"] > 1e3
+        assert [w["layer"] for w in precision["worst_layers"][:2]] == ["first.weight",
+                                                                        "first.bias"]
+        assert "worst layers by ratio: first.weight" in firing["body"]
+        resolved = bodies[run_id, "kernels", "resolved"]
+        assert resolved["step"] == 40 and resolved["details"]["fired_at_step"] == 20
+        assert "training kernels" in resolved["title"]
+        definition = bodies[other, "distance", "firing"]
+        assert definition["details"]["measurement"] == "backprop definition"
+        assert "backprop definition" in definition["title"]
+        assert "measurement: backprop definition" in definition["body"]
+        assert "precision" not in definition["details"]  # that run has no such measurement
+        stored = monitor.state.alert(run_id, "kernels")
+        assert stored is not None and stored.last_transition == "resolved"
+        assert monitor.state.alert(run_id, "distance") is None  # the definition never alerted
+    finally:
+        monitor.close()
+
+
+def test_a_failed_kernels_measurement_fires_error_and_keeps_judging_distances(rig: Rig) -> None:
+    """The kernels measurement's "error" is folded into gradwatch/verdict, so the "error" rule
+    announces it (naming that measurement); the check's distances were measured, so a running
+    distance alert neither resolves nor is hidden. A non-finite ratio fires "kernels"."""
+    run_id = new_run(rig.client, rig.experiment_id, name="fp16")
+    log_check(rig.client, run_id, 10, 5e-3, "alert")
+    log_precision(rig.client, run_id, 10, "ok", 1.2)
+    log_check(rig.client, run_id, 20, 5e-3, "error")  # the kernels failed; the distance stands
+    log_precision(rig.client, run_id, 20, "error", None)
+    log_check(rig.client, run_id, 30, 1e-8, "ok")
+    log_precision(rig.client, run_id, 30, "ok", 1.1)
+    log_check(rig.client, run_id, 40, 1e-8, "warn")
+    log_precision(rig.client, run_id, 40, "warn", math.inf, {"encoder.weight": math.inf})
+    monitor = rig.monitor()
+    try:
+        monitor.run_once()
+        kinds = [(b["details"]["rule"], b["kind"], b["step"]) for b in rig.bodies()]
+        assert kinds == [("distance", "firing", 10), ("error", "firing", 20),
+                         ("distance", "resolved", 30), ("error", "resolved", 30),
+                         ("kernels", "firing", 40)]
+        error = rig.bodies()[1]
+        assert error["details"]["measurement"] == "training kernels"
+        assert "(training kernels)" in error["title"]
+        assert "could not run" in error["body"]
+        assert error["details"]["precision"]["verdict"] == "error"
+        kernels = rig.bodies()[4]
+        assert kernels["details"]["precision"]["ratio"] == "inf"
+        assert kernels["details"]["precision"]["worst_layers"] == [
+            {"layer": "encoder.weight", "ratio": "inf"}]
     finally:
         monitor.close()

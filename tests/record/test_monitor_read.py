@@ -258,3 +258,60 @@ def test_a_run_without_any_check_costs_no_call_and_a_local_store_has_no_bulk(
     assert counting.calls["get_metric_history"] == 0
     local = MlflowClient(f"sqlite:///{tmp_path / 'local.db'}")
     assert bulk_histories(local, [run]) is None
+
+
+# -- the training-kernels measurement -----------------------------------------------------------
+
+
+def test_the_training_kernels_measurement_reads_back_per_check(client: MlflowClient) -> None:
+    """Real reports by the real writer: a check whose custom op is wrong outside float64, a
+    clean one, one whose kernels measurement failed; a run without the measurement reads as
+    before (no precision key, no extra call)."""
+    from gradwatch.record.layout import PRECISION_LAYER_PREFIX, PRECISION_RATIO, PRECISION_VERDICT
+    from tests.record.kernel_runs import BEFORE_OP, kernel_error_report, kernel_report
+    from tests.support.dashboard_runs import write_run
+
+    _, experiment_id = new_experiment(client)
+    faulty, clean, failed = (kernel_report(faulty=True), kernel_report(faulty=False),
+                             kernel_error_report())
+    run_id = write_run(client, experiment_id, [(10, faulty), (20, clean), (30, failed)])
+    plain = new_run(client, experiment_id)
+    log_check(client, plain, 10, 1e-9, "ok", layers={"w": 1e-9})
+    runs = find_runs(client, [experiment_id])
+    run = the_run(runs, run_id)
+    assert faulty.kernels is not None
+    keys = layer_metric_keys(faulty.kernels.layers, PRECISION_LAYER_PREFIX)
+    assert run.precision_keys == (PRECISION_VERDICT, PRECISION_RATIO, *sorted(keys.values()))
+    assert the_run(runs, plain).precision_keys == ()
+
+    counting = CountingClient(client)
+    checks, _ = read_new_checks(counting, run, None)
+    # 3 + 4 layers, and 2 + 4 precision layers
+    assert counting.calls == {"get_metric_history": 3 + 4 + 2 + 4}
+    first, second, third = checks
+    assert (first.verdict_word, first.precision_verdict_word) == ("alert", "alert")
+    assert first.precision_ratio == faulty.kernels.ratio
+    assert first.precision_layers == {keys[name]: layer.ratio
+                                      for name, layer in faulty.kernels.layers.items()}
+    assert {key for key, ratio in first.precision_layers.items() if ratio >= 32} == {
+        keys[name] for name in BEFORE_OP}
+    assert max(first.layers.values()) < 1e-6  # the definition is clean: the kernels alerted
+    assert (second.verdict_word, second.precision_verdict_word) == ("ok", "ok")
+    assert second.precision_ratio is not None and second.precision_ratio < 8
+    # the failed measurement: its own "error", folded into the verdict; no ratio logged
+    assert (third.verdict_word, third.precision_verdict_word) == ("error", "error")
+    assert (third.precision_ratio, third.precision_layers) == (None, {})
+    assert math.isfinite(third.rel_distance)  # the central differences ran
+
+    counting.calls.clear()
+    (plain_check,), _ = read_new_checks(counting, the_run(runs, plain), None)
+    assert counting.calls == {"get_metric_history": 4}
+    assert (plain_check.precision_verdict, plain_check.precision_ratio,
+            plain_check.precision_layers) == (None, None, {})
+
+    # in bulk: the same checks, the precision keys included, no call per run
+    counting.calls.clear()
+    histories = bulk_histories(counting, runs)
+    assert histories is not None and counting.calls["get_metric_history"] == 0
+    bulk = read_new_checks(counting, run, None, histories=histories[run_id])[0]
+    assert repr(bulk) == repr(checks) and counting.calls["get_metric_history"] == 0
