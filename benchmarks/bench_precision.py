@@ -2,6 +2,7 @@
 
     python benchmarks/bench_precision.py            # 5 checks per case (~1.5 minutes on 2 cores)
     python benchmarks/bench_precision.py --checks 2 # a smoke test
+    python benchmarks/bench_precision.py --zoo      # also: the 15 clean HF models (~5 minutes)
 
 Each fault lives only where a float64 check cannot see it — the float64 path is right, the
 path training runs (float32, bf16, a compiled graph) is wrong, as with a fused kernel whose
@@ -13,6 +14,12 @@ wrapper falls back to a reference implementation for float64:
   under bf16 autocast and with bf16 parameters;
 * the same fault after layer 0's MLP of a tiny LLaMA (SDPA attention, RMSNorm, rotary) from
   a `transformers` config, under bf16 autocast, with HF-collated right-padded batches.
+
+The last pair plants nothing: a grouped `nn.Conv1d` (32 channels, 4 groups, kernel 8, the
+shape of wav2vec2's positional convolution) under bf16 autocast, whose CPU kernel in PyTorch
+2.13's oneDNN returns an output unrelated to the right one on AVX512-BF16/AMX CPUs; its twin
+has groups=1. The script prints that kernel's own error on this machine first (~1e-3 right,
+~0.7 broken), so the row's expected verdict is known.
 
 Every case has a clean twin (the correct op, no fault). Each row runs `--checks` checks of
 `gradwatch.check_module` on different probe batches and prints the verdicts of both
@@ -47,7 +54,11 @@ from tests.support.kernel_faults import (
     CleanNet,
     FaultyScaleNet,
     FaultyTanhNet,
+    GroupedConvNet,
+    grouped_conv_batch,
+    grouped_conv_bf16_error,
     mse,
+    mse_float,
     plant_kernel_fault,
 )
 
@@ -100,7 +111,7 @@ def _llama(fault: bool) -> tuple[Callable[[], tuple[Any, Any]], Callable[[int], 
     def build() -> tuple[Any, Any]:
         model = entry.build()
         if fault:
-            plant_kernel_fault(model.model.layers[0].mlp)
+            plant_kernel_fault(model.get_submodule("model.layers.0.mlp"))
         return model, None
 
     return build, entry.batch
@@ -128,7 +139,17 @@ def cases() -> list[Case]:
         Case("LLaMA, fault after layer 0 MLP", "bf16 autocast", llama_fault, llama_batch,
              autocast=True),
         Case("  clean twin", "bf16 autocast", llama_clean, llama_batch, autocast=True),
+        Case("grouped Conv1d, PyTorch's kernel", "bf16 autocast",
+             lambda: (_seed_then(GroupedConvNet), mse_float), grouped_conv_batch, autocast=True),
+        Case("  groups=1 twin", "bf16 autocast",
+             lambda: (_seed_then(lambda: GroupedConvNet(groups=1)), mse_float),
+             grouped_conv_batch, autocast=True),
     ]
+
+
+def _seed_then(make: Callable[[], nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return make()
 
 
 @contextlib.contextmanager
@@ -165,6 +186,46 @@ def run(case: Case, checks: int) -> list[str]:
             f"{statistics.median(kernel_seconds):.3f}"]
 
 
+def _bf16_batch(batch: Any) -> Any:
+    return {key: value.to(torch.bfloat16) if torch.is_tensor(value) and value.is_floating_point()
+            else value for key, value in batch.items()}
+
+
+def zoo_rows(checks: int) -> list[list[str]]:
+    """The clean HF zoo at bf16: per model, attention and precision, the largest ratio."""
+    rows = []
+    for attention in ("eager", "sdpa"):
+        for name, entry in make_zoo(attention).items():
+            for precision in ("bf16 autocast", "bf16 parameters"):
+                print(f"... {name} {attention} ({precision})", file=sys.stderr, flush=True)
+                model = entry.build()
+                params = precision == "bf16 parameters"
+                if params:
+                    model = model.to(torch.bfloat16)
+                verdicts: Counter[str] = Counter()
+                worst = (-1.0, "-")
+                for seed in range(1, checks + 1):
+                    batch = entry.batch(seed)
+                    with _autocast(not params):
+                        report = gradwatch.check_module(
+                            model, _bf16_batch(batch) if params else batch, None, budget=12,
+                            seed=seed)
+                    assert report.kernels is not None
+                    verdicts[str(report.kernels.verdict)] += 1
+                    for tensor, layer in report.kernels.layers.items():
+                        if layer.ratio > worst[0]:
+                            worst = (layer.ratio, tensor)
+                rows.append([name, attention, precision, _counts(verdicts), f"{worst[0]:.3g}",
+                             worst[1]])
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+
+
 def _counts(counter: Counter[str]) -> str:
     return " ".join(f"{verdict} {count}" for verdict, count in sorted(counter.items()))
 
@@ -172,6 +233,8 @@ def _counts(counter: Counter[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checks", type=int, default=5, help="checks per case (default 5)")
+    parser.add_argument("--zoo", action="store_true",
+                        help="also the clean HF zoo at bf16 (the thresholds' calibration)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # transformers' and inductor's notices
     header = ["case", "training precision", "kernels", "definition", "max ratio",
@@ -180,11 +243,16 @@ def main() -> None:
     for case in cases():
         print(f"... {case.name.strip()} ({case.precision})", file=sys.stderr, flush=True)
         rows.append(run(case, args.checks))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    print(f"this machine's bf16 grouped conv1d kernel: distance from float64 "
+          f"{grouped_conv_bf16_error():.3g} (groups=1: {grouped_conv_bf16_error(1):.3g})")
     print(f"{args.checks} checks per case; thresholds: ratio warn "
           f"{gradwatch.RatioThresholds().warn:g}, alert {gradwatch.RatioThresholds().alert:g}")
-    for row in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    _table(header, rows)
+    if args.zoo:
+        zoo = zoo_rows(args.checks)
+        print(f"\nclean HF zoo, {args.checks} checks per row (budget 12)")
+        _table(["model", "attention", "training precision", "kernels", "max ratio",
+                "at tensor"], zoo)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ thins the lines: a run's distance chart keeps up to `MAX_POINTS` checks, the exp
 
 The training-kernels ratio (`run_precision_chart`, a run whose checks measured it) is drawn as
 the overall distance is, on its own log axis: bands and dashed lines at the run's ratio
-thresholds (warn 8, alert 32 by default), points coloured by that measurement's own verdict,
+thresholds (warn 12, alert 32 by default), points coloured by that measurement's own verdict,
 its alert stretches shaded; a check whose measurement failed ("error", no ratio) is a square at
 the top.
 

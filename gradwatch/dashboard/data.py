@@ -104,7 +104,7 @@ class KernelInfo:
     ratios (`CheckPoint.precision_*`).
 
     `thresholds` are the run's ratio thresholds (from the newest check artifact read that
-    has them; the defaults, warn 8 and alert 32, otherwise); `layer_names` maps each
+    has them; the defaults, warn 12 and alert 32, otherwise); `layer_names` maps each
     `gradwatch/precision/layer/*` key to the parameter's own name (else the key without its
     prefix) and `layer_order` lists the keys in model order. `step`, `dtype`, `autocast`,
     `compiled`, `device` and `custom_ops` say how the newest measured check read ran (None

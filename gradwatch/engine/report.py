@@ -114,7 +114,7 @@ class RatioThresholds(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    warn: float = Field(default=8.0, description="ratio from which the measurement warns")
+    warn: float = Field(default=12.0, description="ratio from which the measurement warns")
     alert: float = Field(default=32.0, description="ratio from which the measurement alerts")
 
     def __init__(self, **data: float) -> None:
@@ -131,13 +131,13 @@ class RatioThresholds(BaseModel):
             if not (math.isfinite(value) and value > 1):
                 raise ConfigError(
                     f"RatioThresholds.{name} must be a finite number > 1 (a ratio of "
-                    f"distances; 1 is a correct kernel's), got {value!r}. Defaults: warn=8, "
+                    f"distances; 1 is a correct kernel's), got {value!r}. Defaults: warn=12, "
                     f"alert=32."
                 )
         if not self.warn < self.alert:
             raise ConfigError(
                 f"RatioThresholds.warn must be below .alert, got warn={self.warn!r} and "
-                f"alert={self.alert!r}. Swap them or pick e.g. warn=8, alert=32."
+                f"alert={self.alert!r}. Swap them or pick e.g. warn=12, alert=32."
             )
         return self
 
@@ -315,8 +315,9 @@ class CheckReport(BaseModel):
         default_factory=dict, description="what the check ran on (shapes, step, source)"
     )
     definition_verdict: Verdict | None = Field(
-        default=None, description="the central-difference measurement's own verdict, kept "
-                                  "when the training-kernels verdict is folded into `verdict`"
+        default=None, description="the central-difference measurement's own verdict, set "
+                                  "whenever the training-kernels measurement ran (its verdict is "
+                                  "folded into `verdict`); None when it did not"
     )
     kernels: KernelReport | None = Field(
         default=None, description="the training-kernels measurement (PyTorch checks): the "

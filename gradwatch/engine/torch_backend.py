@@ -156,9 +156,9 @@ def check_module(
         shadow_batch = to_float64(torch, batch)
         resolved_loss = loss_fn if loss_fn is not None else default_loss
         objective = _ModuleObjective(torch, shadow, shadow_batch, resolved_loss, names, batching)
-        # custom autograd ops only decide whether the kernels are measured when nothing else
-        # already says so (the graph walk is then the only cost of a float32 CPU model)
-        objective.find_custom = path is not None and not path.differences([])
+        # custom autograd ops decide whether a float32 CPU model is measured at all (the graph
+        # walk is then the only cost), and are named in the reasons of any measurement
+        objective.find_custom = path is not None
         with single_thread(torch):  # one backward on a probe batch: small ops
             analytic = _first_evaluation(objective, batch, loss_fn is not None)
         probe = {
@@ -229,9 +229,11 @@ def fold_kernels(report: CheckReport) -> None:
     """Fold the training-kernels verdict into the check's (keeping the central-difference
     one as `definition_verdict`), with its reasons."""
     kernels = report.kernels
-    if kernels is None or kernels.verdict in (None, "ok"):
+    if kernels is None or kernels.verdict is None:  # not measured: "same", "off"
         return
     report.definition_verdict = report.verdict
+    if kernels.verdict == "ok":
+        return
     report.verdict = worst_verdict(report.verdict, kernels.verdict)
     report.reasons += [reason for reason in kernels.reasons if reason not in report.reasons]
 

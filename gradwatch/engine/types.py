@@ -182,7 +182,7 @@ class CheckOptions(Settings):
                             training path differs from the float64 one; "off": never
     ==========  ==========  ====================================================================
 
-    `kernel_thresholds` (default warn 8, alert 32): a `RatioThresholds(warn=, alert=)` or a
+    `kernel_thresholds` (default warn 12, alert 32): a `RatioThresholds(warn=, alert=)` or a
     dict, for that measurement's ratio (the training gradient's error over a correct
     computation's at the training precision, `gradwatch.engine.kernels`).
 
@@ -243,7 +243,7 @@ class CheckOptions(Settings):
             raise ConfigError(f"kernels must be 'auto' (measure the training precision where "
                               f"it differs from float64) or 'off', got {self.kernels!r}.")
         object.__setattr__(self, "kernel_thresholds", _thresholds(
-            self.kernel_thresholds, RatioThresholds, "kernel_thresholds", "{'warn': 8, "
+            self.kernel_thresholds, RatioThresholds, "kernel_thresholds", "{'warn': 12, "
             "'alert': 32}"))
         for name in ("include", "exclude"):
             value = getattr(self, name)

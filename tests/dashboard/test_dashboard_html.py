@@ -289,7 +289,7 @@ def test_a_run_with_training_kernels_shows_its_ratio_and_layers(
     assert rows[20]["ratio"] > 1e3 and rows[10]["ratio"] < 8
     assert rows[40]["shown_as"] == "error"
     assert spec["layer"][0]["encoding"]["y"]["scale"] == {"type": "log"}
-    assert [t["value"] for t in spec["datasets"]["thresholds"]] == [8.0, 32.0]
+    assert [t["value"] for t in spec["datasets"]["thresholds"]] == [12.0, 32.0]
     assert spec["datasets"]["alert_periods"] == [
         {"step_from": 20, "step_to": 50, "verdict": "error", "checks": 3}]
     # the definition's chart is still the distance, clean throughout
@@ -297,7 +297,7 @@ def test_a_run_with_training_kernels_shows_its_ratio_and_layers(
 
     section = page.split("<h2>Training kernels (precision)</h2>")[1].split("<h2>")[0]
     assert "float32" in section and "gwmon::tanh" in section  # how the newest one ran
-    assert "warn 8 and alert 32" in section
+    assert "warn 12 and alert 32" in section
     body = section.split("<tbody>")[1].split("</tbody>")[0]
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in body.split("<tr>")[1:]]
     by_layer = {row[0]: row[1:] for row in cells}

@@ -327,12 +327,12 @@ def test_the_ratio_chart_is_valid_log_scaled_and_names_what_it_cannot_plot() -> 
             rows[30]["verdict"], rows[30]["plotted"]) == (None, "error", "error", "error", ceiling)
     assert (rows[40]["shown_as"], rows[50]["shown_as"], rows[50]["plotted"]) == (
         "+inf", "NaN", ceiling)
-    assert rows[60]["shown_as"] == "zero" and rows[60]["plotted"] < 1
-    # the warn 8 / alert 32 lines and bands, and this measurement's own alert stretch
+    assert rows[60]["shown_as"] == "zero" and rows[60]["plotted"] < rows[10]["plotted"]
+    # the warn 12 / alert 32 lines and bands, and this measurement's own alert stretch
     assert [(t["value"], t["label"]) for t in spec["datasets"]["thresholds"]] == [
-        (8.0, "warn ≥ 8"), (32.0, "alert ≥ 32")]
+        (12.0, "warn ≥ 12"), (32.0, "alert ≥ 32")]
     assert [(b["low"], b["high"]) for b in spec["datasets"]["bands"]] == [
-        (8.0, 32.0), (32.0, ceiling)]
+        (12.0, 32.0), (32.0, ceiling)]
     assert spec["datasets"]["alert_periods"] == [
         {"step_from": 20, "step_to": 60, "verdict": "error", "checks": 4}]
     # the run's own ratio thresholds when its reports carry others
@@ -352,5 +352,5 @@ def test_no_ratio_chart_or_png_axes_without_the_measurement(tmp_path: Path) -> N
     (ratio_axes,) = [ax for ax in figure.axes if ax.get_label() == RATIO_LABEL]
     assert ratio_axes.get_yscale() == "log"
     assert {text.get_text() for text in ratio_axes.get_legend().get_texts()} >= {
-        "warn 8", "alert 32", "NaN / ±inf", "not measured (error)"}
+        "warn 12", "alert 32", "NaN / ±inf", "not measured (error)"}
     figure.savefig(tmp_path / "report.png", format="png", dpi=figure.dpi)

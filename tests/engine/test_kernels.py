@@ -24,7 +24,16 @@ from gradwatch.engine.kernels import RoundingMode
 from gradwatch.record.writer import check_payload
 from gradwatch.watch.callback import make_notification
 from tests.support.hf_zoo import make_zoo
-from tests.support.kernel_faults import CleanNet, FaultyScaleNet, FaultyTanhNet, mse
+from tests.support.kernel_faults import (
+    CleanNet,
+    FaultyScaleNet,
+    FaultyTanhNet,
+    GroupedConvNet,
+    grouped_conv_batch,
+    grouped_conv_bf16_error,
+    mse,
+    mse_float,
+)
 
 
 def _data(rows: int = 16, features: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +107,26 @@ def test_a_backward_wrong_outside_float64_alerts_under_bf16_autocast() -> None:
     flagged = {name for name, layer in kernels.layers.items() if layer.verdict != "ok"}
     assert flagged <= {"first.weight", "first.bias"} and "first.bias" in flagged
     assert kernels.layers["scale"].verdict == "ok"  # its own gradient is right
+
+
+def test_pytorchs_own_bf16_grouped_conv_is_judged_by_what_it_computes_here() -> None:
+    # No planted fault: PyTorch 2.13's oneDNN bf16 grouped conv1d returns an unrelated output
+    # on AVX512-BF16/AMX CPUs (found by this measurement on wav2vec2's positional conv).
+    # Measured alone first, so the test holds on a machine whose kernel is right as well.
+    kernel_error = grouped_conv_bf16_error()
+    for groups in (4, 1):
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            report = gradwatch.check_module(GroupedConvNet(groups), grouped_conv_batch(1),
+                                            mse_float, budget=200)
+        assert report.definition_verdict == "ok" and report.kernels is not None
+        if groups == 4 and kernel_error > 0.1:
+            assert report.kernels.verdict == "alert", report.kernels.layers
+            assert "conv.weight" in _alerting(report)
+            assert report.fired_by() == ["training kernels"]
+        else:  # a correct kernel: bf16 rounding only
+            assert grouped_conv_bf16_error(groups) < 0.01
+            assert report.verdict == "ok", report.kernels.layers
 
 
 def test_a_float32_cpu_model_without_custom_ops_spends_nothing() -> None:

@@ -12,7 +12,12 @@ same in Python: the float64 path is exact, the float32/bf16/fp16 path carries th
 * `FaultyTanhNet`, `FaultyScaleNet`: small models around them (`FaultyTanhNet(clean=True)`
   uses the correct op), and `CleanNet` without;
 * `plant_kernel_fault(module)`: the same fault after any module's forward (a real model's
-  layer), planted in the module's class so that copies of the model keep it.
+  layer), planted in the module's class so that copies of the model keep it;
+* `GroupedConvNet`: no planted fault — a grouped `nn.Conv1d` (32 channels, 4 groups, kernel
+  8: wav2vec2's positional convolution's shape) whose bf16 CPU kernel in PyTorch 2.13's oneDNN
+  (3.12) returns an output uncorrelated with the right one on AVX512-BF16/AMX CPUs, this
+  project's machine among them; `grouped_conv_bf16_error()` measures that kernel alone, so a
+  test can say what the check must read on the machine it runs on.
 """
 
 from __future__ import annotations
@@ -162,3 +167,38 @@ class CleanNet(nn.Module):
 def mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The loss all these models train on."""
     return nn.functional.mse_loss(model(batch[0]).float(), batch[1].float())
+
+
+class GroupedConvNet(nn.Module):
+    """Conv1d(32, 32, 8, groups) → tanh → mean over time → Linear(32, 1)."""
+
+    def __init__(self, groups: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(32, 32, 8, padding=4, groups=groups)
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).mean(-1))
+
+
+def grouped_conv_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 32, 40, generator=generator), torch.randn(4, 1, generator=generator)
+
+
+def grouped_conv_bf16_error(groups: int = 4) -> float:
+    """The relative distance of PyTorch's bf16 `conv1d` (`GroupedConvNet`'s shape) from the
+    float64 result on this machine: ~1e-3 for a correct kernel (bf16 rounding), ~0.7 for one
+    whose output is unrelated to the right one."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, 40, generator=generator, dtype=torch.float64)
+    weight = torch.randn(32, 32 // groups, 8, generator=generator, dtype=torch.float64)
+    exact = nn.functional.conv1d(x, weight, padding=4, groups=groups)
+    low = nn.functional.conv1d(x.bfloat16(), weight.bfloat16(), padding=4, groups=groups).double()
+    return float((low - exact).norm() / (low.norm() + exact.norm()))
+
+
+def mse_float(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The mean squared error in float32 (the model's output may be bf16 under autocast)."""
+    x, y = batch
+    return ((model(x).float() - y) ** 2).mean()
