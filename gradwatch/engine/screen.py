@@ -74,6 +74,13 @@ CONFIRM_RATIO = 1 / math.sqrt(2)
 #: Std of D(r·s) − r²·D(s) in units of one evaluation's rounding δJ: √(6 + 6r⁴ − 8r²) (J(θ)
 #: is shared by both second differences).
 NOISE_SPREAD = math.sqrt(6 + 6 * RATIO**4 - 8 * RATIO**2)
+#: The confirmation's tests (linearity of d, smoothness of J) at this many standard
+#: deviations of their noise: a bug's d is exactly linear and its J smooth, so a bug fails
+#: one by chance with P ≈ 6e-5 per test.
+CONFIRM_SIGMAS = 4.0
+#: A second difference whose non-quadratic part is at least this share of a discrepancy
+#: explains it as a kink (a kink moves d and D by about the same amount).
+KINK_SHARE = 0.25
 #: Largest step per element, relative to the tensor's RMS value (at least 1e-2 of it, so
 #: zero-initialised tensors move too): keeps truncation (∝ s³) below rounding.
 MAX_RELATIVE_STEP = 1e-4
@@ -327,19 +334,40 @@ class JointScreen:
                     if math.isfinite(p.discrepancy) else math.inf)
         if not math.isfinite(probe.discrepancy):
             return True
+        quadratic = 0
         for ratio in (RATIO, CONFIRM_RATIO):
             shorter = self.evaluate(probe.key, {n: s * ratio for n, s in probe.steps.items()})
             expected = probe.discrepancy * ratio
+            # d_r − r·d has std σ_d·√(1 + r²) when d is a bug's; 4 of those (not the 10 of
+            # SIGNIFICANCE, which let a 20σ discrepancy that shrank like s² pass as linear)
             nonlinear = abs(shorter.discrepancy - expected) > 0.25 * abs(expected) + \
-                SIGNIFICANCE * self.sigma
+                CONFIRM_SIGMAS * self.sigma * math.sqrt(1 + ratio**2)
+            # Many kinks crossed (a memorised batch puts many ReLU inputs near 0): their number
+            # grows like s and each moves d by ∝ s, so d grows like s². Closer to r²·d than to
+            # r·d at both ratios is not a bug's; a bug at the alert threshold stands hundreds of
+            # σ above the noise, where the two cannot be confused.
+            if abs(shorter.discrepancy - ratio**2 * probe.discrepancy) < \
+                    abs(shorter.discrepancy - expected):
+                quadratic += 1
             # A kink crossed just beside θ moves one side only, by an amount ∝ s: d is then
             # linear too, but D = J(θ+δ) + J(θ−δ) − 2J(θ) grows like s (not s², as curvature
             # does) and is as large as d: the kink explains the discrepancy.
             crossed = _kink_shaped(probe.second, shorter.second, self._floor, ratio) and \
                 abs(probe.discrepancy) <= abs(probe.second)
+            # J itself is smooth when only backprop is wrong: its second difference is
+            # curvature, s²·vᵀHv (+ O(s⁴)), so D(s) − D(r·s)/r² is rounding only. A kink
+            # between θ − δ and θ + δ adds a part that is not ∝ s² to D, of the size of what
+            # it adds to d; curvature alongside it hides the D ∝ s shape tested above.
+            rough = abs(probe.second - shorter.second / ratio**2)
+            crossed = crossed or (
+                rough > CONFIRM_SIGMAS * NOISE_SPREAD * self.delta_j / ratio**2
+                and rough >= KINK_SHARE * abs(probe.discrepancy))
             if nonlinear or crossed:
                 self.kinked = True
                 return False
+        if quadratic == 2:
+            self.kinked = True
+            return False
         return True
 
     @property

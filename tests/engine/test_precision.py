@@ -299,6 +299,34 @@ def test_a_memorising_classifier_never_alerts_and_says_when_it_cannot_judge() ->
     assert verdicts.count("ok") >= len(reports) // 2
 
 
+def test_many_relu_kinks_crossed_by_the_joint_step_do_not_alert() -> None:
+    """The bench_overhead MLP (784-256-256-10, dropout) memorising one batch of 64 with Adam:
+    its loss at the probe rows falls to ~1e-6 while many ReLU inputs sit near 0, and the joint
+    step crosses several kinks at once. Their number grows like s and each moves d by ∝ s, so
+    d grows like s² — which the linearity test (10σ tolerance) let pass when d was 10–20σ: this
+    run read 2 alerts by step 500 (at steps 360 and 440; 3 by step 1000). A bug's d is exactly
+    linear; closer to r²·d than r·d at both ratios is a kink's."""
+    with seeded(0):
+        model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.1),
+                              nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 10))
+        optimizer = torch.optim.Adam(model.parameters())
+        batch = (torch.randn(64, 784), torch.randint(0, 10, (64,)))
+        watch = gradwatch.GradWatch(every=20, loss_fn=_ce, mlflow=False)
+        for step in range(1, 501):
+            optimizer.zero_grad()
+            _ce(model, batch).backward()
+            optimizer.step()
+            watch.step(model, batch, step=step)
+    watch.close()
+    reports = watch.reports
+    assert len(reports) == 26 and min(r.loss for r in reports) < 1e-5  # the regime
+    verdicts = [r.verdict for r in reports]
+    assert "warn" not in verdicts and "alert" not in verdicts, [
+        r.summary() for r in reports if r.verdict in ("warn", "alert")]
+    assert all(r.reasons[0].startswith("error: the check could not resolve the gradient")
+               for r in reports if r.verdict == "error")
+
+
 @pytest.mark.parametrize("scale", [1e-6, 1e-12])
 def test_a_loss_small_by_construction_is_judged_at_its_own_scale(scale: float) -> None:
     """A loss whose terms are all small (physical units, a tiny weight) rounds at u·|J|: it
