@@ -27,12 +27,19 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from gradwatch.common.errors import ConfigError, GradwatchError, InputError, LossError
+from gradwatch.common.errors import (
+    ConfigError,
+    GradwatchError,
+    InputError,
+    LossError,
+    UnsupportedModelError,
+)
 from gradwatch.common.progress import resolve_progress
 from gradwatch.common.settings import DEFAULT, Default
 from gradwatch.engine.core import run_check
 from gradwatch.engine.numerics import ROUNDING, Signs
 from gradwatch.engine.report import CheckReport, KernelReport, Mode, Thresholds, worst_verdict
+from gradwatch.engine.sharded import sharding_of
 from gradwatch.engine.torch_model import (
     LOSS_FN_HELP,
     LossFn,
@@ -144,6 +151,9 @@ def check_module(
             f"{type(loss_fn).__name__} {loss_fn!r}. {LOSS_FN_HELP}"
         )
     live = unwrap_model(model)
+    if sharding_of(live) == "fsdp2":
+        return _check_sharded(live, batch, loss_fn, options, batching=batching,
+                              progress=progress, loss_scale=loss_scale, autocast=autocast)
     refuse_sharded(live)
     names = select_parameters(live, options.include, options.exclude)
     path = None
@@ -193,6 +203,37 @@ def check_module(
 
 
 # ---------------------------------------------------------------------- helpers
+def _check_sharded(live: Any, batch: Any, loss_fn: LossFn | None, options: CheckOptions,
+                   **kwargs: Any) -> CheckReport:
+    """An FSDP2 model: a collective of every rank (`gradwatch.engine.sharded`). Rank 0 checks
+    the gathered copy; every rank returns rank 0's report (or raises its error)."""
+    import torch.distributed as dist
+
+    from gradwatch.engine.sharded import gather_unsharded, share
+
+    gathered = gather_unsharded(live)
+    if gathered.error is not None:
+        raise UnsupportedModelError(
+            f"the sharded (FSDP2) check could not gather the model: {gathered.error}")
+    outcome: Any = None
+    if dist.get_rank() == 0:
+        try:
+            report = check_module(gathered.model, batch, loss_fn, options=options, **kwargs)
+            report.probe["sharding"] = {"kind": "fsdp2", "strategy": gathered.strategy,
+                                        "why": gathered.reason}
+            outcome = report
+        except Exception as exc:
+            outcome = exc
+    gathered.model = None  # the full copy: freed before the others go on
+    outcome = share(outcome)
+    if isinstance(outcome, BaseException):
+        if dist.get_rank() == 0:
+            raise outcome
+        raise InputError(f"the check of the sharded model on rank 0 failed: "
+                         f"{type(outcome).__name__}: {outcome}") from outcome
+    return outcome
+
+
 def _measure_kernels(
     objective: _ModuleObjective,
     path: Any,

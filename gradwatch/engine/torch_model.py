@@ -83,9 +83,10 @@ def refuse_sharded(model: Any) -> None:
     if reason is not None:
         raise UnsupportedModelError(
             f"gradwatch cannot check {type(model).__name__}: {reason}. Supported: single "
-            f"process, DDP, DataParallel, Accelerate without FSDP/ZeRO-3, torch.compile. To "
-            f"check this model's backward, run gradwatch.check_module on an unsharded copy of "
-            f"a small configuration (e.g. in a test), or train a small configuration with DDP."
+            f"process, DDP, DataParallel, Accelerate, FSDP2 (fully_shard, on every rank), "
+            f"torch.compile. To check this model's backward, run gradwatch.check_module on an "
+            f"unsharded copy of a small configuration (e.g. in a test), or train it with "
+            f"FSDP2 or DDP."
         )
 
 

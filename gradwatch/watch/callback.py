@@ -42,6 +42,7 @@ from gradwatch.common.settings import DEFAULT, Default, with_shorthands
 from gradwatch.common.version import __version__
 from gradwatch.dashboard.report import log_requested_report
 from gradwatch.engine.report import CheckReport, Mode, Thresholds
+from gradwatch.engine.sharded import GATHER_TIMEOUT, sharding_of
 from gradwatch.engine.types import CheckOptions, check_settings
 from gradwatch.record.layout import parse_every
 from gradwatch.record.recorder import (
@@ -202,6 +203,8 @@ class GradWatch:
         self.should_stop = False
         #: Why this model cannot be checked at all (sharded); no more checks run once set.
         self.unsupported: str | None = None
+        self._unsharded: Any = None  # rank 0, during a check: the gathered copy of an FSDP2 model
+        self._gather_timeout = GATHER_TIMEOUT  # seconds any collective of a check may wait
         self._restored_run_id: str | None = None  # from load_state_dict (a resumed training)
         self._recording = False  # the recorder is open
         self._dispatcher: Dispatcher | None = None
@@ -360,8 +363,18 @@ class GradWatch:
             self._training_steps_until(step)
         report, failure = None, None
         try:
-            if rank == 0 and self.unsupported is None:
-                report = self._run(step, run)
+            gathered = self._gather_if_sharded(model, size)  # every rank: a collective
+            if gathered is not None and gathered.error is not None:
+                report = self._sharded_failure(step, rank, gathered)
+            elif rank == 0 and self.unsupported is None:
+                self._unsharded = gathered.model if gathered is not None else None
+                try:
+                    report = self._run(step, run)
+                finally:
+                    self._unsharded = None
+                if report is not None and gathered is not None:
+                    report.probe["sharding"] = {"kind": "fsdp2", "strategy": gathered.strategy,
+                                                "why": gathered.reason}
             else:
                 self.last_checked = step
         except BaseException as exc:  # strict=True or on_alert="raise": the others must stop too
@@ -373,6 +386,40 @@ class GradWatch:
             self.should_stop = agree(self.should_stop or failure is not None)
         if failure is not None:
             raise failure
+        return report
+
+    def _gather_if_sharded(self, model: Any, size: int) -> Any:
+        """Every rank, at a due step of an FSDP2 model: gather it for rank 0's check
+        (`gradwatch.engine.sharded`); None for a model some rank holds whole. Decided from
+        the model alone, so every rank takes the same branch."""
+        if size == 1 or model is None:
+            return None
+        from gradwatch.engine.torch_model import unwrap_model
+
+        live = unwrap_model(model)
+        if sharding_of(live) != "fsdp2":
+            return None
+        from gradwatch.engine.sharded import gather_unsharded
+
+        return gather_unsharded(live, timeout=self._gather_timeout)
+
+    def _sharded_failure(self, step: int, rank: int, gathered: Any) -> CheckReport | None:
+        """A rank failed in the collective part of a check: every rank knows why; rank 0
+        records an "error" check, the others keep the same report; training goes on."""
+        error = RuntimeError(f"the sharded (FSDP2) check could not gather the model: "
+                             f"{gathered.error}")
+
+        def fail(plan: CheckPlan) -> CheckReport:
+            raise error
+
+        if rank == 0:
+            return self._run(step, fail)
+        if self.strict:
+            raise error
+        self.last_checked = step
+        logger.warning("gradwatch: %s; training goes on", error)
+        report = error_report(error, self.settings, 0.0, step)
+        self.reports.append(report)
         return report
 
     def _arm_window(self, step: int) -> None:
@@ -500,6 +547,8 @@ class GradWatch:
     ) -> CheckReport:
         from gradwatch.engine.torch_backend import check_module
 
+        if self._unsharded is not None:
+            model = self._unsharded  # rank 0's gathered copy of an FSDP2 model
         source = "batch given to step()"
         default_loss = None
         if batch is None and self.probe is not None:

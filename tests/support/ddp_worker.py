@@ -9,8 +9,8 @@ Scenarios:
   stop      a planted backward bug and on_alert="stop": every rank must stop at the same step.
   clock     a wall-clock schedule (only rank zero runs the scheduler): the per-step agreement
             must not deadlock.
-  fsdp      an FSDP2 (fully_shard) model: gradwatch refuses it once, with the reason, and
-            training goes on on every rank.
+  fsdp      an FSDP2 (fully_shard) model: every rank takes part in each check, rank 0 checks
+            the gathered copy, training goes on on every rank.
 The result of each rank is `OUT_DIR/rank-<r>.pt`.
 """
 
@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gradwatch import GradWatch
+from tests.support.ranks import save_and_leave
 from tests.support.torch_models import BuggyLinear, mse_loss, regression_batch, seeded
 
 STEPS = 12
@@ -98,9 +99,7 @@ def main(out: Path, scenario: str) -> None:
         result = {"watched": train(watch(every="30min"), rank)}
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
-    torch.save(result, out / f"rank-{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    save_and_leave(result, out, rank)
 
 
 if __name__ == "__main__":

@@ -6,52 +6,14 @@ is bit-identical to the same DDP training without gradwatch. A hang fails the te
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from tests.support.mlflow_server import MlflowServer
-
-ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 180
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def run_ranks(out: Path, scenario: str, extra_env: dict[str, str] | None = None
-              ) -> list[dict[str, Any]]:
-    port = str(free_port())
-    processes = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "OMP_NUM_THREADS": "1", **(extra_env or {})}
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.support.ddp_worker", str(out), scenario], cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=TIMEOUT)[0])
-    except subprocess.TimeoutExpired:
-        for process in processes:
-            process.kill()
-        pytest.fail(f"the DDP ranks did not finish within {TIMEOUT} s (a deadlock?)")
-    for rank, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"rank {rank} failed:\n{output[-3000:]}"
-    return [torch.load(out / f"rank-{rank}.pt") for rank in range(2)]
+from tests.support.ranks import run_ranks
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -96,10 +58,11 @@ def test_wall_clock_schedule_agrees_every_step_without_deadlock(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_fsdp_is_refused_once_with_the_reason_and_training_goes_on(tmp_path: Path) -> None:
+def test_an_fsdp2_model_is_checked_through_the_ddp_loop(tmp_path: Path) -> None:
+    # Formerly refused (one "error" check, then none); now gathered for rank 0's check
+    # (tests/watch/test_sharded.py has the transformer, the bug and the failures).
     zero, one = run_ranks(tmp_path, "fsdp")
-    [(step, verdict, reasons)] = zero["watched"]["checked"]  # one error check, then no more
-    assert (step, verdict) == (1, "error")
-    assert "DTensor" in reasons and "unsharded copy" in reasons
-    assert zero["watched"]["unsupported"] and one["watched"]["checked"] == []
+    assert [(step, verdict) for step, verdict, _ in zero["watched"]["checked"]] == [
+        (1, "ok"), (3, "ok"), (6, "ok"), (9, "ok"), (12, "ok")]
+    assert zero["watched"]["unsupported"] is None and one["watched"]["checked"] == []
     assert len(zero["watched"]["losses"]) == len(one["watched"]["losses"]) == 12

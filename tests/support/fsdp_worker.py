@@ -1,0 +1,155 @@
+"""One rank of a 2-process FSDP2 training (gloo, CPU), run by tests/watch/test_sharded.py.
+
+    python -m tests.support.fsdp_worker OUT_DIR SCENARIO
+    (env: RANK, WORLD_SIZE, MASTER_ADDR/PORT)
+
+The model is the HF zoo's tiny LLaMA (RMSNorm, rotary, its own causal-LM loss on right-padded
+collated batches), each decoder layer and the root `fully_shard`-ed over both ranks.
+
+Scenarios:
+  same   train twice in one process group, without and with GradWatch(every=3); write the
+         final full weights, the losses and the checks of each.
+  bug    a one-row ×1.5 backward bug in layer 0's `mlp.up_proj.weight` (training runs it too),
+         GradWatch(every=3): the checks must alert and name that parameter.
+  fail   rank 1 fails while taking its shards at the second check: both ranks must say "error"
+         for that check (rank 0 records it) and go on; the later checks run again.
+  stall  rank 1 stalls 8 s inside the second check's gather, with a 3 s collective timeout:
+         no rank may hang; the stalled check reads "error" and training finishes.
+  check_module  `gradwatch.check_module` called on every rank, on the clean and on the buggy
+         model: every rank gets rank 0's report.
+  mlp    the small MLP of tests/support/ddp_worker.py under FSDP2: checks run and pass.
+The result of each rank is `OUT_DIR/rank-<r>.pt`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import gradwatch.engine.sharded as sharded
+from gradwatch import GradWatch
+from tests.support.hf_zoo import make_zoo, plant_row_bug
+from tests.support.ranks import save_and_leave
+
+STEPS = 12
+BUG = "model.layers.0.mlp.up_proj.weight"
+
+
+def llama(bug: bool) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_zoo("eager")["llama"].build()
+    if bug:
+        plant_row_bug(model, BUG, row=1)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def mlp() -> Any:
+    from tests.support.ddp_worker import fsdp_model
+
+    return fsdp_model()
+
+
+def full_weights(model: Any) -> dict[str, torch.Tensor]:
+    """Every rank: the full values (a collective), as the plain twin's weights are compared."""
+    return {name: (value.full_tensor() if hasattr(value, "full_tensor") else value)
+            .detach().clone() for name, value in model.state_dict().items()}
+
+
+def train(watch: GradWatch | None, rank: int, model: Any, batches: Any,
+          loss: Any = None) -> dict[str, Any]:
+    torch.manual_seed(1234 + rank)  # dropout masks differ across ranks, as in real training
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses, checked = [], []
+    for step in range(1, STEPS + 1):
+        batch = batches(100 * step + rank)  # each rank its own shard of the data
+        value = loss(model, batch) if loss is not None else model(**batch).loss
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        losses.append(value.item())
+        if watch is not None:
+            report = watch.step(model, batch, step=step, loss_fn=loss)
+            if report is not None:
+                checked.append((step, report.verdict, " ".join(report.reasons),
+                                [name for name, _ in report.worst_layers(3)],
+                                report.probe.get("sharding")))
+    if watch is not None:
+        watch.close()
+    return {"losses": losses, "checked": checked, "weights": full_weights(model)}
+
+
+def main(out: Path, scenario: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    entry = make_zoo("eager")["llama"]
+
+    def watch(every: int = 3, timeout: float | None = None) -> GradWatch:
+        made = GradWatch(every=every, mlflow=rank == 0 and "MLFLOW_TRACKING_URI" in os.environ,
+                         spool_dir=out / "spool", budget=60)
+        if timeout is not None:
+            made._gather_timeout = timeout  # seconds; the default (120) is tested by "fail"
+        return made
+
+    result: dict[str, Any]
+    if scenario == "same":
+        result = {"plain": train(None, rank, llama(False), entry.batch),
+                  "watched": train(watch(every=1), rank, llama(False), entry.batch)}
+    elif scenario == "bug":
+        result = {"watched": train(watch(), rank, llama(True), entry.batch)}
+    elif scenario == "fail":
+        calls = {"n": 0}
+        take = sharded._local_shards
+
+        def flaky(model: Any, world: int) -> Any:  # this rank crashes at the second check
+            calls["n"] += 1
+            if rank == 1 and calls["n"] == 2:
+                raise MemoryError("rank 1 ran out of host memory (planted by the test)")
+            return take(model, world)
+
+        sharded._local_shards = flaky  # type: ignore[assignment]
+        result = {"watched": train(watch(), rank, llama(False), entry.batch)}
+    elif scenario == "stall":
+        gather = sharded._gather_one
+        calls = {"n": 0}
+
+        def slow(*args: Any) -> Any:  # rank 1 stalls in the second check's first gather
+            calls["n"] += 1
+            if rank == 1 and calls["n"] == len(list(model.parameters())) + 1:
+                time.sleep(8)
+            return gather(*args)
+
+        model = llama(False)
+        sharded._gather_one = slow  # type: ignore[assignment]
+        result = {"watched": train(watch(timeout=3), rank, model, entry.batch)}
+    elif scenario == "check_module":
+        import gradwatch
+
+        result = {}
+        for name, bug in (("clean", False), ("buggy", True)):
+            report = gradwatch.check_module(llama(bug), entry.batch(7), budget=60)
+            result[name] = (report.verdict, report.worst_layers(1)[0][0],
+                            report.probe["sharding"]["strategy"])
+    elif scenario == "mlp":
+        from tests.support.torch_models import mse_loss, regression_batch
+
+        result = {"watched": train(watch(), rank, mlp(),
+                                   lambda seed: regression_batch(8, 4, 3, seed=seed), mse_loss)}
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    save_and_leave(result, out, rank)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])

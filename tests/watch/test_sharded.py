@@ -1,0 +1,97 @@
+"""FSDP2 (`fully_shard`) under GradWatch and check_module: 2 CPU processes (gloo).
+
+The HF zoo's tiny LLaMA, each decoder layer and the root sharded over both ranks. At a check
+every rank takes part: the shards are gathered for rank 0's float64 check of an unsharded copy
+("gathered" strategy, `gradwatch.engine.sharded`). Training stays bit-identical; a planted bug
+is named by its fully-qualified name; a rank that fails or stalls inside a check makes the
+check "error" on both ranks and never hangs (every scenario runs under a hard timeout).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tests.support.fsdp_worker import BUG
+from tests.support.mlflow_server import MlflowServer
+from tests.support.ranks import run_ranks
+
+WORKER = "tests.support.fsdp_worker"
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.slow
+def test_fsdp2_training_is_unchanged_and_a_clean_model_reads_ok_at_every_check(
+    tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
+    client = MlflowClient(mlflow_server.url)
+    experiment = client.create_experiment(f"fsdp2-{tmp_path.name}")
+    run_id = client.create_run(experiment).info.run_id
+    zero, one = run_ranks(tmp_path, "same", {"MLFLOW_TRACKING_URI": mlflow_server.url,
+                                             "MLFLOW_RUN_ID": run_id}, worker=WORKER)
+    for rank in (zero, one):  # bit-identical with and without gradwatch, on each rank
+        assert _same(rank["plain"]["weights"], rank["watched"]["weights"])
+        assert rank["plain"]["losses"] == rank["watched"]["losses"]
+    assert _same(zero["watched"]["weights"], one["watched"]["weights"])
+    checked = zero["watched"]["checked"]
+    assert [step for step, *_ in checked] == list(range(1, 13))  # 12 checks, every=1
+    assert {verdict for _, verdict, *_ in checked} == {"ok"}, [c[2] for c in checked]
+    assert all(sharding["strategy"] == "gathered" and "available" in sharding["why"]
+               for *_, sharding in checked)
+    assert one["watched"]["checked"] == []  # only rank 0 checks and records
+    layers = {key for key in client.get_run(run_id).data.metrics
+              if key.startswith("gradwatch/layer/")}
+    assert layers and all("_fsdp" not in key and "DTensor" not in key for key in layers)
+
+
+@pytest.mark.slow
+def test_a_planted_backward_bug_under_fsdp2_alerts_naming_its_parameter(tmp_path: Path) -> None:
+    zero, one = run_ranks(tmp_path, "bug", worker=WORKER)
+    checked = zero["watched"]["checked"]
+    assert [(step, verdict) for step, verdict, *_ in checked] == [
+        (1, "alert"), (3, "alert"), (6, "alert"), (9, "alert"), (12, "alert")]
+    assert all(worst[0] == BUG and f"layer '{BUG}'" in reasons
+               for _, _, reasons, worst, _ in checked)
+    assert _same(zero["watched"]["weights"], one["watched"]["weights"])
+
+
+@pytest.mark.slow
+def test_a_rank_failing_inside_a_check_makes_it_an_error_on_both_ranks(tmp_path: Path) -> None:
+    zero, one = run_ranks(tmp_path, "fail", worker=WORKER)
+    verdicts = [(step, verdict) for step, verdict, *_ in zero["watched"]["checked"]]
+    assert verdicts == [(1, "ok"), (3, "error"), (6, "ok"), (9, "ok"), (12, "ok")]
+    [(step, verdict, reasons, *_)] = one["watched"]["checked"]
+    assert (step, verdict) == (3, "error")
+    for text in (reasons, zero["watched"]["checked"][1][2]):
+        assert "rank 1: MemoryError: rank 1 ran out of host memory" in text
+    assert len(zero["watched"]["losses"]) == len(one["watched"]["losses"]) == 12
+    assert _same(zero["watched"]["weights"], one["watched"]["weights"])
+
+
+@pytest.mark.slow
+def test_a_rank_stalling_inside_a_check_times_out_on_both_and_nothing_hangs(
+    tmp_path: Path
+) -> None:
+    zero, one = run_ranks(tmp_path, "stall", worker=WORKER)
+    verdicts = [(step, verdict) for step, verdict, *_ in zero["watched"]["checked"]]
+    assert verdicts == [(1, "ok"), (3, "error"), (6, "ok"), (9, "ok"), (12, "ok")]
+    assert "timeout 3 s" in zero["watched"]["checked"][1][2]
+    assert [(step, verdict) for step, verdict, *_ in one["watched"]["checked"]] == [
+        (3, "error")]
+    assert len(zero["watched"]["losses"]) == len(one["watched"]["losses"]) == 12
+
+
+@pytest.mark.slow
+def test_check_module_on_fsdp2_is_a_collective_that_gives_every_rank_the_report(
+    tmp_path: Path
+) -> None:
+    zero, one = run_ranks(tmp_path, "check_module", worker=WORKER)
+    assert zero["clean"] == one["clean"] and zero["clean"][0] == "ok"
+    assert zero["buggy"] == one["buggy"] and zero["buggy"][0] == "alert"
+    assert zero["buggy"][1] == BUG
