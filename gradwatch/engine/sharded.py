@@ -1,4 +1,4 @@
-"""Sharded models (FSDP2 `fully_shard`): the "gathered" strategy, a collective of all ranks.
+"""Sharded models (FSDP2 `fully_shard`, FSDP1): the "gathered" strategy, a collective check.
 
 No rank holds an FSDP2 model whole: each parameter is a DTensor whose rows are split across
 the ranks (`Shard(0)` on a 1-D device mesh, `torch.chunk` semantics: rank r holds rows
@@ -16,11 +16,16 @@ every rank takes part in, at the same step, like a training step:
 3. rank 0 runs the ordinary float64 check on that copy. The live sharded parameters,
    gradients, optimizer state and RNG are only read.
 
-Every collective here runs on a gloo group of its own with a timeout (`GATHER_TIMEOUT`), on CPU
-tensors (so NCCL training works too): a rank that dies or hangs makes the others raise after
-the timeout instead of waiting for ever. The float64 copy must fit in rank 0's host memory:
-`estimate` says how much it needs (the fp32 gather plus the float64 shadow, its gradients and
-the check's workspace: ≈ 36 bytes per parameter element) against what the host has available.
+FSDP1 (`FullyShardedDataParallel`) goes through its own `summon_full_params(rank0_only=True,
+writeback=False)` (offloaded to the CPU from an accelerator) after step 1's agreement; rank 0
+copies the wrapped modules (not the wrappers) inside it.
+
+Every other collective here runs on a gloo group of its own with a timeout (`GATHER_TIMEOUT`),
+on CPU tensors (so NCCL training works too): a rank that dies or hangs makes the others raise
+after the timeout instead of waiting for ever, and the ranks then agree on the failure over the
+training's own group. The float64 copy must fit in rank 0's host memory: `estimate` says how
+much it needs (the fp32 gather plus the float64 shadow, its gradients and the check's
+workspace: ≈ 36 bytes per parameter element) against what the host has available.
 
 Imports: gradwatch.common (torch and torch.distributed when a function is called).
 """
@@ -57,11 +62,13 @@ class Gathered:
     error: str | None
     strategy: str
     reason: str
+    kind: str = "fsdp2"
 
 
 def sharding_of(model: Any) -> str | None:
-    """"fsdp2" when the parameters are FSDP2 DTensors, "fsdp1" or "zero3" for the sharded
-    wrappers gradwatch does not gather, None for a model some rank holds whole."""
+    """"fsdp2" when the parameters are FSDP2 DTensors, "fsdp1" for FullyShardedDataParallel
+    wrappers, "zero3" for DeepSpeed's partitioned parameters (refused), None for a model some
+    rank holds whole."""
     for module in model.modules():
         if type(module).__name__ == "FullyShardedDataParallel":
             return "fsdp1"
@@ -74,9 +81,12 @@ def sharding_of(model: Any) -> str | None:
     return None
 
 
-def estimate(model: Any) -> tuple[bool, str]:
-    """(fits, why): does a gathered float64 check of `model` fit in this host's memory?"""
+def estimate(model: Any, world: int = 1) -> tuple[bool, str]:
+    """(fits, why): does a gathered float64 check of `model` fit in this host's memory?
+    (FSDP1's parameters are this rank's flat shards: their size times `world`.)"""
     elements = sum(_full_numel(p) for p in model.parameters())
+    if sharding_of(model) == "fsdp1":
+        elements *= world
     needed = elements * BYTES_PER_ELEMENT
     available = _available_memory()
     if available is None:
@@ -95,7 +105,8 @@ def gather_unsharded(model: Any, timeout: float = GATHER_TIMEOUT) -> Gathered:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    fits, why = estimate(model)
+    kind = sharding_of(model) or "unsharded"
+    fits, why = estimate(model, world)
     local: list[tuple[str, Any]] | None = None
     failure: str | None = None
     try:
@@ -103,7 +114,10 @@ def gather_unsharded(model: Any, timeout: float = GATHER_TIMEOUT) -> Gathered:
             raise UnsupportedModelError(
                 f"the gathered strategy does not fit: {why}; the collective strategy (no rank "
                 f"gathers the model) is not implemented yet")
-        local = _local_shards(model, world)
+        if kind == "fsdp2":
+            local = _local_shards(model, world)
+        elif kind != "fsdp1":
+            raise UnsupportedModelError(f"gradwatch gathers FSDP2 and FSDP1 models, not {kind}")
     except Exception as exc:
         failure = f"rank {rank}: {type(exc).__name__}: {exc}"
     errors: list[str] = []
@@ -113,8 +127,7 @@ def gather_unsharded(model: Any, timeout: float = GATHER_TIMEOUT) -> Gathered:
         failures: list[str | None] = [None] * world
         dist.all_gather_object(failures, failure, group=group)
         errors = [text for text in failures if text]
-        if not errors:
-            assert local is not None
+        if not errors and local is not None:
             for name, (shard, rows, shape) in local:
                 full[name] = _gather_one(shard, rows, shape, world, rank, group)
     except Exception as exc:  # a timeout, or a peer gone
@@ -123,9 +136,34 @@ def gather_unsharded(model: Any, timeout: float = GATHER_TIMEOUT) -> Gathered:
     if _any_rank(bool(errors)):
         _groups.clear()  # a group that timed out is broken: every rank makes a new one
         return Gathered(None, "; ".join(errors) or f"rank {rank}: another rank failed",
-                        "gathered", why)
+                        "gathered", why, kind)
+    if kind == "fsdp1":
+        # FSDP's own collective on the training's process group (its timeout, not ours); a
+        # failure after it (rank 0's copy) is agreed on so no rank waits for the others
+        plain, failure = None, None
+        try:
+            plain = _summon_fsdp1(model, rank)
+        except Exception as exc:
+            failure = f"rank {rank}: summon_full_params failed: {type(exc).__name__}: {exc}"
+        if _any_rank(failure is not None):
+            return Gathered(None, failure or f"rank {rank}: another rank failed", "gathered",
+                            why, kind)
+        return Gathered(plain, None, "gathered", why, kind)
     plain = _unsharded_copy(model, full) if rank == 0 else None
-    return Gathered(plain, None, "gathered", why)
+    return Gathered(plain, None, "gathered", why, kind)
+
+
+def _summon_fsdp1(model: Any, rank: int) -> Any:
+    """FSDP1: `summon_full_params` (every rank; the full values on rank 0 only, not written
+    back), inside which rank 0 copies the modules without their wrappers. The values are
+    offloaded to the CPU when they live on an accelerator; on CPU they are not (torch 2.13's
+    offload of CPU flat parameters fails with "setStorage: ... storage of size 0")."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    offload = any(p.device.type != "cpu" for p in model.parameters())
+    with FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True,
+                                                     offload_to_cpu=offload):
+        return _copy_module(model, {}) if rank == 0 else None
 
 
 def _any_rank(flag: bool) -> bool:
@@ -261,6 +299,10 @@ def _unsharded_copy(model: Any, full: dict[str, Any]) -> Any:
 def _copy_module(module: Any, parameters: dict[int, Any]) -> Any:
     import torch
 
+    if type(module).__name__ == "FullyShardedDataParallel":
+        # FSDP1's wrapper: the module it wraps, whose parameters summon_full_params has
+        # unflattened into full views (copied here: they are gone when the context ends)
+        return _copy_module(module._fsdp_wrapped_module, parameters)
     cls = type(module)
     if any(_is_fsdp_class(base) for base in cls.__mro__[1:]):
         # fully_shard swaps the class for FSDP<Class>(FSDPModule, Class): back to Class
@@ -272,7 +314,7 @@ def _copy_module(module: Any, parameters: dict[int, Any]) -> Any:
                 if _is_fsdp(v) or str(k).startswith("__composable_api_state_key")]:
         del state[key]  # FSDP's per-module state (it holds the process group)
     clone._parameters = OrderedDict(
-        (name, None if value is None else parameters.get(id(value), value))
+        (name, None if value is None else _parameter(torch, value, parameters))
         for name, value in module._parameters.items())
     clone._buffers = OrderedDict(
         (name, None if value is None else _plain_buffer(torch, value))
@@ -297,6 +339,15 @@ def _copy_module(module: Any, parameters: dict[int, Any]) -> Any:
             setattr(clone, attribute, OrderedDict(
                 (key, flag) for key, flag in flags.items() if key in kept_hooks))
     return clone
+
+
+def _parameter(torch: Any, value: Any, parameters: dict[int, Any]) -> Any:
+    """The copy's parameter for `value`: the gathered one, else a copy made once per
+    parameter (so a tied parameter stays one)."""
+    if id(value) not in parameters:
+        parameters[id(value)] = torch.nn.Parameter(value.detach().clone(),
+                                                   requires_grad=value.requires_grad)
+    return parameters[id(value)]
 
 
 def _is_fsdp_class(cls: type) -> bool:

@@ -151,7 +151,7 @@ def check_module(
             f"{type(loss_fn).__name__} {loss_fn!r}. {LOSS_FN_HELP}"
         )
     live = unwrap_model(model)
-    if sharding_of(live) == "fsdp2":
+    if sharding_of(live) in ("fsdp2", "fsdp1"):
         return _check_sharded(live, batch, loss_fn, options, batching=batching,
                               progress=progress, loss_scale=loss_scale, autocast=autocast)
     refuse_sharded(live)
@@ -214,12 +214,12 @@ def _check_sharded(live: Any, batch: Any, loss_fn: LossFn | None, options: Check
     gathered = gather_unsharded(live)
     if gathered.error is not None:
         raise UnsupportedModelError(
-            f"the sharded (FSDP2) check could not gather the model: {gathered.error}")
+            f"the sharded ({gathered.kind}) check could not gather the model: {gathered.error}")
     outcome: Any = None
     if dist.get_rank() == 0:
         try:
             report = check_module(gathered.model, batch, loss_fn, options=options, **kwargs)
-            report.probe["sharding"] = {"kind": "fsdp2", "strategy": gathered.strategy,
+            report.probe["sharding"] = {"kind": gathered.kind, "strategy": gathered.strategy,
                                         "why": gathered.reason}
             outcome = report
         except Exception as exc:

@@ -373,8 +373,9 @@ class GradWatch:
                 finally:
                     self._unsharded = None
                 if report is not None and gathered is not None:
-                    report.probe["sharding"] = {"kind": "fsdp2", "strategy": gathered.strategy,
-                                                "why": gathered.reason}
+                    report.probe["sharding"] = {
+                        "kind": gathered.kind, "strategy": gathered.strategy,
+                        "why": gathered.reason}
             else:
                 self.last_checked = step
         except BaseException as exc:  # strict=True or on_alert="raise": the others must stop too
@@ -397,7 +398,7 @@ class GradWatch:
         from gradwatch.engine.torch_model import unwrap_model
 
         live = unwrap_model(model)
-        if sharding_of(live) != "fsdp2":
+        if sharding_of(live) not in ("fsdp2", "fsdp1"):
             return None
         from gradwatch.engine.sharded import gather_unsharded
 
@@ -406,7 +407,7 @@ class GradWatch:
     def _sharded_failure(self, step: int, rank: int, gathered: Any) -> CheckReport | None:
         """A rank failed in the collective part of a check: every rank knows why; rank 0
         records an "error" check, the others keep the same report; training goes on."""
-        error = RuntimeError(f"the sharded (FSDP2) check could not gather the model: "
+        error = RuntimeError(f"the sharded ({gathered.kind}) check could not gather the model: "
                              f"{gathered.error}")
 
         def fail(plan: CheckPlan) -> CheckReport:

@@ -15,6 +15,8 @@ Scenarios:
          for that check (rank 0 records it) and go on; the later checks run again.
   stall  rank 1 stalls 8 s inside the second check's gather, with a 3 s collective timeout:
          no rank may hang; the stalled check reads "error" and training finishes.
+  fsdp1  the same model under FSDP1 (flat parameters): clean twice (without and with
+         GradWatch(every=3)), then with the bug.
   check_module  `gradwatch.check_module` called on every rank, on the clean and on the buggy
          model: every rank gets rank 0's report.
   mlp    the small MLP of tests/support/ddp_worker.py under FSDP2: checks run and pass.
@@ -55,6 +57,20 @@ def llama(bug: bool) -> Any:
     return model
 
 
+def llama_fsdp1(bug: bool) -> Any:
+    """The same model under FSDP1: each decoder layer and the root wrapped (flat parameters,
+    use_orig_params=False)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    model = make_zoo("eager")["llama"].build()
+    if bug:
+        plant_row_bug(model, BUG, row=1)
+    layer = type(model.model.layers[0])
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"),
+                                    auto_wrap_policy=ModuleWrapPolicy({layer}))
+
+
 def mlp() -> Any:
     from tests.support.ddp_worker import fsdp_model
 
@@ -63,6 +79,11 @@ def mlp() -> Any:
 
 def full_weights(model: Any) -> dict[str, torch.Tensor]:
     """Every rank: the full values (a collective), as the plain twin's weights are compared."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            return {name: value.detach().clone() for name, value in model.named_parameters()}
     return {name: (value.full_tensor() if hasattr(value, "full_tensor") else value)
             .detach().clone() for name, value in model.state_dict().items()}
 
@@ -133,6 +154,10 @@ def main(out: Path, scenario: str) -> None:
         model = llama(False)
         sharded._gather_one = slow  # type: ignore[assignment]
         result = {"watched": train(watch(timeout=3), rank, model, entry.batch)}
+    elif scenario == "fsdp1":
+        result = {"plain": train(None, rank, llama_fsdp1(False), entry.batch),
+                  "watched": train(watch(), rank, llama_fsdp1(False), entry.batch),
+                  "bug": train(watch(), rank, llama_fsdp1(True), entry.batch)}
     elif scenario == "check_module":
         import gradwatch
 

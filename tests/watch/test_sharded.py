@@ -1,4 +1,4 @@
-"""FSDP2 (`fully_shard`) under GradWatch and check_module: 2 CPU processes (gloo).
+"""FSDP2 (`fully_shard`) and FSDP1 under GradWatch and check_module: 2 CPU processes (gloo).
 
 The HF zoo's tiny LLaMA, each decoder layer and the root sharded over both ranks. At a check
 every rank takes part: the shards are gathered for rank 0's float64 check of an unsharded copy
@@ -95,3 +95,21 @@ def test_check_module_on_fsdp2_is_a_collective_that_gives_every_rank_the_report(
     assert zero["clean"] == one["clean"] and zero["clean"][0] == "ok"
     assert zero["buggy"] == one["buggy"] and zero["buggy"][0] == "alert"
     assert zero["buggy"][1] == BUG
+
+
+@pytest.mark.slow
+def test_fsdp1_is_gathered_by_summon_full_params_unchanged_and_names_the_bug(
+    tmp_path: Path
+) -> None:
+    zero, one = run_ranks(tmp_path, "fsdp1", worker=WORKER)
+    for rank in (zero, one):  # FSDP1's flat parameters: still bit-identical training
+        assert _same(rank["plain"]["weights"], rank["watched"]["weights"])
+        assert rank["plain"]["losses"] == rank["watched"]["losses"]
+    clean, buggy = zero["watched"]["checked"], zero["bug"]["checked"]
+    assert [(step, verdict) for step, verdict, *_ in clean] == [
+        (1, "ok"), (3, "ok"), (6, "ok"), (9, "ok"), (12, "ok")]
+    assert all(sharding["kind"] == "fsdp1" for *_, sharding in clean + buggy)
+    assert {verdict for _, verdict, *_ in buggy} == {"alert"}
+    # the user's names, not FSDP1's (_fsdp_wrapped_module, _flat_param)
+    assert all(worst[0] == BUG for _, _, _, worst, _ in buggy)
+    assert one["watched"]["checked"] == one["bug"]["checked"] == []
