@@ -97,30 +97,52 @@ def estimate(model: Any, world: int = 1) -> tuple[bool, str]:
     return needed <= available, why
 
 
-def gather_unsharded(model: Any, timeout: float = GATHER_TIMEOUT) -> Gathered:
+def gather_unsharded(model: Any, timeout: float = GATHER_TIMEOUT,
+                     strategy: str = "auto") -> Gathered:
     """Collective: every rank must call it at the same point. Rank 0 gets an unsharded copy
     of the FSDP2 `model` (the others None); any rank's failure reaches every rank as `error`.
     Never raises: a collective that times out (a rank stalled or gone) is an error too, and
-    the ranks agree on the outcome over the training's own process group at the end."""
+    the ranks agree on the outcome over the training's own process group at the end.
+
+    `strategy` "auto" gathers when rank 0's estimate fits (every rank takes rank 0's word:
+    hosts differ) and otherwise returns the "collective" decision with nothing gathered
+    (`gradwatch.engine.collective` then checks the sharded model in place); "gathered" and
+    "collective" force one."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     kind = sharding_of(model) or "unsharded"
     fits, why = estimate(model, world)
-    local: list[tuple[str, Any]] | None = None
     failure: str | None = None
+    if kind not in ("fsdp2", "fsdp1"):
+        failure = f"rank {rank}: gradwatch checks FSDP2 and FSDP1 models, not {kind}"
     try:
-        if not fits:
-            raise UnsupportedModelError(
-                f"the gathered strategy does not fit: {why}; the collective strategy (no rank "
-                f"gathers the model) is not implemented yet")
+        decided: list[Any] = [None] * world
+        dist.all_gather_object(decided, (failure, fits, why), group=_group(timeout))
+    except Exception as exc:  # a timeout, or a peer gone
+        decided = [(f"rank {rank}: a collective of the check failed (timeout {timeout:g} s): "
+                    f"{type(exc).__name__}: {str(exc)[:200]}", fits, why)]
+    errors = [text for text, _, _ in decided if text]
+    fits, why = decided[0][1], decided[0][2]
+    chosen = strategy if strategy != "auto" else ("gathered" if fits else "collective")
+    why = (f"sharded={strategy!r}; {why}" if strategy != "auto" else
+           f"{why}: {'fits' if fits else 'does not fit'}, {chosen}")
+    if not errors and chosen == "collective" and kind != "fsdp2":
+        errors = [f"the collective strategy checks FSDP2 (fully_shard) models; this is {kind}"
+                  + ("" if fits else f", and the gathered strategy does not fit: {why}")]
+    if errors or chosen == "collective":
+        if _any_rank(bool(errors)):
+            _groups.clear()
+            return Gathered(None, "; ".join(errors) or f"rank {rank}: another rank failed",
+                            chosen, why, kind)
+        return Gathered(None, None, "collective", why, kind)
+    local: list[tuple[str, Any]] | None = None
+    try:
         if kind == "fsdp2":
             local = _local_shards(model, world)
-        elif kind != "fsdp1":
-            raise UnsupportedModelError(f"gradwatch gathers FSDP2 and FSDP1 models, not {kind}")
     except Exception as exc:
         failure = f"rank {rank}: {type(exc).__name__}: {exc}"
-    errors: list[str] = []
+    errors = []
     full: dict[str, Any] = {}
     try:
         group = _group(timeout)

@@ -209,12 +209,18 @@ def _check_sharded(live: Any, batch: Any, loss_fn: LossFn | None, options: Check
     the gathered copy; every rank returns rank 0's report (or raises its error)."""
     import torch.distributed as dist
 
-    from gradwatch.engine.sharded import gather_unsharded, share
+    from gradwatch.engine.sharded import GATHER_TIMEOUT, gather_unsharded, share
 
-    gathered = gather_unsharded(live)
+    gathered = gather_unsharded(live, strategy=options.sharded)
     if gathered.error is not None:
         raise UnsupportedModelError(
             f"the sharded ({gathered.kind}) check could not gather the model: {gathered.error}")
+    if gathered.strategy == "collective":
+        from gradwatch.engine.collective import collective_check
+
+        return collective_check(live, batch, loss_fn, options.settings(
+            "check_module", loss_scale=kwargs.get("loss_scale")), timeout=GATHER_TIMEOUT,
+            why=gathered.reason)
     outcome: Any = None
     if dist.get_rank() == 0:
         try:

@@ -46,6 +46,8 @@ Indices = NDArray[np.int64]
 
 MODES = ("full", "sample", "sketch", "auto")
 Kernels = Literal["auto", "off"]
+ShardedStrategy = Literal["auto", "gathered", "collective"]
+SHARDED_STRATEGIES: tuple[str, ...] = ("auto", "gathered", "collective")
 
 class Objective(Protocol):
     """What the engine needs from a backend. All values are float64.
@@ -99,6 +101,7 @@ class CheckSettings:
     loss_scale: float = 0.0  # size of the terms the loss is computed from (0: |J|)
     kernels: Kernels = "auto"
     kernel_thresholds: RatioThresholds = field(default_factory=RatioThresholds)
+    sharded: ShardedStrategy = "auto"
 
 
 def glob_list(value: str | Sequence[str] | None, argument: str) -> list[str]:
@@ -180,6 +183,9 @@ class CheckOptions(Settings):
     kernels     "auto"      PyTorch: also measure the gradient as training computes it (dtype,
                             autocast, compiled graph, custom ops) against float64, where the
                             training path differs from the float64 one; "off": never
+    sharded     "auto"      FSDP models: "gathered" (rank 0 checks an unsharded float64 copy),
+                            "collective" (no rank gathers: every rank perturbs its own shards)
+                            or "auto" (gathered when the copy fits in rank 0's host memory)
     ==========  ==========  ====================================================================
 
     `kernel_thresholds` (default warn 12, alert 32): a `RatioThresholds(warn=, alert=)` or a
@@ -227,6 +233,7 @@ class CheckOptions(Settings):
     kernels: Kernels = "auto"
     kernel_thresholds: RatioThresholds | Mapping[str, float] = field(
         default_factory=RatioThresholds)
+    sharded: ShardedStrategy = "auto"
 
     def __post_init__(self) -> None:
         self._fill_defaults()
@@ -242,6 +249,10 @@ class CheckOptions(Settings):
         if self.kernels not in ("auto", "off"):
             raise ConfigError(f"kernels must be 'auto' (measure the training precision where "
                               f"it differs from float64) or 'off', got {self.kernels!r}.")
+        if self.sharded not in SHARDED_STRATEGIES:
+            raise ConfigError(f"sharded must be 'auto', 'gathered' (rank 0 checks a gathered "
+                              f"float64 copy) or 'collective' (no rank gathers the model), got "
+                              f"{self.sharded!r}.")
         object.__setattr__(self, "kernel_thresholds", _thresholds(
             self.kernel_thresholds, RatioThresholds, "kernel_thresholds", "{'warn': 12, "
             "'alert': 32}"))
@@ -273,6 +284,7 @@ class CheckOptions(Settings):
             seed=self.seed, samples=self.samples, directions=self.directions, top_k=self.top_k,
             loss_scale=float(loss_scale or 0.0), kernels=self.kernels,
             kernel_thresholds=self.kernel_thresholds,  # type: ignore[arg-type]
+            sharded=self.sharded,
         )
 
 

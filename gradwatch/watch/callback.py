@@ -204,6 +204,7 @@ class GradWatch:
         #: Why this model cannot be checked at all (sharded); no more checks run once set.
         self.unsupported: str | None = None
         self._unsharded: Any = None  # rank 0, during a check: the gathered copy of an FSDP2 model
+        self._collective_why: str | None = None  # every rank, during a collective check
         self._gather_timeout = GATHER_TIMEOUT  # seconds any collective of a check may wait
         self._restored_run_id: str | None = None  # from load_state_dict (a resumed training)
         self._recording = False  # the recorder is open
@@ -366,6 +367,8 @@ class GradWatch:
             gathered = self._gather_if_sharded(model, size)  # every rank: a collective
             if gathered is not None and gathered.error is not None:
                 report = self._sharded_failure(step, rank, gathered)
+            elif gathered is not None and gathered.strategy == "collective":
+                report = self._collective(step, rank, gathered, run)
             elif rank == 0 and self.unsupported is None:
                 self._unsharded = gathered.model if gathered is not None else None
                 try:
@@ -402,7 +405,28 @@ class GradWatch:
             return None
         from gradwatch.engine.sharded import gather_unsharded
 
-        return gather_unsharded(live, timeout=self._gather_timeout)
+        return gather_unsharded(live, timeout=self._gather_timeout,
+                                strategy=self.settings.sharded)
+
+    def _collective(self, step: int, rank: int, gathered: Any,
+                    run: Callable[[CheckPlan], CheckReport]) -> CheckReport | None:
+        """Every rank, the collective strategy (`gradwatch.engine.collective`): each runs the
+        check on its own shards; rank 0 records it, the others keep the same report."""
+        self._collective_why = gathered.reason
+        try:
+            if rank == 0:
+                return self._run(step, run)
+            self.last_checked = step
+            try:
+                report = run(self._plan(step))
+            except Exception as exc:
+                if self.strict:
+                    raise
+                report = error_report(exc, self.settings, 0.0, step)
+            self.reports.append(report)
+            return report
+        finally:
+            self._collective_why = None
 
     def _sharded_failure(self, step: int, rank: int, gathered: Any) -> CheckReport | None:
         """A rank failed in the collective part of a check: every rank knows why; rank 0
@@ -548,8 +572,50 @@ class GradWatch:
     ) -> CheckReport:
         from gradwatch.engine.torch_backend import check_module
 
+        if self._collective_why is not None:
+            return self._check_collective(model, batch, step, loss_fn, plan)
         if self._unsharded is not None:
             model = self._unsharded  # rank 0's gathered copy of an FSDP2 model
+        batch, loss_fn, source = self._probe_batch(batch, loss_fn)
+        # No rotation: auto mode screens every tensor jointly in every check (`_screen`).
+        include, exclude = self.include, self.exclude
+        autocast = self.autocast if self.autocast != "auto" else self.capture.autocast
+        report = check_module(
+            model, batch, loss_fn, include=include,
+            exclude=exclude, loss_scale=self._loss_scale or None, autocast=autocast,
+            options=CheckOptions(kernels=self.settings.kernels,
+                                 kernel_thresholds=self.settings.kernel_thresholds),
+            **plan.check_kwargs(),
+        )
+        report.probe.update({"step": step, "from": source})
+        return report
+
+    def _check_collective(
+        self, model: Any, batch: Any, step: int, loss_fn: Any, plan: CheckPlan
+    ) -> CheckReport:
+        """Every rank: the collective check of an FSDP2 model on this rank's batch; a rank
+        that has no batch takes part with its reason, so the others are not left waiting."""
+        from dataclasses import replace
+
+        from gradwatch.engine.collective import collective_check
+        from gradwatch.engine.torch_model import unwrap_model
+
+        failure, source = None, ""
+        try:
+            batch, loss_fn, source = self._probe_batch(batch, loss_fn)
+        except Exception as exc:
+            failure = f"rank {world()[0]}: {type(exc).__name__}: {exc}"
+        kwargs = plan.check_kwargs()
+        settings = replace(self.settings, seed=kwargs["seed"], budget=kwargs["budget"],
+                           loss_scale=self._loss_scale)
+        report = collective_check(unwrap_model(model), batch, loss_fn, settings,
+                                  timeout=self._gather_timeout, failure=failure,
+                                  why=str(self._collective_why))
+        report.probe.update({"step": step, "from": source})
+        return report
+
+    def _probe_batch(self, batch: Any, loss_fn: Any) -> tuple[Any, Any, str]:
+        """The batch a check runs on, its loss function and where the batch came from."""
         source = "batch given to step()"
         default_loss = None
         if batch is None and self.probe is not None:
@@ -566,18 +632,7 @@ class GradWatch:
             )
         if self.probe_rows is not None:
             batch = first_rows(batch, self.probe_rows)
-        # No rotation: auto mode screens every tensor jointly in every check (`_screen`).
-        include, exclude = self.include, self.exclude
-        autocast = self.autocast if self.autocast != "auto" else self.capture.autocast
-        report = check_module(
-            model, batch, loss_fn or self.loss_fn or default_loss, include=include,
-            exclude=exclude, loss_scale=self._loss_scale or None, autocast=autocast,
-            options=CheckOptions(kernels=self.settings.kernels,
-                                 kernel_thresholds=self.settings.kernel_thresholds),
-            **plan.check_kwargs(),
-        )
-        report.probe.update({"step": step, "from": source})
-        return report
+        return batch, loss_fn or self.loss_fn or default_loss, source
 
     def _record(self, report: CheckReport, step: int, timestamp_ms: int, alert: str | None) -> None:
         if not self._recording:

@@ -15,6 +15,15 @@ Scenarios:
          for that check (rank 0 records it) and go on; the later checks run again.
   stall  rank 1 stalls 8 s inside the second check's gather, with a 3 s collective timeout:
          no rank may hang; the stalled check reads "error" and training finishes.
+  collective  the collective strategy forced (no rank gathers): clean without and with
+         GradWatch(every=1), then the bug with every=3.
+  collective_fail  rank 1 raises inside the second collective check.
+  auto_collective  sharded="auto" with rank 0's host short of memory: the collective strategy
+         is chosen on every rank (rank 1's own estimate would fit); the buggy model.
+  collective_check_module  check_module(options={"sharded": "collective"}) on every rank,
+         each on its own batch, clean and buggy: the reports (as JSON).
+  collective_float32  the same when no rank can build the float64 twin (evaluations in place
+         in float32).
   fsdp1  the same model under FSDP1 (flat parameters): clean twice (without and with
          GradWatch(every=3)), then with the bug.
   check_module  `gradwatch.check_module` called on every rank, on the clean and on the buggy
@@ -35,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 import gradwatch.engine.sharded as sharded
-from gradwatch import GradWatch
+from gradwatch import CheckOptions, GradWatch
 from tests.support.hf_zoo import make_zoo, plant_row_bug
 from tests.support.ranks import save_and_leave
 
@@ -77,6 +86,10 @@ def mlp() -> Any:
     return fsdp_model()
 
 
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
 def full_weights(model: Any) -> dict[str, torch.Tensor]:
     """Every rank: the full values (a collective), as the plain twin's weights are compared."""
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -116,9 +129,10 @@ def main(out: Path, scenario: str) -> None:
     rank = dist.get_rank()
     entry = make_zoo("eager")["llama"]
 
-    def watch(every: int = 3, timeout: float | None = None) -> GradWatch:
+    def watch(every: int = 3, timeout: float | None = None, strategy: str = "auto") -> GradWatch:
         made = GradWatch(every=every, mlflow=rank == 0 and "MLFLOW_TRACKING_URI" in os.environ,
-                         spool_dir=out / "spool", budget=60)
+                         spool_dir=out / "spool", budget=60,
+                         check=CheckOptions(sharded=strategy))  # type: ignore[arg-type]
         if timeout is not None:
             made._gather_timeout = timeout  # seconds; the default (120) is tested by "fail"
         return made
@@ -166,6 +180,50 @@ def main(out: Path, scenario: str) -> None:
             report = gradwatch.check_module(llama(bug), entry.batch(7), budget=60)
             result[name] = (report.verdict, report.worst_layers(1)[0][0],
                             report.probe["sharding"]["strategy"])
+    elif scenario == "collective":
+        result = {"plain": train(None, rank, llama(False), entry.batch),
+                  "watched": train(watch(every=1, strategy="collective"), rank, llama(False),
+                                   entry.batch),
+                  "bug": train(watch(strategy="collective"), rank, llama(True), entry.batch)}
+    elif scenario == "auto_collective":
+        if rank == 0:  # rank 0's host has 0.5 MiB free: its word decides for every rank
+            sharded._available_memory = lambda: 1 << 19  # type: ignore[assignment]
+        result = {"watched": train(watch(), rank, llama(True), entry.batch)}
+    elif scenario == "collective_fail":
+        import gradwatch.engine.collective as collective
+
+        calls = {"n": 0}
+        tensors = collective._tensors
+
+        def flaky(model: Any) -> Any:  # rank 1 fails inside the second check
+            calls["n"] += 1
+            if rank == 1 and calls["n"] == 3:
+                raise MemoryError("rank 1 ran out of memory (planted by the test)")
+            return tensors(model)
+
+        collective._tensors = flaky  # type: ignore[assignment]
+        result = {"watched": train(watch(strategy="collective"), rank, llama(False),
+                                   entry.batch)}
+    elif scenario in ("collective_check_module", "collective_float32"):
+        import gradwatch
+        import gradwatch.engine.collective as collective
+
+        if scenario == "collective_float32":
+            def no_twin(model: Any) -> Any:
+                raise MemoryError("no room for a float64 twin (planted by the test)")
+
+            collective.float64_twin = no_twin  # type: ignore[assignment]
+        result = {}
+        for name, bug in (("clean", False), ("buggy", True)):
+            model = llama(bug)
+            model(**entry.batch(3)).loss.backward()  # FSDP2 initialised, .grad set
+            before = full_weights(model)
+            grads = {n: p.grad.to_local().clone() for n, p in model.named_parameters()}
+            report = gradwatch.check_module(model, entry.batch(7 + rank),
+                                            options={"budget": 60, "sharded": "collective"})
+            result[name] = report.model_dump(mode="json")
+            result[name]["untouched"] = _same(before, full_weights(model)) and all(
+                torch.equal(grads[n], p.grad.to_local()) for n, p in model.named_parameters())
     elif scenario == "mlp":
         from tests.support.torch_models import mse_loss, regression_batch
 

@@ -113,3 +113,90 @@ def test_fsdp1_is_gathered_by_summon_full_params_unchanged_and_names_the_bug(
     # the user's names, not FSDP1's (_fsdp_wrapped_module, _flat_param)
     assert all(worst[0] == BUG for _, _, _, worst, _ in buggy)
     assert one["watched"]["checked"] == one["bug"]["checked"] == []
+
+
+@pytest.mark.slow
+def test_the_collective_strategy_checks_in_place_unchanged_and_names_the_bug(
+    tmp_path: Path
+) -> None:
+    """No rank gathers: each perturbs its own shards of a float64 FSDP2 twin; the loss goes
+    through the sharded forward; the projections are all-reduced."""
+    zero, one = run_ranks(tmp_path, "collective", worker=WORKER)
+    for rank in (zero, one):
+        assert _same(rank["plain"]["weights"], rank["watched"]["weights"])
+        assert rank["plain"]["losses"] == rank["watched"]["losses"]
+    clean, buggy = zero["watched"]["checked"], zero["bug"]["checked"]
+    assert [step for step, *_ in clean] == list(range(1, 13))
+    assert {verdict for _, verdict, *_ in clean} == {"ok"}, [c[2] for c in clean]
+    assert all(s["strategy"] == "collective" and s["precision"] == "float64"
+               for *_, s in clean + buggy)
+    assert [(step, verdict) for step, verdict, *_ in buggy] == [
+        (1, "alert"), (3, "alert"), (6, "alert"), (9, "alert"), (12, "alert")]
+    assert all(worst[0] == BUG and f"localised to {BUG}" in reasons
+               for _, _, reasons, worst, _ in buggy)
+    # every rank computed the same report from the all-reduced values; only rank 0 records
+    assert [c[:2] for c in one["bug"]["checked"]] == [c[:2] for c in buggy]
+
+
+@pytest.mark.slow
+def test_a_rank_failing_inside_a_collective_check_makes_it_an_error_on_both(
+    tmp_path: Path
+) -> None:
+    zero, one = run_ranks(tmp_path, "collective_fail", worker=WORKER)
+    for rank in (zero, one):
+        checked = rank["watched"]["checked"]
+        assert [(step, verdict) for step, verdict, *_ in checked] == [
+            (1, "ok"), (3, "error"), (6, "ok"), (9, "ok"), (12, "ok")]
+        assert "rank 1: MemoryError: rank 1 ran out of memory" in checked[1][2]
+        assert len(rank["watched"]["losses"]) == 12
+    assert _same(zero["watched"]["weights"], one["watched"]["weights"])
+
+
+@pytest.mark.slow
+def test_check_module_collective_gives_every_rank_the_same_report(tmp_path: Path) -> None:
+    zero, one = run_ranks(tmp_path, "collective_check_module", worker=WORKER)
+    for name in ("clean", "buggy"):  # built from all-reduced values: the same on both ranks
+        assert [zero[name][key] for key in ("verdict", "reasons", "rel_distance", "evaluations")
+                ] == [one[name][key] for key in ("verdict", "reasons", "rel_distance",
+                                                 "evaluations")]
+    clean, buggy = zero["clean"], zero["buggy"]
+    assert clean["untouched"] and buggy["untouched"]  # shards and .grad restored bit for bit
+    assert clean["verdict"] == "ok" and clean["precision"]["evaluations"] == "float64"
+    assert clean["precision"]["resolution"] < clean["thresholds"]["warn"]
+    assert buggy["verdict"] == "alert"
+    assert max(buggy["layers"].items(), key=lambda kv: kv[1]["rel_distance"]
+               if kv[1]["rel_distance"] == kv[1]["rel_distance"] else -1)[0] == BUG
+    assert buggy["coverage"]["localised"] == 1
+
+
+@pytest.mark.slow
+def test_without_a_float64_twin_the_collective_check_says_error_never_ok(
+    tmp_path: Path
+) -> None:
+    """No rank can build the twin: the evaluations run in place in float32, whose resolution
+    (≈ 0.1 on this model) cannot see the alert threshold: "error", with why; the live shards
+    and gradients are restored bit for bit."""
+    zero, one = run_ranks(tmp_path, "collective_float32", worker=WORKER)
+    for rank in (zero, one):
+        for name in ("clean", "buggy"):
+            report = rank[name]
+            assert report["verdict"] == "error"
+            assert report["precision"]["evaluations"] == "float32"
+            assert report["precision"]["resolution"] > report["thresholds"]["alert"]
+            assert "no float64 twin" in report["probe"]["sharding"]["precision"]
+            assert "not judged" in report["reasons"][0]
+            assert report["untouched"]
+
+
+@pytest.mark.slow
+def test_auto_takes_the_collective_strategy_when_rank_0_cannot_hold_the_copy(
+    tmp_path: Path
+) -> None:
+    zero, one = run_ranks(tmp_path, "auto_collective", worker=WORKER)
+    checked = zero["watched"]["checked"]
+    assert {verdict for _, verdict, *_ in checked} == {"alert"}
+    for *_, worst, sharding in checked:
+        assert worst[0] == BUG
+        assert sharding["strategy"] == "collective"
+        assert "0.5 MiB available: does not fit, collective" in sharding["why"]
+    assert [c[:2] for c in one["watched"]["checked"]] == [c[:2] for c in checked]
