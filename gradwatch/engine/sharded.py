@@ -32,11 +32,13 @@ Imports: gradwatch.common (torch and torch.distributed when a function is called
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
+from types import MethodType
 from typing import Any
 
 from gradwatch.common.errors import UnsupportedModelError
@@ -335,6 +337,15 @@ def _copy_module(module: Any, parameters: dict[int, Any]) -> Any:
     for key in [k for k, v in state.items()
                 if _is_fsdp(v) or str(k).startswith("__composable_api_state_key")]:
         del state[key]  # FSDP's per-module state (it holds the process group)
+    for key, value in state.items():
+        if isinstance(value, MethodType) and value.__self__ is module:
+            # a method bound to the live module in its __dict__ (transformers' `generate`,
+            # Accelerate's `forward`): bound to the copy instead
+            state[key] = MethodType(value.__func__, clone)
+        elif type(value) in (list, dict, set) and not str(key).startswith("_"):
+            # the user's own containers (a list the forward appends losses to): the copy's
+            # evaluations must not grow the live module's
+            state[key] = copy.copy(value)
     clone._parameters = OrderedDict(
         (name, None if value is None else _parameter(torch, value, parameters))
         for name, value in module._parameters.items())

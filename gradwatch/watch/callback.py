@@ -354,6 +354,8 @@ class GradWatch:
         rank, size = world()
         if rank == 0:
             self.setup(model)
+        else:
+            self._attach_peer(model)
         due = self.schedule.due(step, self.last_checked)
         if size > 1 and self.every.steps is None:
             due = agree(due)  # only rank zero runs the wall-clock scheduler
@@ -392,6 +394,17 @@ class GradWatch:
             raise failure
         return report
 
+    def _attach_peer(self, model: Any) -> None:
+        """A rank other than 0, once: capture its training inputs when the model is FSDP2,
+        whose collective checks run on every rank's own batch."""
+        if self._ready or model is None:
+            return
+        self._ready = True
+        from gradwatch.engine.torch_model import unwrap_model
+
+        if sharding_of(unwrap_model(model)) == "fsdp2":
+            self.capture.attach(model)
+
     def _gather_if_sharded(self, model: Any, size: int) -> Any:
         """Every rank, at a due step of an FSDP2 model: gather it for rank 0's check
         (`gradwatch.engine.sharded`); None for a model some rank holds whole. Decided from
@@ -419,6 +432,8 @@ class GradWatch:
             self.last_checked = step
             try:
                 report = run(self._plan(step))
+            except _NoProbeYet:
+                return None
             except Exception as exc:
                 if self.strict:
                     raise
@@ -600,11 +615,15 @@ class GradWatch:
         from gradwatch.engine.collective import collective_check
         from gradwatch.engine.torch_model import unwrap_model
 
-        failure, source = None, ""
+        failure, source, no_probe = None, "", False
         try:
             batch, loss_fn, source = self._probe_batch(batch, loss_fn)
+        except _NoProbeYet:
+            no_probe = True
         except Exception as exc:
             failure = f"rank {world()[0]}: {type(exc).__name__}: {exc}"
+        if agree(no_probe):  # a rank saw no training forward yet: every rank waits for one
+            raise _NoProbeYet
         kwargs = plan.check_kwargs()
         settings = replace(self.settings, seed=kwargs["seed"], budget=kwargs["budget"],
                            loss_scale=self._loss_scale)
@@ -677,6 +696,8 @@ class GradWatch:
             # HF's MLflowCallback opened its run just before us
             active = self.recorder.active_run_id() if self.recorder.enabled else None
             self.setup(kwargs.get("model"), active_run_id=active)
+        else:
+            self._attach_peer(kwargs.get("model"))
         return None
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:

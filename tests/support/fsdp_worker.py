@@ -18,6 +18,8 @@ Scenarios:
   collective  the collective strategy forced (no rank gathers): clean without and with
          GradWatch(every=1), then the bug with every=3.
   collective_fail  rank 1 raises inside the second collective check.
+  collective_captured  the bug, collective, step(model, None): every rank checks on the inputs
+         of its latest training forward (captured on every rank, as under the HF Trainer).
   auto_collective  sharded="auto" with rank 0's host short of memory: the collective strategy
          is chosen on every rank (rank 1's own estimate would fit); the buggy model.
   collective_check_module  check_module(options={"sharded": "collective"}) on every rank,
@@ -102,7 +104,7 @@ def full_weights(model: Any) -> dict[str, torch.Tensor]:
 
 
 def train(watch: GradWatch | None, rank: int, model: Any, batches: Any,
-          loss: Any = None) -> dict[str, Any]:
+          loss: Any = None, give_batch: bool = True) -> dict[str, Any]:
     torch.manual_seed(1234 + rank)  # dropout masks differ across ranks, as in real training
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     losses, checked = [], []
@@ -114,7 +116,7 @@ def train(watch: GradWatch | None, rank: int, model: Any, batches: Any,
         optimizer.step()
         losses.append(value.item())
         if watch is not None:
-            report = watch.step(model, batch, step=step, loss_fn=loss)
+            report = watch.step(model, batch if give_batch else None, step=step, loss_fn=loss)
             if report is not None:
                 checked.append((step, report.verdict, " ".join(report.reasons),
                                 [name for name, _ in report.worst_layers(3)],
@@ -189,6 +191,9 @@ def main(out: Path, scenario: str) -> None:
         if rank == 0:  # rank 0's host has 0.5 MiB free: its word decides for every rank
             sharded._available_memory = lambda: 1 << 19  # type: ignore[assignment]
         result = {"watched": train(watch(), rank, llama(True), entry.batch)}
+    elif scenario == "collective_captured":
+        result = {"watched": train(watch(strategy="collective"), rank, llama(True), entry.batch,
+                                   give_batch=False)}
     elif scenario == "collective_fail":
         import gradwatch.engine.collective as collective
 

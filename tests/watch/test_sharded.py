@@ -200,3 +200,16 @@ def test_auto_takes_the_collective_strategy_when_rank_0_cannot_hold_the_copy(
         assert sharding["strategy"] == "collective"
         assert "0.5 MiB available: does not fit, collective" in sharding["why"]
     assert [c[:2] for c in one["watched"]["checked"]] == [c[:2] for c in checked]
+
+
+@pytest.mark.slow
+def test_collective_checks_run_on_the_inputs_each_rank_captured(tmp_path: Path) -> None:
+    """step(model, None) on every rank (as the HF Trainer's callback calls it): each rank
+    checks on the inputs of its own latest training forward; the first check waits on every
+    rank until each has seen one."""
+    zero, one = run_ranks(tmp_path, "collective_captured", worker=WORKER)
+    checked = zero["watched"]["checked"]
+    assert [(step, verdict) for step, verdict, *_ in checked] == [
+        (3, "alert"), (6, "alert"), (9, "alert"), (12, "alert")]
+    assert all(worst[0] == BUG for *_, worst, _ in checked)
+    assert [c[:2] for c in one["watched"]["checked"]] == [c[:2] for c in checked]
