@@ -180,7 +180,7 @@ class GradWatchCallback(_CallbackBase):
             trainer, pl_module, batch_idx
         )
         probe_batch = None if watch.probe is not None else batch  # GradWatch(probe=) wins
-        watch.step(pl_module, probe_batch, step=step, loss_fn=loss_fn)
+        watch.step(_checked_module(trainer, pl_module), probe_batch, step=step, loss_fn=loss_fn)
         if watch.should_stop:
             trainer.should_stop = True
 
@@ -202,6 +202,17 @@ class GradWatchCallback(_CallbackBase):
                 return str(mlflow_logger.run_id)
             return None
         return watch.recorder.active_run_id()
+
+
+def _checked_module(trainer: Any, pl_module: Any) -> Any:
+    """What GradWatch checks: the module, or under Lightning's `FSDPStrategy` (FSDP1) the
+    root `FullyShardedDataParallel` that wraps it — the root wrapper owns the parameters of
+    the module's own layers (embeddings, heads), which only it can unshard."""
+    root = getattr(trainer.strategy, "model", None)
+    if root is not pl_module and type(root).__name__ == "FullyShardedDataParallel" and \
+            getattr(root, "_fsdp_wrapped_module", None) is pl_module:
+        return root
+    return pl_module
 
 
 def _same_store(first: str, second: str) -> bool:

@@ -1,4 +1,4 @@
-"""Sharded models (FSDP2 `fully_shard`, FSDP1): the "gathered" strategy, a collective check.
+"""Sharded models (FSDP2 `fully_shard`, FSDP1, ZeRO-3): the "gathered" strategy, collectively.
 
 No rank holds an FSDP2 model whole: each parameter is a DTensor whose rows are split across
 the ranks (`Shard(0)` on a 1-D device mesh, `torch.chunk` semantics: rank r holds rows
@@ -18,7 +18,11 @@ every rank takes part in, at the same step, like a training step:
 
 FSDP1 (`FullyShardedDataParallel`) goes through its own `summon_full_params(rank0_only=True,
 writeback=False)` (offloaded to the CPU from an accelerator) after step 1's agreement; rank 0
-copies the wrapped modules (not the wrappers) inside it.
+copies the wrapped modules (not the wrappers) inside it. DeepSpeed ZeRO-3 goes through
+`deepspeed.zero.GatheredParameters(modifier_rank=None)` the same way (every rank enters it;
+rank 0 copies the modules, DeepSpeed's hooks left behind). The "collective" decision (a model
+whose copy does not fit, or `strategy="collective"`) is taken here too, on rank 0's estimate;
+`gradwatch.engine.collective` then checks the FSDP2 model where it lives.
 
 Every other collective here runs on a gloo group of its own with a timeout (`GATHER_TIMEOUT`),
 on CPU tensors (so NCCL training works too): a rank that dies or hangs makes the others raise
@@ -69,8 +73,8 @@ class Gathered:
 
 def sharding_of(model: Any) -> str | None:
     """"fsdp2" when the parameters are FSDP2 DTensors, "fsdp1" for FullyShardedDataParallel
-    wrappers, "zero3" for DeepSpeed's partitioned parameters (refused), None for a model some
-    rank holds whole."""
+    wrappers, "zero3" for DeepSpeed's partitioned parameters, None for a model some rank holds
+    whole."""
     for module in model.modules():
         if type(module).__name__ == "FullyShardedDataParallel":
             return "fsdp1"
@@ -116,8 +120,8 @@ def gather_unsharded(model: Any, timeout: float = GATHER_TIMEOUT,
     kind = sharding_of(model) or "unsharded"
     fits, why = estimate(model, world)
     failure: str | None = None
-    if kind not in ("fsdp2", "fsdp1"):
-        failure = f"rank {rank}: gradwatch checks FSDP2 and FSDP1 models, not {kind}"
+    if kind not in ("fsdp2", "fsdp1", "zero3"):
+        failure = f"rank {rank}: gradwatch checks FSDP2, FSDP1 and ZeRO-3 models, not {kind}"
     try:
         decided: list[Any] = [None] * world
         dist.all_gather_object(decided, (failure, fits, why), group=_group(timeout))
@@ -161,14 +165,16 @@ def gather_unsharded(model: Any, timeout: float = GATHER_TIMEOUT,
         _groups.clear()  # a group that timed out is broken: every rank makes a new one
         return Gathered(None, "; ".join(errors) or f"rank {rank}: another rank failed",
                         "gathered", why, kind)
-    if kind == "fsdp1":
-        # FSDP's own collective on the training's process group (its timeout, not ours); a
-        # failure after it (rank 0's copy) is agreed on so no rank waits for the others
+    if kind in ("fsdp1", "zero3"):
+        # FSDP's or DeepSpeed's own collective on the training's process group (its timeout,
+        # not ours); a failure after it (rank 0's copy) is agreed on so no rank waits
         plain, failure = None, None
+        gather, what = ((_summon_fsdp1, "summon_full_params") if kind == "fsdp1" else
+                        (_gather_zero3, "GatheredParameters"))
         try:
-            plain = _summon_fsdp1(model, rank)
+            plain = gather(model, rank)
         except Exception as exc:
-            failure = f"rank {rank}: summon_full_params failed: {type(exc).__name__}: {exc}"
+            failure = f"rank {rank}: {what} failed: {type(exc).__name__}: {exc}"
         if _any_rank(failure is not None):
             return Gathered(None, failure or f"rank {rank}: another rank failed", "gathered",
                             why, kind)
@@ -187,6 +193,16 @@ def _summon_fsdp1(model: Any, rank: int) -> Any:
     offload = any(p.device.type != "cpu" for p in model.parameters())
     with FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True,
                                                      offload_to_cpu=offload):
+        return _copy_module(model, {}) if rank == 0 else None
+
+
+def _gather_zero3(model: Any, rank: int) -> Any:
+    """DeepSpeed ZeRO-3: every rank enters `GatheredParameters` (an all-gather; read only,
+    `modifier_rank=None`, so nothing is written back), inside which rank 0 copies the modules
+    with the full values (DeepSpeed's hooks and partitioning state left behind)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         return _copy_module(model, {}) if rank == 0 else None
 
 
@@ -230,7 +246,8 @@ def _group(timeout: float) -> Any:
 
 
 def _full_numel(parameter: Any) -> int:
-    return int(math.prod(parameter.shape))
+    # a ZeRO-3 parameter outside GatheredParameters is empty; its full shape is ds_shape
+    return int(math.prod(getattr(parameter, "ds_shape", None) or parameter.shape))
 
 
 def _available_memory() -> int | None:
@@ -303,7 +320,8 @@ def _is_fsdp_hook(hook: Any) -> bool:
     keeps the wrapped function's module)."""
     name = getattr(hook, "__module__", None) or getattr(getattr(hook, "func", None),
                                                         "__module__", "") or ""
-    return name.startswith(("torch.distributed.fsdp", "torch.distributed._composable"))
+    return name.startswith(("torch.distributed.fsdp", "torch.distributed._composable",
+                            "deepspeed."))
 
 
 def _unsharded_copy(model: Any, full: dict[str, Any]) -> Any:

@@ -151,7 +151,7 @@ def check_module(
             f"{type(loss_fn).__name__} {loss_fn!r}. {LOSS_FN_HELP}"
         )
     live = unwrap_model(model)
-    if sharding_of(live) in ("fsdp2", "fsdp1"):
+    if sharding_of(live) in ("fsdp2", "fsdp1", "zero3") and _distributed(torch):
         return _check_sharded(live, batch, loss_fn, options, batching=batching,
                               progress=progress, loss_scale=loss_scale, autocast=autocast)
     refuse_sharded(live)
@@ -203,6 +203,12 @@ def check_module(
 
 
 # ---------------------------------------------------------------------- helpers
+def _distributed(torch: Any) -> bool:
+    """A process group is up with more than one rank (a sharded check is a collective)."""
+    dist = torch.distributed
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
 def _check_sharded(live: Any, batch: Any, loss_fn: LossFn | None, options: CheckOptions,
                    **kwargs: Any) -> CheckReport:
     """An FSDP2 model: a collective of every rank (`gradwatch.engine.sharded`). Rank 0 checks

@@ -83,8 +83,8 @@ def refuse_sharded(model: Any) -> None:
     if reason is not None:
         raise UnsupportedModelError(
             f"gradwatch cannot check {type(model).__name__}: {reason}. Supported: single "
-            f"process, DDP, DataParallel, Accelerate, FSDP2 (fully_shard) and FSDP1 "
-            f"(FullyShardedDataParallel) called on every rank, "
+            f"process, DDP, DataParallel, Accelerate, FSDP2 (fully_shard), FSDP1 "
+            f"(FullyShardedDataParallel) and DeepSpeed ZeRO-3 called on every rank, "
             f"torch.compile. To check this model's backward, run gradwatch.check_module on an "
             f"unsharded copy of a small configuration (e.g. in a test), or train it with "
             f"FSDP2 or DDP."

@@ -414,7 +414,7 @@ class GradWatch:
         from gradwatch.engine.torch_model import unwrap_model
 
         live = unwrap_model(model)
-        if sharding_of(live) not in ("fsdp2", "fsdp1"):
+        if sharding_of(live) not in ("fsdp2", "fsdp1", "zero3"):
             return None
         from gradwatch.engine.sharded import gather_unsharded
 

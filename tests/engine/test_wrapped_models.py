@@ -108,10 +108,11 @@ def test_accelerate_mixed_precision_forward_is_bypassed(fresh_accelerate_state: 
     assert model.training  # the live model is left as it was
 
 
-def test_deepspeed_zero3_parameters_are_refused_with_the_reason() -> None:
+def test_zero3_parameters_outside_a_process_group_are_refused_with_the_reason() -> None:
     model = small_model()
-    # ZeRO-3 replaces each parameter's data by a shard and marks it with ds_id / ds_status;
-    # deepspeed is not installed here, so the marker is set by hand.
+    # ZeRO-3 replaces each parameter's data by a shard and marks it with ds_id / ds_status; a
+    # sharded check is a collective of the ranks (tests/watch/test_zero3.py): with no process
+    # group there is none to gather from, so the marker set by hand is refused with the reason.
     model[0].weight.ds_id = 0  # type: ignore[union-attr]
     with pytest.raises(gradwatch.UnsupportedModelError, match=r"ZeRO-3.*unsharded copy"):
         gradwatch.check_module(model, regression_batch(8, 4, 3), mse_loss)

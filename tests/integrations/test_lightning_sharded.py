@@ -67,3 +67,23 @@ def test_lightning_fsdp2_bug_is_named_under_the_collective_strategy(tmp_path: Pa
     assert {verdict for _, verdict, *_ in zero["checked"]} == {"alert"}
     assert all(worst == [NAME] for _, _, worst, _ in zero["checked"])
     assert [c[:2] for c in one["checked"]] == [c[:2] for c in zero["checked"]]
+
+
+@pytest.mark.slow
+def test_lightning_fsdp_strategy_fsdp1_is_gathered_through_its_root_wrapper(
+    tmp_path: Path
+) -> None:
+    """FSDPStrategy wraps the LightningModule in a root FSDP1 wrapper that owns the module's
+    own layers (embeddings, head): the adapter checks through that root, so every parameter
+    is unsharded; the names are the module's (no `_fsdp_wrapped_module`)."""
+    plain = _fit(tmp_path / "plain", "fsdp1-none", bug=False)
+    watched = _fit(tmp_path / "watched", "fsdp1", bug=False)
+    for before, after in zip(plain, watched):
+        assert _same(before["weights"], after["weights"])
+        assert before["losses"] == after["losses"]
+    checked = watched[0]["checked"]
+    assert [step for step, *_ in checked] == [1, *range(EVERY, STEPS + 1, EVERY)]
+    assert {verdict for _, verdict, *_ in checked} == {"ok"}
+    buggy = _fit(tmp_path / "bug", "fsdp1", bug=True)[0]["checked"]
+    assert {verdict for _, verdict, *_ in buggy} == {"alert"}
+    assert all(worst == [NAME] for _, _, worst, _ in buggy)

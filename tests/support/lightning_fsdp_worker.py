@@ -1,11 +1,17 @@
-"""Lightning `ModelParallelStrategy` (FSDP2 `fully_shard` in `configure_model`) on 2 CPU
-processes, with and without `GradWatchCallback`: `python -m tests.support.lightning_fsdp_worker
-OUT STRATEGY BUG` where STRATEGY is "none" (no gradwatch), "gathered" or "collective" and BUG
-is 0 or 1 (the one-row ×1.5 backward bug of `tests/support/fsdp_worker.py` in
+"""Lightning `ModelParallelStrategy` (FSDP2 `fully_shard` in `configure_model`) or `FSDPStrategy`
+(FSDP1) on 2 CPU processes, with and without `GradWatchCallback`: `python -m
+tests.support.lightning_fsdp_worker OUT STRATEGY BUG` where STRATEGY is "none" (no gradwatch),
+"gathered" or "collective" (FSDP2), "fsdp1-none" or "fsdp1" (FSDP1, gathered) and BUG is 0 or 1
+(the one-row ×1.5 backward bug of `tests/support/fsdp_worker.py` in
 `model.model.layers.0.mlp.up_proj.weight`). Lightning launches rank 1 itself (it runs this
 command again with LOCAL_RANK set). Each rank saves its verdicts, the names its alerting checks
 put first, the strategy the checks took, the losses and the full final weights to
 `OUT/rank-<r>.pt`.
+
+Lightning refuses `FSDPStrategy` on CPU (`type(strategy) is FSDPStrategy` with accelerator
+"cpu"), and FSDP1 refuses `device_id=None`, which is what Lightning passes on CPU: `_CPUFSDP`
+is a subclass that wraps with `device_id=cpu` as Lightning wraps with the GPU index; the rest
+(the auto-wrap policy on the decoder layers, `use_orig_params=True`, the loop) is Lightning's.
 """
 
 from __future__ import annotations
@@ -24,6 +30,23 @@ STEPS = 8
 EVERY = 2
 
 
+def _cpu_fsdp_class() -> Any:
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class CPUFSDP(FSDPStrategy):  # type: ignore[misc]
+        def _setup_model(self, model: Any) -> Any:
+            if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+                model = FullyShardedDataParallel(
+                    module=model, cpu_offload=self.cpu_offload,
+                    mixed_precision=self.mixed_precision_config,
+                    sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
+                    **self.kwargs)
+            return super()._setup_model(model)
+
+    return CPUFSDP
+
+
 def main(out: Path, strategy: str, bug: bool) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -31,20 +54,31 @@ def main(out: Path, strategy: str, bug: bool) -> None:
     from gradwatch import CheckOptions
     from gradwatch.integrations.lightning import GradWatchCallback
 
+    _CPUFSDP = _cpu_fsdp_class()
+
     entry = make_zoo("eager")["llama"]
+    fsdp1 = strategy.startswith("fsdp1")
+
+    def built() -> Any:
+        torch.manual_seed(0)
+        model = entry.build()
+        if bug:
+            plant_row_bug(model, BUG, row=1)
+        return model
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.losses: list[float] = []
+            if fsdp1:
+                self.model = built()
 
         def configure_model(self) -> None:
             from torch.distributed.fsdp import fully_shard
 
-            torch.manual_seed(0)
-            self.model = entry.build()
-            if bug:
-                plant_row_bug(self.model, BUG, row=1)
+            if fsdp1:
+                return
+            self.model = built()
             mesh = self.device_mesh["data_parallel"]
             for layer in self.model.model.layers:
                 fully_shard(layer, mesh=mesh)
@@ -63,22 +97,34 @@ def main(out: Path, strategy: str, bug: bool) -> None:
             return torch.utils.data.DataLoader(batches, batch_size=None)
 
     callbacks = []
-    if strategy != "none":
+    if strategy not in ("none", "fsdp1-none"):
         callbacks.append(GradWatchCallback(
             every=EVERY, mlflow=False, budget=60, spool_dir=out / "spool",
-            check=CheckOptions(sharded=strategy)))  # type: ignore[arg-type]
+            check=CheckOptions(sharded="gathered" if fsdp1 else strategy)))  # type: ignore
     module = Module()
+    if fsdp1:
+        layer = type(entry.build().model.layers[0])
+        sharding: Any = _CPUFSDP(auto_wrap_policy={layer}, process_group_backend="gloo")
+    else:
+        sharding = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                         process_group_backend="gloo")
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_steps=STEPS, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
-                                       process_group_backend="gloo"),
-        callbacks=callbacks, use_distributed_sampler=False)
+        strategy=sharding, callbacks=callbacks, use_distributed_sampler=False)
     trainer.fit(module)
     rank = trainer.global_rank
     reports = callbacks[0].watch.reports if callbacks else []
-    weights = {name: value.full_tensor().detach().clone()
-               for name, value in module.model.state_dict().items()}
+    if fsdp1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model,
+                                                         writeback=False):
+            weights = {name: value.detach().clone()
+                       for name, value in module.model.named_parameters()}
+    else:
+        weights = {name: value.full_tensor().detach().clone()
+                   for name, value in module.model.state_dict().items()}
     result = {
         "losses": module.losses,
         "checked": [(r.probe.get("step"), r.verdict,
