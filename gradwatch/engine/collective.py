@@ -244,7 +244,45 @@ def collective_check(
     """Collective (call on every rank): check the FSDP2 `model` without gathering it. Every
     rank returns the same report, built from all-reduced values; a failure on any rank raises
     the same `InputError` on every rank. `failure` is this rank's reason for not taking part
-    (its batch could not be found...): the others learn it at the first agreement."""
+    (its batch could not be found...): the others learn it at the first agreement.
+
+    A reduction that times out (a rank stalled or gone) raises on the ranks waiting for it;
+    at the end every rank learns, over the training's own group, whether any rank's check
+    broke that way, and then all of them drop gradwatch's group (a new one is made, by every
+    rank, at the next check)."""
+    import torch.distributed as dist
+
+    from gradwatch.engine.sharded import _any_rank, _groups
+
+    rank = dist.get_rank()
+    failed: Exception | None = None
+    report = None
+    try:
+        report = _collective(model, batch, loss_fn, settings, timeout=timeout,
+                             failure=failure, why=why)
+    except Exception as exc:
+        failed = exc
+    if _any_rank(failed is not None and not isinstance(failed, InputError)):
+        _groups.clear()
+    if isinstance(failed, InputError):
+        raise failed
+    if failed is not None:
+        raise InputError(f"rank {rank}: a collective of the check failed (timeout {timeout:g} "
+                         f"s): {type(failed).__name__}: {str(failed)[:200]}") from None
+    assert report is not None
+    return report
+
+
+def _collective(
+    model: Any,
+    batch: Any,
+    loss_fn: Callable[[Any, Any], Any] | None,
+    settings: CheckSettings,
+    *,
+    timeout: float,
+    failure: str | None,
+    why: str,
+) -> CheckReport:
     import torch
     import torch.distributed as dist
 

@@ -20,6 +20,10 @@ Scenarios:
   collective_fail  rank 1 raises inside the second collective check.
   collective_captured  the bug, collective, step(model, None): every rank checks on the inputs
          of its latest training forward (captured on every rank, as under the HF Trainer).
+  stop   the bug with on_alert="stop", gathered then collective: every rank stops at the
+         first check's step.
+  collective_stall  rank 1 stalls 8 s at the second collective check's first reduction, with a
+         3 s timeout: that check reads "error" on both ranks, nothing hangs, the next ones run.
   auto_collective  sharded="auto" with rank 0's host short of memory: the collective strategy
          is chosen on every rank (rank 1's own estimate would fit); the buggy model.
   collective_check_module  check_module(options={"sharded": "collective"}) on every rank,
@@ -121,6 +125,8 @@ def train(watch: GradWatch | None, rank: int, model: Any, batches: Any,
                 checked.append((step, report.verdict, " ".join(report.reasons),
                                 [name for name, _ in report.worst_layers(3)],
                                 report.probe.get("sharding")))
+            if watch.should_stop:  # on_alert="stop": every rank at the same step
+                break
     if watch is not None:
         watch.close()
     return {"losses": losses, "checked": checked, "weights": full_weights(model)}
@@ -131,9 +137,10 @@ def main(out: Path, scenario: str) -> None:
     rank = dist.get_rank()
     entry = make_zoo("eager")["llama"]
 
-    def watch(every: int = 3, timeout: float | None = None, strategy: str = "auto") -> GradWatch:
+    def watch(every: int = 3, timeout: float | None = None, strategy: str = "auto",
+              on_alert: str = "continue") -> GradWatch:
         made = GradWatch(every=every, mlflow=rank == 0 and "MLFLOW_TRACKING_URI" in os.environ,
-                         spool_dir=out / "spool", budget=60,
+                         spool_dir=out / "spool", budget=60, on_alert=on_alert,
                          check=CheckOptions(sharded=strategy))  # type: ignore[arg-type]
         if timeout is not None:
             made._gather_timeout = timeout  # seconds; the default (120) is tested by "fail"
@@ -187,6 +194,29 @@ def main(out: Path, scenario: str) -> None:
                   "watched": train(watch(every=1, strategy="collective"), rank, llama(False),
                                    entry.batch),
                   "bug": train(watch(strategy="collective"), rank, llama(True), entry.batch)}
+    elif scenario == "stop":  # the bug, on_alert="stop", each strategy in turn
+        result = {strategy: train(watch(strategy=strategy, on_alert="stop"), rank, llama(True),
+                                  entry.batch) for strategy in ("gathered", "collective")}
+    elif scenario == "collective_stall":
+        import gradwatch.engine.collective as collective
+
+        checks = {"n": 0, "slept": False}
+        inner, reduce = collective._collective, collective._Run.reduce
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            checks["n"] += 1
+            return inner(*args, **kwargs)
+
+        def slow(self: Any, values: list[float]) -> list[float]:
+            if rank == 1 and checks["n"] == 2 and not checks["slept"]:
+                checks["slept"] = True  # rank 1 stalls at the second check's first reduction
+                time.sleep(8)
+            return reduce(self, values)
+
+        collective._collective = counted  # type: ignore[assignment]
+        collective._Run.reduce = slow  # type: ignore[method-assign]
+        result = {"watched": train(watch(timeout=3, strategy="collective"), rank, llama(False),
+                                   entry.batch)}
     elif scenario == "auto_collective":
         if rank == 0:  # rank 0's host has 0.5 MiB free: its word decides for every rank
             sharded._available_memory = lambda: 1 << 19  # type: ignore[assignment]

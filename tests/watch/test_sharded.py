@@ -117,11 +117,14 @@ def test_fsdp1_is_gathered_by_summon_full_params_unchanged_and_names_the_bug(
 
 @pytest.mark.slow
 def test_the_collective_strategy_checks_in_place_unchanged_and_names_the_bug(
-    tmp_path: Path
+    tmp_path: Path, mlflow_server: MlflowServer
 ) -> None:
     """No rank gathers: each perturbs its own shards of a float64 FSDP2 twin; the loss goes
     through the sharded forward; the projections are all-reduced."""
-    zero, one = run_ranks(tmp_path, "collective", worker=WORKER)
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(client.create_experiment(f"coll-{tmp_path.name}")).info.run_id
+    zero, one = run_ranks(tmp_path, "collective", {"MLFLOW_TRACKING_URI": mlflow_server.url,
+                                                   "MLFLOW_RUN_ID": run_id}, worker=WORKER)
     for rank in (zero, one):
         assert _same(rank["plain"]["weights"], rank["watched"]["weights"])
         assert rank["plain"]["losses"] == rank["watched"]["losses"]
@@ -136,6 +139,10 @@ def test_the_collective_strategy_checks_in_place_unchanged_and_names_the_bug(
                for _, _, reasons, worst, _ in buggy)
     # every rank computed the same report from the all-reduced values; only rank 0 records
     assert [c[:2] for c in one["bug"]["checked"]] == [c[:2] for c in buggy]
+    assert _same(zero["watched"]["weights"], one["watched"]["weights"])  # and across ranks
+    metrics = client.get_run(run_id).data.metrics  # rank 0's record, the user's names
+    assert f"gradwatch/layer/{BUG}" in metrics
+    assert all("_fsdp" not in key and "DTensor" not in key for key in metrics)
 
 
 @pytest.mark.slow
@@ -213,3 +220,27 @@ def test_collective_checks_run_on_the_inputs_each_rank_captured(tmp_path: Path) 
         (3, "alert"), (6, "alert"), (9, "alert"), (12, "alert")]
     assert all(worst[0] == BUG for *_, worst, _ in checked)
     assert [c[:2] for c in one["watched"]["checked"]] == [c[:2] for c in checked]
+
+
+@pytest.mark.slow
+def test_a_rank_stalling_in_a_collective_check_times_out_on_both_and_nothing_hangs(
+    tmp_path: Path
+) -> None:
+    zero, one = run_ranks(tmp_path, "collective_stall", worker=WORKER)
+    for rank in (zero, one):
+        checked = rank["watched"]["checked"]
+        assert [(step, verdict) for step, verdict, *_ in checked] == [
+            (1, "ok"), (3, "error"), (6, "ok"), (9, "ok"), (12, "ok")]
+        assert "timeout 3 s" in checked[1][2]
+        assert len(rank["watched"]["losses"]) == 12
+
+
+@pytest.mark.slow
+def test_on_alert_stop_stops_every_rank_at_the_same_step_with_either_strategy(
+    tmp_path: Path
+) -> None:
+    zero, one = run_ranks(tmp_path, "stop", worker=WORKER)
+    for strategy in ("gathered", "collective"):
+        assert len(zero[strategy]["losses"]) == len(one[strategy]["losses"]) == 1
+        assert [(step, verdict) for step, verdict, *_ in zero[strategy]["checked"]] == [
+            (1, "alert")]
