@@ -529,7 +529,7 @@ class Monitor:
             EVENT_JOB_ERROR,
             EVENT_JOB_MAX_INSTANCES,
             EVENT_JOB_MISSED,
-            JobExecutionEvent,
+            JobEvent,
         )
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.blocking import BlockingScheduler
@@ -541,7 +541,7 @@ class Monitor:
                 job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": grace},
             )
 
-        def on_event(event: JobExecutionEvent) -> None:
+        def on_event(event: JobEvent) -> None:
             if event.code == EVENT_JOB_ERROR:
                 # logged only: a failed poll has already counted and recorded itself
                 logger.error("job %s failed: %s", event.job_id,
@@ -549,13 +549,13 @@ class Monitor:
             else:
                 late = "missed its run time" if event.code == EVENT_JOB_MISSED else \
                     "is still running from the previous time"
+                when = _scheduled_time(event)
                 logger.warning("job %s %s (scheduled %s); the next one runs at its interval. "
                                "Raise poll_interval if polls take longer than it.",
-                               event.job_id, late, event.scheduled_run_time)
+                               event.job_id, late, when)
                 with self._lock:
                     self.misses += 1
-                self._record_meta("scheduler", {"misses": self.misses,
-                                                 "last_miss": str(event.scheduled_run_time)})
+                self._record_meta("scheduler", {"misses": self.misses, "last_miss": str(when)})
 
         scheduler.add_listener(on_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED |
                                EVENT_JOB_MAX_INSTANCES)
@@ -694,3 +694,13 @@ def _duration(seconds: float | None) -> str:
 def _ago(seconds: float | None) -> str:
     return "never" if seconds is None else f"{_duration(seconds)} ago"
 
+
+def _scheduled_time(event: Any) -> Any:
+    """When the job was due: a missed run's `JobExecutionEvent` carries `scheduled_run_time`;
+    APScheduler 3's max-instances event is a `JobSubmissionEvent` carrying the list
+    `scheduled_run_times` (the latest is the one that could not start)."""
+    when = getattr(event, "scheduled_run_time", None)
+    if when is None:
+        times = getattr(event, "scheduled_run_times", None) or [None]
+        when = times[-1]
+    return when

@@ -235,3 +235,31 @@ def test_check_lists_channel_problems_with_the_files_problems(tmp_path: Path) ->
     assert f"environment variable {HOOK_ENV} is not set" in where["channels.hook"]
     assert "does not hold a URL with a scheme" in where["channels.pager"]
     assert SECRET not in checked.stderr and "Traceback" not in checked.stderr
+
+
+def test_a_job_still_running_at_its_next_run_time_is_counted_not_a_traceback(
+    setup: Setup,
+) -> None:
+    """A slow webhook holds the send job past its 0.5 s interval: APScheduler reports the next
+    run as a max-instances event (a JobSubmissionEvent, with `scheduled_run_times`), which the
+    listener counts as a miss instead of failing on the attribute a missed run's event has."""
+    run_id = new_run(setup.client, setup.experiment_id)
+    log_check(setup.client, run_id, 10, 5e-3, "alert")
+    gate = setup.receiver.hold()
+    process = setup.start("--config", str(setup.config))
+    try:
+        assert setup.receiver.wait_for(1, timeout=60), "no notification from the service"
+        time.sleep(3)  # the held send job overruns its interval several times
+        gate.set()
+        status = json.loads(setup.run("status", "--json", "--config", str(setup.config)).stdout)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        gate.set()
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, stderr
+    assert "is still running from the previous time (scheduled 20" in stderr, stderr
+    assert "AttributeError" not in stderr and "Traceback" not in stderr, stderr
+    assert status["scheduler"]["misses"] >= 1, status
