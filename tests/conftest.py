@@ -1,4 +1,5 @@
-"""Shared fixtures: a real MLflow tracking server on 127.0.0.1 (one process per session)."""
+"""Shared fixtures: a real MLflow tracking server on 127.0.0.1 (one process per session) and a
+real PostgreSQL server (one per session, started when a test first asks for it)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.mlflow_server import FAIL_FAST_CLIENT_ENV, MlflowServer
+from tests.support.postgres import PostgresServer
 
 #: Scripts that tests run in processes of their own (a backend chosen by environment, a
 #: process group): not modules to import for doctests in the pytest process.
@@ -46,3 +48,15 @@ def restartable_mlflow_server(
     _mlflow_server_process.start()
     yield _mlflow_server_process
     _mlflow_server_process.start()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server; each test takes a database of its own
+    (`postgres_server.new_database()`)."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from tests.support.mlflow_runs import log_check, new_experiment, new_run
 from tests.support.mlflow_server import MlflowServer, free_port
+from tests.support.postgres import PostgresServer
 from tests.support.receivers import WebhookReceiver
 
 HOOK_ENV = "GRADWATCH_TEST_HOOK"
@@ -263,3 +264,24 @@ def test_a_job_still_running_at_its_next_run_time_is_counted_not_a_traceback(
     assert "is still running from the previous time (scheduled 20" in stderr, stderr
     assert "AttributeError" not in stderr and "Traceback" not in stderr, stderr
     assert status["scheduler"]["misses"] >= 1, status
+
+
+def test_once_and_status_on_a_postgresql_state(
+    setup: Setup, postgres_server: PostgresServer
+) -> None:
+    """The same service reading and writing its state on a real PostgreSQL server."""
+    url = postgres_server.new_database()
+    config = setup.config.read_text().replace(f'state_url = "sqlite:///{setup.state}"',
+                                              f'state_url = "{url}"')
+    assert url in config
+    setup.config.write_text(config)
+    run_id = new_run(setup.client, setup.experiment_id, name="pg-run")
+    log_check(setup.client, run_id, 10, 5e-3, "alert")
+    done = setup.run("--once", "--config", str(setup.config))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["sent"] == 1 and setup.receiver.wait_for(1)
+    again = setup.run("--once", "--config", str(setup.config))  # the state remembered it
+    assert json.loads(again.stdout)["sent"] == 0 and len(setup.receiver.requests) == 1
+    status = json.loads(setup.run("status", "--json", "--state", url).stdout)
+    assert [(a["run_id"], a["state"]) for a in status["alerts"]] == [(run_id, "firing")]
+    assert status["outbox"] == {"pending": 0, "sent": 1, "dead": 0}

@@ -1,6 +1,7 @@
 """The monitor's state store: an outbox that writes before sending and never duplicates a
 transition, alert states saved atomically with their notifications, silences that expire, a
-lock against a second monitor, and everything kept across a restart — on real SQLite files."""
+lock against a second monitor, and everything kept across a restart — on real SQLite files and
+on a real PostgreSQL server (every test taking `state` or `state_url` runs on both)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from gradwatch.common.errors import DeliveryError
 from gradwatch.monitor.state import MonitorLockedError, MonitorState
 from gradwatch.monitor.stored import OutboxEntry, SilenceMatcher
 from gradwatch.record.reader import Cursor
+from tests.support.postgres import PostgresServer
 
 T0 = 1_700_000_000.0  # a fixed "now" for the manual clock
 
@@ -48,10 +50,23 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "monitor.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """A new, empty state: a SQLite file, or a database of the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{db_path}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.new_database()
+
+
+def _lock(url: str) -> bool:
+    return url.startswith("sqlite")  # the file lock; PostgreSQL's lease is separate
+
+
 @pytest.fixture
-def state(db_path: Path, clock: ManualClock) -> Iterator[MonitorState]:
-    with MonitorState(db_path, clock=clock, backoff_base=10, backoff_factor=2,
-                      backoff_cap=60, max_attempts=4) as opened:
+def state(state_url: str, clock: ManualClock) -> Iterator[MonitorState]:
+    with MonitorState(state_url, clock=clock, backoff_base=10, backoff_factor=2,
+                      backoff_cap=60, max_attempts=4, lock=_lock(state_url)) as opened:
         yield opened
 
 
@@ -210,13 +225,13 @@ def test_a_failed_transition_leaves_no_state_and_no_notification(db_path: Path) 
 
 
 def test_a_restart_keeps_cursors_states_outbox_and_silences(
-    db_path: Path, clock: ManualClock
+    state_url: str, clock: ManualClock
 ) -> None:
     new_state, entry = _firing_state(300)
     _, transition = advance(AlertPolicy(), AlertState(), True, step=300, key="run-1")
     cursor = Cursor("run-1", last_step=300, metric_steps={"gradwatch/rel_distance": 300},
                     last_check_at=T0 - 5, polled_at=T0)
-    with MonitorState(db_path, clock=clock) as state:
+    with MonitorState(state_url, clock=clock, lock=_lock(state_url)) as state:
         state.record_transition("run-1", "distance", new_state, transition=transition,
                                 notifications=[entry], cursor=cursor)
         state.enqueue("n-2", "ops", _payload("n-2"))
@@ -225,7 +240,7 @@ def test_a_restart_keeps_cursors_states_outbox_and_silences(
                                        comment="maintenance")
         before = (state.cursors(), state.alerts(), state.outbox(), state.silences())
 
-    with MonitorState(db_path, clock=clock) as state:
+    with MonitorState(state_url, clock=clock, lock=_lock(state_url)) as state:
         assert (state.cursors(), state.alerts(), state.outbox(), state.silences()) == before
         assert state.cursor("run-1") == cursor
         stored = state.alert("run-1", "distance")
