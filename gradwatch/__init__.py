@@ -28,6 +28,7 @@ from gradwatch.common.errors import (
     LossError,
     MissingDependencyError,
     MonitorLockedError,
+    MonitorStandbyError,
     SpoolLockedError,
     UnsupportedModelError,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "MissingDependencyError",
     "MlflowRecorder",
     "MonitorLockedError",
+    "MonitorStandbyError",
     "NullRecorder",
     "RatioThresholds",
     "RecordSettings",

@@ -33,6 +33,7 @@ __all__ = [
     "LossError",
     "MissingDependencyError",
     "MonitorLockedError",
+    "MonitorStandbyError",
     "SpoolLockedError",
     "UnsupportedModelError",
 ]
@@ -120,6 +121,16 @@ MONITOR_LOCKED_HELP = (
     "give this one its own state file; to read the state while a monitor runs (e.g. "
     "`gradwatch monitor status`), open it with lock=False."
 )
+
+
+class MonitorStandbyError(GradwatchError):
+    """Another monitor replica holds the state's lease (`gradwatch.monitor.lease`)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(
+            f"Another gradwatch monitor is active on this state ({holder}); a one-off "
+            f"`--once` would race it. Let the active monitor do its work, stop it first, or "
+            f"run `gradwatch monitor` without --once to wait as a standby.")
 
 
 class MonitorLockedError(GradwatchError):

@@ -178,6 +178,11 @@ def _status(args: argparse.Namespace) -> int:
             "state": repr(state),
             "last_poll": state.meta("last_poll"),
             "scheduler": state.meta("scheduler"),
+            "lease": _lease_dict(state.lease(), now),
+            "replicas": [{
+                "replica_id": r.replica_id, "host": r.host, "pid": r.pid, "role": r.role,
+                "started_at": r.started_at, "heartbeat_at": r.heartbeat_at,
+            } for r in state.replicas()],
             "run_names": state.meta("run_names") or {},
             "outbox": state.outbox_counts(),
             "alerts": [{
@@ -196,6 +201,15 @@ def _status(args: argparse.Namespace) -> int:
     else:
         _print_status(data, now)
     return EXIT_OK
+
+
+def _lease_dict(held: Any, now: float) -> dict[str, Any] | None:
+    """Who is active and since when (an expired lease: nobody, until a replica takes it)."""
+    if held is None:
+        return None
+    return {"holder": held.holder, "active_since": held.acquired_at,
+            "renewed_at": held.renewed_at, "expires_at": held.expires_at,
+            "expired": held.expires_at <= now}
 
 
 def _print_status(data: dict[str, Any], now: float) -> None:
@@ -217,6 +231,13 @@ def _print_status(data: dict[str, Any], now: float) -> None:
     missed = (data["scheduler"] or {}).get("misses")
     if missed:
         console.print(f"[yellow]{missed} polls missed their time[/yellow]")
+    held = data["lease"]
+    if held is not None:
+        who = "nobody (the lease lapsed)" if held["expired"] else held["holder"]
+        console.print(f"Active monitor: {who}, since {_ago(now - held['active_since'])}")
+    for replica in data["replicas"]:
+        console.print(f"  replica {replica['replica_id']} ({replica['role']}), heartbeat "
+                      f"{_ago(now - replica['heartbeat_at'])}")
     outbox = data["outbox"]
     console.print(f"Outbox: {outbox['pending']} pending, {outbox['sent']} sent, "
                   f"{outbox['dead']} dead")

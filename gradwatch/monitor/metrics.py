@@ -145,11 +145,37 @@ def collect(monitor: Monitor) -> Iterator[Any]:
                                 "Seconds the latest poll took.", value=last.seconds)
     yield GaugeMetricFamily("gradwatch_monitor_runs_watched", "Runs found by the latest poll.",
                             value=len(snapshot))
+    yield from _replicas(monitor)
     outbox = monitor.outbox_counts()
     yield GaugeMetricFamily("gradwatch_monitor_outbox_pending",
                             "Notifications waiting to be sent.", value=outbox["pending"])
     yield GaugeMetricFamily("gradwatch_monitor_outbox_dead",
                             "Notifications given up after their retries.", value=outbox["dead"])
+
+
+def _replicas(monitor: Monitor) -> Iterator[Any]:
+    """This replica's role, and every replica's heartbeat as the state records it."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    active = GaugeMetricFamily("gradwatch_monitor_active", "1 while this replica is the "
+                               "active monitor (holds the lease), 0 as a standby.",
+                               labels=["replica"])
+    active.add_metric([monitor.replica_id], 1.0 if monitor.role == "active" else 0.0)
+    yield active
+    if monitor.active_since is not None:
+        yield GaugeMetricFamily("gradwatch_monitor_active_since_timestamp_seconds",
+                                "Unix time this replica became the active monitor.",
+                                value=monitor.active_since)
+    try:
+        replicas = monitor.state.replicas()
+    except Exception:  # the state is unreachable: the role above already says standby
+        return
+    heartbeat = GaugeMetricFamily("gradwatch_monitor_replica_heartbeat_timestamp_seconds",
+                                  "Unix time of each replica's latest heartbeat, by role.",
+                                  labels=["replica", "role"])
+    for replica in replicas:
+        heartbeat.add_metric([replica.replica_id, replica.role], replica.heartbeat_at)
+    yield heartbeat
 
 
 def _precision(latest: Mapping[str, float], labels: list[str], ratio: Any, layer_ratio: Any,

@@ -22,8 +22,9 @@ from gradwatch.common.errors import ConfigError
 __all__ = ["SCHEMA_VERSION", "default_state_url"]
 
 #: Bumped whenever a table or the meaning of a column changes; a file with a larger number was
-#: written by a newer gradwatch and is refused rather than misread.
-SCHEMA_VERSION = 1
+#: written by a newer gradwatch and is refused rather than misread. Version 2 added the lease,
+#: the replicas and the outbox's claim columns (`upgrade` brings a version-1 state up).
+SCHEMA_VERSION = 2
 
 ERROR_LIMIT = 1000  # characters of a delivery error kept in the outbox
 NAME_LIMIT = 200  # channel keys and rule names
@@ -92,6 +93,8 @@ outbox_table = sa.Table(
     sa.Column("last_attempt_at", sa.Float, nullable=True),
     sa.Column("sent_at", sa.Float, nullable=True),
     sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("claimed_by", sa.String(64), nullable=True),  # the replica sending it (v2)
+    sa.Column("claimed_at", sa.Float, nullable=True),
     sa.UniqueConstraint("notification_id", "channel", name="outbox_once_per_channel"),
     sa.CheckConstraint("status IN ('pending', 'sent', 'dead')", name="outbox_status_word"),
     sa.CheckConstraint("attempts >= 0", name="outbox_attempts_count"),
@@ -103,7 +106,38 @@ meta_table = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
 )
+lease_table = sa.Table(  # v2: which monitor replica is active (one row, name "monitor")
+    "gradwatch_lease", metadata,
+    sa.Column("name", sa.String(NAME_LIMIT), primary_key=True),
+    sa.Column("holder", sa.String(64), nullable=False),
+    sa.Column("acquired_at", sa.Float, nullable=False),
+    sa.Column("renewed_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+replicas_table = sa.Table(  # v2: every monitor replica's heartbeat
+    "gradwatch_replicas", metadata,
+    sa.Column("replica_id", sa.String(64), primary_key=True),
+    sa.Column("host", sa.String(NAME_LIMIT), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("role", sa.String(8), nullable=False),
+)
 OUR_TABLES = frozenset(metadata.tables)
+
+#: Columns added to existing tables after version 1, by the version that added them.
+_ADDED_COLUMNS = {2: [(outbox_table, "claimed_by"), (outbox_table, "claimed_at")]}
+
+
+def upgrade(connection: Connection, version: int) -> None:
+    """Bring a state written at schema `version` up to SCHEMA_VERSION inside the caller's
+    transaction: new columns are added (new tables are created by `metadata.create_all`)."""
+    for added in range(version + 1, SCHEMA_VERSION + 1):
+        for table, name in _ADDED_COLUMNS.get(added, []):
+            column = table.c[name]
+            kind = column.type.compile(dialect=connection.dialect)
+            connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}")
+    connection.execute(sa.update(schema_version_table).values(version=SCHEMA_VERSION))
 
 
 def default_state_url(environ: Mapping[str, str] | None = None) -> str:

@@ -38,8 +38,10 @@ from typing import Any
 from gradwatch.alerts.notify import Notification, Notifier
 from gradwatch.alerts.redact import describe, scrub_urls
 from gradwatch.alerts.state import AlertPolicy, AlertState, Transition
-from gradwatch.common.errors import ConfigError, DeliveryError
+from gradwatch.common.errors import ConfigError, DeliveryError, MonitorStandbyError
+from gradwatch.monitor import lease
 from gradwatch.monitor.config import RULES, MonitorConfig
+from gradwatch.monitor.lease import new_replica_id
 from gradwatch.monitor.rules import (
     DEFINITION,
     ERROR_VERDICT,
@@ -175,6 +177,11 @@ class Monitor:
         self._run_names: dict[str, str] = {}
         self._outbox_counts = {"pending": 0, "sent": 0, "dead": 0}
         self._lock = threading.Lock()  # guards the snapshot and counters for /metrics
+        # one active replica among those on this state (`gradwatch.monitor.lease`)
+        self.replica_id = new_replica_id()
+        self.started_at = clock()
+        self.role = "starting"  # then "active" or "standby"
+        self.active_since: float | None = None
 
     def __repr__(self) -> str:
         return (f"Monitor(experiments={list(self.config.experiments)!r}, "
@@ -182,6 +189,55 @@ class Monitor:
 
     def close(self) -> None:
         self.state.close()
+
+    # ------------------------------------------------------------------ the lease
+    @property
+    def lease_ttl(self) -> float:
+        """How long a renewal keeps this replica active: 1.25 poll intervals (5 renewals)."""
+        return 1.25 * self.config.poll_interval
+
+    @property
+    def renew_every(self) -> float:
+        """Seconds between lease renewals (and a standby's looks): a quarter poll interval.
+        A killed active replica's lease lapses ≤ 1.25 intervals after its last renewal and a
+        standby looks every 0.25: the takeover comes ≤ 1.5 poll intervals after the kill."""
+        return self.config.poll_interval / 4
+
+    def lease_tick(self) -> bool:
+        """Renew or take the lease and record this replica's heartbeat; True while active. A
+        state that cannot be reached makes this replica a standby (it cannot renew: another
+        takes over when the lease lapses, and it sends nothing meanwhile)."""
+        try:
+            active = lease.acquire(self.state, self.replica_id, self.lease_ttl,
+                                   started_at=self.started_at)
+        except Exception as error:
+            logger.warning("could not renew the lease in the state (%s): standby",
+                           scrub_urls(describe(error)))
+            active = False
+        with self._lock:
+            before, self.role = self.role, "active" if active else "standby"
+            if active and before != "active":
+                self.active_since = self.clock()
+            elif not active:
+                self.active_since = None
+        if active and before != "active":
+            logger.info("replica %s is the active monitor", self.replica_id)
+        elif not active and before != "standby":
+            held = self._holder()
+            logger.log(logging.WARNING if before == "active" else logging.INFO,
+                       "replica %s is %s: %s", self.replica_id,
+                       "no longer active (lease lost)" if before == "active" else "a standby",
+                       held)
+        return active
+
+    def _holder(self) -> str:
+        try:
+            held = self.state.lease()
+        except Exception:
+            return "the state is not reachable"
+        if held is None:
+            return "no replica holds the lease"
+        return f"replica {held.holder} holds the lease until {held.expires_at:.0f}"
 
     # ------------------------------------------------------------------ polling
     def poll(self) -> PollSummary:
@@ -458,8 +514,10 @@ class Monitor:
         (retried later with backoff, "dead" after `max_attempts` or a permanent failure)."""
         sent = failed = dead = 0
         seen: set[int] = set()
-        while sent + failed < limit:
-            rows = [r for r in self.state.due(limit=_SEND_BATCH) if r.id not in seen]
+        # only the replica holding the lease sends, and only rows it has claimed
+        while sent + failed < limit and self.lease_tick():
+            rows = [r for r in lease.claim_due(self.state, self.replica_id, limit=_SEND_BATCH)
+                    if r.id not in seen]
             if not rows:
                 break
             for row in rows:
@@ -492,9 +550,24 @@ class Monitor:
         return SendSummary(sent=sent, failed=failed, dead=dead)
 
     def run_once(self) -> tuple[PollSummary, SendSummary]:
-        """One poll, then send what is due (`gradwatch monitor --once`)."""
-        summary = self.poll()
-        return summary, self.send_due()
+        """One poll, then send what is due (`gradwatch monitor --once`), holding the lease
+        for it: refused (`MonitorStandbyError`) while another replica is active."""
+        if not self.lease_tick():
+            raise MonitorStandbyError(self._holder())
+        try:
+            summary = self.poll()
+            return summary, self.send_due()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        try:
+            lease.release(self.state, self.replica_id)
+        except Exception as error:
+            logger.warning("could not release the lease (%s); it lapses in %g s",
+                           scrub_urls(describe(error)), self.lease_ttl)
+        with self._lock:
+            self.role, self.active_since = "standby", None
 
     # ------------------------------------------------------------------ status
     def snapshot(self) -> dict[str, RunSnapshot]:
@@ -537,7 +610,9 @@ class Monitor:
         grace = max(1, math.ceil(self.config.misfire_grace))
         if scheduler is None:
             scheduler = BlockingScheduler(
-                executors={"default": ThreadPoolExecutor(max_workers=1)},
+                # the lease on a thread of its own: a long poll must not let it lapse
+                executors={"default": ThreadPoolExecutor(max_workers=1),
+                           "lease": ThreadPoolExecutor(max_workers=1)},
                 job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": grace},
             )
 
@@ -559,6 +634,9 @@ class Monitor:
 
         scheduler.add_listener(on_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED |
                                EVENT_JOB_MAX_INSTANCES)
+        self.lease_tick()  # the role before the first poll
+        scheduler.add_job(self.lease_tick, "interval", seconds=self.renew_every, id="lease",
+                          name="gradwatch lease", executor="lease")
         scheduler.add_job(self._poll_job, "interval", seconds=self.config.poll_interval,
                           id="poll", name="gradwatch poll",
                           next_run_time=datetime.now(timezone.utc))
@@ -580,9 +658,12 @@ class Monitor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self._release()  # a clean stop: a standby takes over at its next look
             logger.info("gradwatch monitor stopped")
 
     def _poll_job(self) -> None:
+        if self.role != "active":
+            return  # a standby: the active replica polls
         try:
             summary = self.poll()
         except ConfigError:
@@ -599,6 +680,8 @@ class Monitor:
         self._send_job()
 
     def _send_job(self) -> None:
+        if self.role != "active":
+            return
         result = self.send_due()
         if result.sent or result.failed:
             logger.info("sent %d notifications, %d failed (%d given up)", result.sent,

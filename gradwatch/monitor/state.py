@@ -39,8 +39,12 @@ Tables (names prefixed ``gradwatch_`` so a shared database can hold them beside 
                               created_at, expires_at, comment
     gradwatch_outbox          id PK, notification_id, channel, payload, status, attempts,
                               created_at, next_attempt_at, last_attempt_at, sent_at,
-                              last_error; UNIQUE (notification_id, channel)
+                              last_error, claimed_by, claimed_at; UNIQUE (notification_id,
+                              channel)
     gradwatch_monitor_meta    key PK, value (JSON), updated_at: the last poll's outcome, ...
+    gradwatch_lease           name PK, holder, acquired_at, renewed_at, expires_at: which
+                              replica is active (`gradwatch.monitor.lease`)
+    gradwatch_replicas        replica_id PK, host, pid, started_at, heartbeat_at, role
 
 Times are Unix seconds (float) from the `clock` given to `MonitorState` (default `time.time`)
 or passed as ``now=``; nothing here reads the clock otherwise, so tests use a manual one.
@@ -52,7 +56,7 @@ The values stored and handed back (`StoredAlert`, `OutboxEntry`, `OutboxRow`, `S
 `SilenceMatcher`) are defined in `monitor.stored`.
 
 Imports: gradwatch.common, gradwatch.record (the cursor), gradwatch.alerts, monitor.schema,
-monitor.stored.
+monitor.stored, monitor.lease.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ from gradwatch.alerts.redact import scrub_urls
 from gradwatch.alerts.state import AlertState, Transition
 from gradwatch.common.errors import ConfigError, GradwatchError, InputError, MonitorLockedError
 from gradwatch.common.files import acquire_pid_lock
+from gradwatch.monitor import lease
+from gradwatch.monitor.lease import Lease, Replica
 from gradwatch.monitor.schema import (
     ERROR_LIMIT,
     NAME_LIMIT,
@@ -91,6 +97,7 @@ from gradwatch.monitor.schema import (
     schema_version_table,
     silences_table,
     sqlite_file,
+    upgrade,
     upsert,
 )
 from gradwatch.monitor.stored import (
@@ -171,8 +178,8 @@ class MonitorState:
         if lock and database is None:
             raise ConfigError(
                 f"lock=True needs a SQLite file URL (sqlite:////path/monitor.db), got "
-                f"{self._shown_url}. For another database pass lock=False and run only one "
-                f"monitor on it (a database-level lock is not implemented)."
+                f"{self._shown_url}. For another database pass lock=False: monitors share "
+                f"it as replicas, one active at a time (gradwatch.monitor.lease)."
             )
         if database is not None:
             database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -187,6 +194,11 @@ class MonitorState:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def exclusive(self) -> bool:
+        """True while this object holds the SQLite file lock: no other monitor is running."""
+        return self._lock_fd is not None
 
     @property
     def _shown_url(self) -> str:
@@ -286,6 +298,14 @@ class MonitorState:
             return [alert_from_row(row) for row in connection.execute(query)]
 
     # -- the monitor's own record ----------------------------------------------------------
+
+    def lease(self) -> Lease | None:
+        """Which replica holds the lease (`gradwatch.monitor.lease`), None before any did."""
+        return lease.current(self)
+
+    def replicas(self) -> list[Replica]:
+        """Every monitor replica's latest heartbeat and role, oldest replica first."""
+        return lease.replicas(self)
 
     def set_meta(self, key: str, value: Mapping[str, Any], *, now: float | None = None) -> None:
         """Store a small JSON object under `key` (e.g. "last_poll": the last poll's outcome),
@@ -548,6 +568,8 @@ class MonitorState:
                     f"Upgrade gradwatch (pip install -U gradwatch), or point the monitor at a "
                     f"new state file."
                 )
+            if version is not None and version < SCHEMA_VERSION:
+                upgrade(connection, version)  # columns first: create_all adds whole tables
             metadata.create_all(connection)
             if version is None:
                 connection.execute(sa.insert(schema_version_table).values(version=SCHEMA_VERSION))

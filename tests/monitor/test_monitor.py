@@ -323,6 +323,7 @@ def test_metrics_expose_the_latest_poll(rig: Rig) -> None:
     server = MetricsServer(monitor, "127.0.0.1", 0)
     try:
         monitor.run_once()
+        assert monitor.lease_tick()  # active again, as the service is between its polls
         with urllib.request.urlopen(server.url, timeout=10) as response:
             text = response.read().decode()
         samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
@@ -354,6 +355,9 @@ def test_metrics_expose_the_latest_poll(rig: Rig) -> None:
         assert value("gradwatch_threshold", level="alert") == 1e-3
         assert value("gradwatch_monitor_polls_total") == 1
         assert value("gradwatch_monitor_runs_watched") == 2
+        assert value("gradwatch_monitor_active", replica=monitor.replica_id) == 1
+        assert value("gradwatch_monitor_replica_heartbeat_timestamp_seconds",
+                     replica=monitor.replica_id, role="active") > 0
         assert value("gradwatch_monitor_outbox_pending") == 0
         assert value("gradwatch_precision_ratio", healthy) == pytest.approx(1.3)
         assert value("gradwatch_layer_precision_ratio", healthy,

@@ -13,12 +13,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 import sqlalchemy.exc
 
 from gradwatch import ConfigError, GradwatchError, InputError
 from gradwatch.alerts.notify import Notification
 from gradwatch.alerts.state import AlertPolicy, AlertState, advance
 from gradwatch.common.errors import DeliveryError
+from gradwatch.monitor import lease
+from gradwatch.monitor.schema import SCHEMA_VERSION
 from gradwatch.monitor.state import MonitorLockedError, MonitorState
 from gradwatch.monitor.stored import OutboxEntry, SilenceMatcher
 from gradwatch.record.reader import Cursor
@@ -326,9 +329,11 @@ def test_bad_silences_are_refused(state: MonitorState) -> None:
 def test_a_newer_schema_is_refused(db_path: Path) -> None:
     MonitorState(db_path).close()
     with sqlite3.connect(db_path) as raw:
-        raw.execute("INSERT INTO gradwatch_schema_version (version) VALUES (2)")
+        raw.execute("INSERT INTO gradwatch_schema_version (version) VALUES (?)",
+                    (SCHEMA_VERSION + 1,))
     raw.close()
-    with pytest.raises(ConfigError, match="schema version 2, written by a newer gradwatch"):
+    with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}, written by "
+                                          f"a newer gradwatch"):
         MonitorState(db_path)
     # The failed open released its lock: another process could take it now.
     with open(db_path.with_name(db_path.name + ".lock"), "rb") as lock_file:
@@ -353,3 +358,102 @@ def test_payloads_round_trip(state: MonitorState) -> None:
     state.enqueue(*entry)
     [row] = state.due()
     assert Notification.model_validate(json.loads(row.payload)).id == entry.notification_id
+
+
+def test_a_version_1_state_is_upgraded_in_place_and_keeps_its_rows(
+    state_url: str, clock: ManualClock
+) -> None:
+    """A state written by the previous gradwatch (schema 1: no lease, no replicas, no claim
+    columns), reproduced from this one by removing what version 2 added."""
+    with MonitorState(state_url, clock=clock, lock=_lock(state_url)) as state:
+        state.enqueue("n-1", "ops", _payload("n-1"))
+    engine = sqlalchemy.create_engine(state_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE gradwatch_lease")
+        connection.exec_driver_sql("DROP TABLE gradwatch_replicas")
+        connection.exec_driver_sql("ALTER TABLE gradwatch_outbox DROP COLUMN claimed_by")
+        connection.exec_driver_sql("ALTER TABLE gradwatch_outbox DROP COLUMN claimed_at")
+        connection.exec_driver_sql("UPDATE gradwatch_schema_version SET version = 1")
+    with MonitorState(state_url, clock=clock, lock=_lock(state_url)) as state:
+        assert [row.notification_id for row in state.due()] == ["n-1"]
+        assert state.lease() is None and state.replicas() == []
+    with engine.begin() as connection:
+        version = connection.exec_driver_sql(
+            "SELECT MAX(version) FROM gradwatch_schema_version").scalar_one()
+        columns = {c["name"] for c in sqlalchemy.inspect(connection).get_columns(
+            "gradwatch_outbox")}
+    engine.dispose()
+    assert version == SCHEMA_VERSION == 2
+    assert {"claimed_by", "claimed_at"} <= columns
+
+
+# -- the lease: one active monitor among replicas ---------------------------------------------
+
+
+@pytest.fixture
+def shared(state_url: str, clock: ManualClock) -> Iterator[MonitorState]:
+    """The state as replicas share it: no file lock (with SQLite's lock a process is alone and
+    takes the lease at once, `test_with_the_file_lock_a_killed_holders_lease_is_taken`)."""
+    with MonitorState(state_url, clock=clock, lock=False) as opened:
+        yield opened
+
+
+def test_one_replica_holds_the_lease_and_a_standby_takes_over_when_it_lapses(
+    shared: MonitorState, clock: ManualClock
+) -> None:
+    state = shared
+    ttl = 15.0
+    assert lease.acquire(state, "a-1-x", ttl, started_at=T0) is True
+    assert lease.acquire(state, "b-2-y", ttl, started_at=T0) is False  # a standby
+    assert [(r.replica_id, r.role) for r in state.replicas()] == [
+        ("a-1-x", "active"), ("b-2-y", "standby")]
+    clock.advance(10)
+    assert lease.acquire(state, "a-1-x", ttl, started_at=T0) is True  # renewed
+    held = state.lease()
+    assert held is not None and (held.holder, held.acquired_at, held.expires_at) == (
+        "a-1-x", T0, T0 + 10 + ttl)
+    clock.advance(ttl - 1)
+    assert lease.acquire(state, "b-2-y", ttl, started_at=T0) is False  # not lapsed yet
+    clock.advance(1)  # a-1-x was killed after its last renewal: the lease lapses
+    assert lease.acquire(state, "b-2-y", ttl, started_at=T0) is True
+    held = state.lease()
+    assert held is not None and (held.holder, held.acquired_at) == ("b-2-y", clock.now)
+    assert lease.acquire(state, "a-1-x", ttl, started_at=T0) is False  # back as a standby
+
+
+def test_only_the_lease_holder_claims_and_a_takeover_reclaims_unsent_rows(
+    shared: MonitorState, clock: ManualClock
+) -> None:
+    state = shared
+    ttl = 15.0
+    state.enqueue("n-1", "ops", _payload("n-1"))
+    assert lease.claim_due(state, "a-1-x") == []  # no lease, no claim
+    lease.acquire(state, "a-1-x", ttl, started_at=T0)
+    lease.acquire(state, "b-2-y", ttl, started_at=T0)
+    assert lease.claim_due(state, "b-2-y") == []  # the standby claims nothing
+    [claimed] = lease.claim_due(state, "a-1-x")
+    assert claimed.notification_id == "n-1"
+    # a-1-x is killed between "claimed" and "sent"; once its lease lapses it is fenced off
+    clock.advance(ttl)
+    assert lease.claim_due(state, "a-1-x") == []
+    assert lease.acquire(state, "b-2-y", ttl, started_at=T0)
+    [again] = lease.claim_due(state, "b-2-y")  # the same row, sent once by the new holder
+    assert again.id == claimed.id
+    state.mark_sent(again.id)
+    assert lease.claim_due(state, "b-2-y") == []
+
+
+def test_a_released_lease_is_taken_at_once(state: MonitorState) -> None:
+    assert lease.acquire(state, "a-1-x", 60.0, started_at=T0)
+    lease.release(state, "a-1-x")
+    assert [r.replica_id for r in state.replicas()] == []
+    assert lease.acquire(state, "b-2-y", 60.0, started_at=T0)
+
+
+def test_with_the_file_lock_a_killed_holders_lease_is_taken(
+    db_path: Path, clock: ManualClock
+) -> None:
+    with MonitorState(db_path, clock=clock, lock=False) as other:
+        assert lease.acquire(other, "killed-1-x", 60.0, started_at=T0)  # then SIGKILL
+    with MonitorState(db_path, clock=clock) as alone:  # the lock proves no one else runs
+        assert alone.exclusive and lease.acquire(alone, "next-2-y", 60.0, started_at=T0)
