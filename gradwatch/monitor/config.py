@@ -12,6 +12,7 @@ An example ``monitor.toml``::
     send_interval = 5                           # seconds between looks at the outbox
     read_workers = 4                            # MLflow reads at once (runs with new checks)
     history_window = 86400                      # runs that ended before: not replayed
+    sweep_interval = 600                        # seconds between full searches of all runs
     # misfire_grace_time = 60                   # seconds a late poll may still run (default:
                                                 # one poll interval)
     # state_url = "sqlite:////var/lib/gradwatch/monitor.db"   # default: default_state_url()
@@ -285,6 +286,12 @@ class MonitorConfig(_Section):
         description="seconds; a run seen for the first time that ended longer ago than this is "
         "not replayed (no notifications for its past checks). Default 86400 (a day); inf: "
         "replay every run",
+    )
+    sweep_interval: float = Field(
+        default=600.0, ge=0, allow_inf_nan=False,
+        description="seconds between two searches of every run, ≥ 0 (default 600); the polls "
+        "between them search only running runs, runs started since the last poll and runs "
+        "that were running at it; 0: every poll searches every run",
     )
     read_workers: int = Field(
         default=4, ge=1, le=64,

@@ -76,6 +76,8 @@ logger = logging.getLogger("gradwatch.monitor")
 
 _SEND_BATCH = 100
 _BULK_FROM = 5  # runs with new checks in one poll from which their histories are read in bulk
+_START_MARGIN = 60.0  # seconds of clock skew allowed between training hosts and the monitor
+_IDS_PER_SEARCH = 100  # run ids in one `attributes.run_id IN (...)` search
 _RULE_WORDS = {
     "distance": f"{DEFINITION}: gradient distance",
     "non_finite": f"{DEFINITION}: non-finite gradient distance",
@@ -182,6 +184,12 @@ class Monitor:
         self.started_at = clock()
         self.role = "starting"  # then "active" or "standby"
         self.active_since: float | None = None
+        # the runs as the searches saw them (`_find_runs`)
+        self._known: dict[str, MonitoredRun] | None = None
+        self._running: set[str] = set()
+        self._swept_at = float("-inf")
+        self._searched_at: float | None = None
+        self.start_margin = _START_MARGIN
 
     def __repr__(self) -> str:
         return (f"Monitor(experiments={list(self.config.experiments)!r}, "
@@ -257,8 +265,42 @@ class Monitor:
         self._finish_poll(summary)
         return summary
 
+    def _find_runs(self, now: float) -> list[MonitoredRun]:
+        """The watched runs. Every `sweep_interval` seconds (and at the first poll) one search
+        of every run; between sweeps only what can have news is searched — runs running now,
+        runs started since the previous search (a short run that started and ended between two
+        polls), and runs that were running then (their last checks, their end) — and the other
+        runs are kept as the last search saw them: their `gradwatch.last_step` is unchanged,
+        so they cost nothing more. An idle poll over N runs of which R are running is then
+        ~2 searches returning R rows, not ⌈N / 1000⌉ pages. A check logged to a run long
+        after it ended (a spool delivered late) is seen at the next sweep."""
+        config = self.config
+        known, since = self._known, self._searched_at
+        if known is None or since is None or now - self._swept_at >= config.sweep_interval:
+            runs = find_runs(self.client, config.experiments, tag_filter=config.tags)
+            self._known = {run.run_id: run for run in runs}
+            self._swept_at = now
+        else:
+            # margin: MLflow's start_time is the training host's clock; a minute of skew
+            started_ms = int((since - self.start_margin) * 1000)
+            fresh = {run.run_id: run for where in (
+                "attributes.status = 'RUNNING'", f"attributes.start_time >= {started_ms}")
+                for run in find_runs(self.client, config.experiments, tag_filter=config.tags,
+                                     where=where)}
+            ended = sorted(self._running - fresh.keys())
+            for chunk in range(0, len(ended), _IDS_PER_SEARCH):
+                ids = ", ".join(f"'{run_id}'" for run_id in ended[chunk:chunk + _IDS_PER_SEARCH])
+                fresh.update((run.run_id, run) for run in find_runs(
+                    self.client, config.experiments, tag_filter=config.tags,
+                    where=f"attributes.run_id IN ({ids})"))
+            known.update(fresh)
+            runs = sorted(known.values(), key=lambda run: (run.start_time_ms or 0, run.run_id))
+        self._searched_at = now
+        self._running = {run.run_id for run in runs if run.status == "RUNNING"}
+        return runs
+
     def _poll(self, now: float, started: float) -> PollSummary:
-        runs = find_runs(self.client, self.config.experiments, tag_filter=self.config.tags)
+        runs = self._find_runs(now)
         cursors = {c.run_id: c for c in self.state.cursors()}
         states: dict[str, dict[str, AlertState]] = {}
         for stored in self.state.alerts():

@@ -240,9 +240,11 @@ def find_runs(
     *,
     tag_filter: Mapping[str, str] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
+    where: str | None = None,
 ) -> list[MonitoredRun]:
     """The active (not deleted) runs with gradwatch data in `experiments` (names or ids),
-    oldest first; `tag_filter` keeps runs whose tags have exactly these values.
+    oldest first; `tag_filter` keeps runs whose tags have exactly these values; `where` is
+    one more MLflow search clause ANDed to the rest (e.g. "attributes.status = 'RUNNING'").
 
     Follows `search_runs` page tokens to the end; a run that moves between pages while paging
     is returned once.
@@ -258,6 +260,8 @@ def find_runs(
     if not experiment_ids:
         return []
     filter_string = _filter_string(tag_filter or {})
+    if where:
+        filter_string = f"{filter_string} AND {where}"
     runs: dict[str, MonitoredRun] = {}
     page_token: str | None = None
     while True:

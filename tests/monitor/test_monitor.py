@@ -570,3 +570,72 @@ def test_a_failed_kernels_measurement_fires_error_and_keeps_judging_distances(ri
             {"layer": "encoder.weight", "ratio": "inf"}]
     finally:
         monitor.close()
+
+
+class CountingClient:
+    """The real MLflow client, counting the rows each `search_runs` call returns (what an
+    idle poll costs: the issue's scale target is about these rows)."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self.client = client
+        self.rows: list[int] = []
+
+    def search_runs(self, *args: Any, **kwargs: Any) -> Any:
+        page = self.client.search_runs(*args, **kwargs)
+        self.rows.append(len(page))
+        return page
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_between_sweeps_a_poll_searches_only_runs_that_can_have_news(rig: Rig) -> None:
+    """With a sweep every hour: finished runs are not searched again, yet a run that ends,
+    a run that starts and ends between two polls, and (at the sweep) a check logged to a run
+    long after it ended are all read. The monitor reads the real time here (start times are
+    the server's); its one-minute margin for clock skew is set to 0 so that the runs created
+    a moment before the first poll do not come back."""
+    import time
+
+    class Later:
+        def __init__(self) -> None:
+            self.offset = 0.0
+
+        def __call__(self) -> float:
+            return time.time() + self.offset
+
+    finished = []
+    for index in range(6):  # runs that ended before the monitor started: the idle majority
+        run_id = new_run(rig.client, rig.experiment_id, name=f"old-{index}")
+        log_check(rig.client, run_id, 10, 1e-8, "ok")
+        rig.client.set_terminated(run_id)
+        finished.append(run_id)
+    running = new_run(rig.client, rig.experiment_id, name="running")
+    log_check(rig.client, running, 10, 1e-8, "ok")
+    counting, clock = CountingClient(rig.client), Later()
+    monitor = Monitor(rig.config(sweep_interval=3600, history_window=math.inf),
+                      client=counting, clock=clock, environ={HOOK_ENV: rig.receiver.url()})
+    monitor.start_margin = 0.0
+    try:
+        assert monitor.poll().runs == 7 and sum(counting.rows) == 7  # the first poll: a sweep
+        counting.rows.clear()
+        time.sleep(0.01)
+        assert monitor.poll().runs == 7
+        assert sum(counting.rows) == 1  # only the running run came back
+
+        log_check(rig.client, running, 20, 5e-3, "alert")  # then the run ends
+        rig.client.set_terminated(running)
+        short = new_run(rig.client, rig.experiment_id, name="short")  # starts and ends
+        log_check(rig.client, short, 10, 5e-3, "alert")
+        rig.client.set_terminated(short)
+        summary = monitor.poll()
+        assert summary.runs == 8 and summary.transitions == 2
+        monitor.send_due()
+        assert {r.json()["run_id"] for r in rig.receiver.requests} == {running, short}
+
+        log_check(rig.client, finished[0], 30, 5e-3, "alert")  # late, to an ended run
+        assert monitor.poll().transitions == 0  # not searched between sweeps
+        clock.offset = 3601
+        assert monitor.poll().transitions == 1  # the sweep finds it
+    finally:
+        monitor.close()
