@@ -13,8 +13,9 @@ cursors make every run free after the search. `--active-share` of the runs (defa
 RUNNING, the others are ended, as in a team's experiments. Rows: the reader alone (one search
 of every run: what every poll cost before sweeps), and the full `Monitor.poll` (cursors and
 alert states loaded from its SQLite state, the rules, the staleness look, the /metrics
-snapshot): its first poll, its idle polls between sweeps (only running, new and just-ended
-runs are searched) and an idle poll at a sweep. Targets over 10,000 runs: an idle poll
+snapshot): its first poll, its idle polls (only running, new and just-ended runs are
+searched), the poll that starts a sweep of every run in the background, the sweep itself and
+the poll that merges it. Targets over 10,000 runs: an idle poll
 <= 5 s, a first poll <= 60 s, with a steady memory footprint over repeated polls.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import resource
 import sys
 import tempfile
@@ -66,7 +68,8 @@ def write_runs(client: MlflowClient, experiment: str, runs: int, layers: int) ->
 
 
 def end_runs(client: MlflowClient, experiment: str, keep: int) -> None:
-    """End every run but the `keep` newest (they stay RUNNING)."""
+    """End every run but the `keep` newest (they stay RUNNING). (MLflow prints each ended
+    run's URL unless MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT is set: `main` sets it.)"""
     ids = [run.run_id for run in find_runs(client, ["load"])]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(client.set_terminated, ids[:max(len(ids) - keep, 0)]))
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--active-share", type=float, default=0.01,
                         help="share of the runs left RUNNING (default 0.01)")
     args = parser.parse_args(argv)
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     with tempfile.TemporaryDirectory() as directory:
         server = MlflowServer(Path(directory))
         progress("starting a local mlflow server")
@@ -134,10 +138,17 @@ def main(argv: list[str] | None = None) -> int:
                 summary = monitor.poll()
                 monitor_idle.append(time.perf_counter() - started)
                 assert summary.new_checks == 0 and summary.runs == args.runs, summary
-            monitor._swept_at = -math.inf  # the next poll is a sweep
+            monitor._swept_at = -math.inf  # the next poll starts a sweep in the background
             started = time.perf_counter()
             summary = monitor.poll()
+            monitor_sweep_start = time.perf_counter() - started
+            sweep = monitor._sweep
+            assert sweep is not None
+            sweep.result()
             monitor_sweep = time.perf_counter() - started
+            started = time.perf_counter()
+            summary = monitor.poll()  # merges the sweep
+            monitor_merge = time.perf_counter() - started
             assert summary.new_checks == 0 and summary.runs == args.runs, summary
             monitor.close()
             tracemalloc.start()  # memory on its own polls: tracing slows Python down
@@ -162,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{'PASS' if monitor_first <= 60 else 'MISS'} (target <= 60 s)")
     print(f"full monitor, idle polls between sweeps, seconds: "
           f"{', '.join(f'{s:.2f}' for s in monitor_idle)}")
-    print(f"full monitor, an idle poll at a sweep (every run searched): {monitor_sweep:.2f} s")
+    print(f"full monitor, the poll that starts a sweep: {monitor_sweep_start:.2f} s; the sweep "
+          f"(every run searched, in the background): {monitor_sweep:.2f} s; the poll that "
+          f"merges it: {monitor_merge:.2f} s")
+    worst = max(worst, monitor_sweep_start, monitor_merge)
     print(f"traced Python memory after idle polls, MiB: "
           f"{', '.join(f'{m:.1f}' for m in peaks)}  (max RSS {rss:.0f} MiB)")
     growth = peaks[-1] - peaks[0] if len(peaks) > 1 else 0.0

@@ -190,12 +190,16 @@ class Monitor:
         self._swept_at = float("-inf")
         self._searched_at: float | None = None
         self.start_margin = _START_MARGIN
+        self._sweep: Future[list[MonitoredRun]] | None = None
+        self._refreshed: dict[str, MonitoredRun] = {}
+        self._sweeper = ThreadPoolExecutor(1, thread_name_prefix="gradwatch-sweep")
 
     def __repr__(self) -> str:
         return (f"Monitor(experiments={list(self.config.experiments)!r}, "
                 f"channels={sorted(self.notifiers)!r}, state={self.state!r})")
 
     def close(self) -> None:
+        self._sweeper.shutdown(wait=False, cancel_futures=True)
         self.state.close()
 
     # ------------------------------------------------------------------ the lease
@@ -266,38 +270,67 @@ class Monitor:
         return summary
 
     def _find_runs(self, now: float) -> list[MonitoredRun]:
-        """The watched runs. Every `sweep_interval` seconds (and at the first poll) one search
-        of every run; between sweeps only what can have news is searched — runs running now,
-        runs started since the previous search (a short run that started and ended between two
-        polls), and runs that were running then (their last checks, their end) — and the other
-        runs are kept as the last search saw them: their `gradwatch.last_step` is unchanged,
-        so they cost nothing more. An idle poll over N runs of which R are running is then
-        ~2 searches returning R rows, not ⌈N / 1000⌉ pages. A check logged to a run long
-        after it ended (a spool delivered late) is seen at the next sweep."""
+        """The watched runs. At the first poll one search of every run; then every
+        `sweep_interval` seconds such a search (a sweep) in the background, merged at the
+        first poll after it finished, so no poll waits for it; and at every poll only what
+        can have news is searched — runs running now, runs started since the previous search
+        (a short run that started and ended between two polls), and runs that were running
+        then (their last checks, their end). The other runs are kept as the last sweep saw
+        them: their `gradwatch.last_step` is unchanged, so they cost nothing more. An idle
+        poll over N runs of which R are running is then ~2 searches returning R rows, not
+        ⌈N / 1000⌉ pages. A check logged to a run long after it ended (a spool delivered
+        late) is read after the next sweep. `sweep_interval = 0`: every poll searches every
+        run itself."""
         config = self.config
         known, since = self._known, self._searched_at
-        if known is None or since is None or now - self._swept_at >= config.sweep_interval:
-            runs = find_runs(self.client, config.experiments, tag_filter=config.tags)
+        if known is None or since is None or config.sweep_interval == 0:
+            runs = self._search()
             self._known = {run.run_id: run for run in runs}
             self._swept_at = now
         else:
+            known = self._merge_sweep(known)
+            if self._sweep is None and now - self._swept_at >= config.sweep_interval:
+                self._sweep, self._swept_at, self._refreshed = (
+                    self._sweeper.submit(self._search), now, {})
             # margin: MLflow's start_time is the training host's clock; a minute of skew
             started_ms = int((since - self.start_margin) * 1000)
             fresh = {run.run_id: run for where in (
                 "attributes.status = 'RUNNING'", f"attributes.start_time >= {started_ms}")
-                for run in find_runs(self.client, config.experiments, tag_filter=config.tags,
-                                     where=where)}
+                for run in self._search(where)}
             ended = sorted(self._running - fresh.keys())
             for chunk in range(0, len(ended), _IDS_PER_SEARCH):
                 ids = ", ".join(f"'{run_id}'" for run_id in ended[chunk:chunk + _IDS_PER_SEARCH])
-                fresh.update((run.run_id, run) for run in find_runs(
-                    self.client, config.experiments, tag_filter=config.tags,
-                    where=f"attributes.run_id IN ({ids})"))
+                fresh.update((run.run_id, run)
+                             for run in self._search(f"attributes.run_id IN ({ids})"))
             known.update(fresh)
+            self._refreshed.update(fresh)  # newer than what a running sweep will bring
+            self._known = known
             runs = sorted(known.values(), key=lambda run: (run.start_time_ms or 0, run.run_id))
         self._searched_at = now
         self._running = {run.run_id for run in runs if run.status == "RUNNING"}
         return runs
+
+    def _search(self, where: str | None = None) -> list[MonitoredRun]:
+        return find_runs(self.client, self.config.experiments, tag_filter=self.config.tags,
+                         where=where)
+
+    def _merge_sweep(self, known: dict[str, MonitoredRun]) -> dict[str, MonitoredRun]:
+        """A finished background sweep: its runs (deleted ones gone) with the runs searched
+        since it started on top. A failed sweep is logged and tried again at the next poll."""
+        sweep = self._sweep
+        if sweep is None or not sweep.done():
+            return known
+        self._sweep = None
+        try:
+            swept = {run.run_id: run for run in sweep.result()}
+        except Exception as error:
+            logger.warning("the sweep of every run failed (tried again at the next poll): %s",
+                           scrub_urls(describe(error)))
+            self._swept_at = float("-inf")
+            return known
+        swept.update(self._refreshed)
+        self._refreshed = {}
+        return swept
 
     def _poll(self, now: float, started: float) -> PollSummary:
         runs = self._find_runs(now)

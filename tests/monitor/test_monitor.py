@@ -591,10 +591,10 @@ class CountingClient:
 
 def test_between_sweeps_a_poll_searches_only_runs_that_can_have_news(rig: Rig) -> None:
     """With a sweep every hour: finished runs are not searched again, yet a run that ends,
-    a run that starts and ends between two polls, and (at the sweep) a check logged to a run
-    long after it ended are all read. The monitor reads the real time here (start times are
-    the server's); its one-minute margin for clock skew is set to 0 so that the runs created
-    a moment before the first poll do not come back."""
+    a run that starts and ends between two polls, and (after the background sweep) a check
+    logged to a run long after it ended are all read. The monitor reads the real time here
+    (start times are the server's); its one-minute margin for clock skew is set to 0 so that
+    the runs created a moment before the first poll do not come back."""
     import time
 
     class Later:
@@ -636,6 +636,10 @@ def test_between_sweeps_a_poll_searches_only_runs_that_can_have_news(rig: Rig) -
         log_check(rig.client, finished[0], 30, 5e-3, "alert")  # late, to an ended run
         assert monitor.poll().transitions == 0  # not searched between sweeps
         clock.offset = 3601
-        assert monitor.poll().transitions == 1  # the sweep finds it
+        assert monitor.poll().transitions == 0  # starts the sweep in the background
+        sweep = monitor._sweep
+        assert sweep is not None
+        sweep.result(timeout=60)
+        assert monitor.poll().transitions == 1  # the sweep's runs merged: the check is read
     finally:
         monitor.close()
