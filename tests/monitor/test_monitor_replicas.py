@@ -2,11 +2,13 @@
 PostgreSQL server, a real MLflow server and real HTTP receivers.
 
 One replica holds the lease and polls and sends; the others wait as standbys and take over
-when it is killed (SIGKILL: no clean release). Notifications go out exactly once, including
-the one a killed replica had claimed but not sent."""
+when it is killed (SIGKILL: no clean release), cut off from the state (a TCP proxy to
+PostgreSQL, cut) or stopped (SIGTERM: released at once). Notifications go out exactly once,
+including the one a killed replica had claimed but not sent."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -76,11 +78,13 @@ class Replicas:
         self.processes: list[subprocess.Popen[str]] = []
         self.state = MonitorState(state_url, lock=False)
 
-    def start(self, hook_url: str) -> subprocess.Popen[str]:
+    def start(self, hook_url: str, state_url: str | None = None) -> subprocess.Popen[str]:
+        env = {**os.environ, HOOK_ENV: hook_url}
+        if state_url is not None:  # this replica reaches the same state another way
+            env["GRADWATCH_STATE_URL"] = state_url
         process = subprocess.Popen(
             [sys.executable, "-m", "gradwatch", "monitor", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, HOOK_ENV: hook_url})
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self.processes.append(process)
         return process
 
@@ -181,3 +185,97 @@ def test_a_replica_killed_between_claimed_and_sent_is_covered_by_the_next_once(
         assert sent.status == "sent" and replicas.pid_of(replicas.holder()) == second.pid
     finally:
         hole.close()
+
+
+class Proxy:
+    """A TCP forwarder to PostgreSQL that the test can cut (every connection closed, new ones
+    refused) and restore: a network cut between one replica and the state."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.open: list[socket.socket] = []
+        self.cut_off = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.cut_off:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.close()
+
+    def cut(self) -> None:
+        self.cut_off = True
+        for connection in self.open:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        self.open.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+def test_a_replica_cut_off_from_the_state_is_replaced_and_sends_nothing(
+    replicas: Replicas, receiver: WebhookReceiver
+) -> None:
+    """The active replica reaches PostgreSQL through a proxy that is then cut: it cannot renew,
+    the standby takes over within two poll intervals and sends the alert once; the cut-off
+    replica, reconnected, stays a standby."""
+    port = int(replicas.state_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = Proxy(port)
+    try:
+        cut_url = replicas.state_url.replace(f":{port}/", f":{proxy.port}/")
+        first = replicas.start(receiver.url(), state_url=cut_url)
+        replicas.wait_for(lambda: replicas.pid_of(replicas.holder()) == first.pid)
+        second = replicas.start(receiver.url())
+        replicas.wait_for(lambda: len(replicas.state.replicas()) == 2)
+        proxy.cut()
+        cut = time.monotonic()
+        replicas.wait_for(lambda: replicas.pid_of(replicas.holder()) == second.pid)
+        assert time.monotonic() - cut <= 2 * POLL
+        run_id = new_run(replicas.client, replicas.experiment_id)
+        log_check(replicas.client, run_id, 10, 5e-3, "alert")
+        assert receiver.wait_for(1, timeout=60)
+        proxy.cut_off = False  # the network comes back
+        time.sleep(4 * POLL)
+        assert len(receiver.requests) == 1
+        assert replicas.pid_of(replicas.holder()) == second.pid
+        assert {r.pid: r.role for r in replicas.state.replicas()} == {
+            first.pid: "standby", second.pid: "active"}
+    finally:
+        proxy.close()
+
+
+def test_a_stopped_replica_hands_over_at_once(
+    replicas: Replicas, receiver: WebhookReceiver
+) -> None:
+    first = replicas.start(receiver.url())
+    replicas.wait_for(lambda: replicas.pid_of(replicas.holder()) == first.pid)
+    second = replicas.start(receiver.url())
+    replicas.wait_for(lambda: len(replicas.state.replicas()) == 2)
+    first.send_signal(signal.SIGTERM)  # a clean stop releases the lease
+    assert first.wait(30) == 0
+    replicas.wait_for(lambda: replicas.pid_of(replicas.holder()) == second.pid, timeout=POLL)
+    assert [r.pid for r in replicas.state.replicas()] == [second.pid]
