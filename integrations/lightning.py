@@ -209,8 +209,7 @@ def _checked_module(trainer: Any, pl_module: Any) -> Any:
     root `FullyShardedDataParallel` that wraps it — the root wrapper owns the parameters of
     the module's own layers (embeddings, heads), which only it can unshard."""
     root = getattr(trainer.strategy, "model", None)
-    if root is not pl_module and type(root).__name__ == "FullyShardedDataParallel" and \
-            getattr(root, "_fsdp_wrapped_module", None) is pl_module:
+    if getattr(root, "_fsdp_wrapped_module", None) is pl_module:
         return root
     return pl_module
 

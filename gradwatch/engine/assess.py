@@ -164,7 +164,7 @@ def assess(engine: Engine, *, seconds: float, probe: dict[str, object]) -> Check
             if verdict != "ok":
                 reasons.append(
                     f"overall rel_distance {distance:.3g} (estimated by the joint screen) ≥ "
-                    f"{verdict} threshold {_threshold(thresholds, verdict):.0e}"
+                    f"{verdict} threshold {thresholds.level(verdict):.0e}"
                 )
     else:
         distance, smooth_distance, smooth_parts = _overall(engine, results, noise)
@@ -181,7 +181,7 @@ def assess(engine: Engine, *, seconds: float, probe: dict[str, object]) -> Check
             if verdict != "ok":
                 reasons.append(
                     f"overall rel_distance {smooth_distance:.3g} ≥ {verdict} threshold "
-                    f"{_threshold(thresholds, verdict):.0e}"
+                    f"{thresholds.level(verdict):.0e}"
                 )
     for result in sorted(results.values(), key=lambda r: -_rank(r.report)):
         verdict = worst_verdict(verdict, result.report.verdict)
@@ -355,10 +355,6 @@ def _resolution_problem(engine: Engine) -> str | None:
 def _rank(report: LayerReport) -> float:
     order = {"ok": 0, "warn": 1, "alert": 2, "error": 3}[report.verdict]
     return order * 10.0 + (report.rel_distance if math.isfinite(report.rel_distance) else 9.0)
-
-
-def _threshold(thresholds: Thresholds, verdict: str) -> float:
-    return thresholds.alert if verdict == "alert" else thresholds.warn
 
 
 def _is_at_noise(parts: _Parts) -> bool:

@@ -49,6 +49,7 @@ Imports: gradwatch.common, engine.report, engine.types, engine.sharded, engine.t
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -299,7 +300,7 @@ def _collective(
             tensors = _tensors(model)
     except Exception as exc:
         failure = f"rank {rank}: {type(exc).__name__}: {exc}"
-    # agreement 1: every rank's failure, and rank 0's settings (the budget, the seed)
+    # agreement 1: every rank's failure, and rank 0's settings (seed, thresholds, loss scale)
     box: list[Any] = [None] * world
     dist.all_gather_object(box, (failure, [t.name for t in tensors],
                                  settings if rank == 0 else None), group=group)
@@ -374,13 +375,18 @@ def float64_twin(model: Any) -> Any:
     sharded = [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
     for name in sorted(sharded, key=lambda n: -n.count(".") - (n != "")):  # leaves first
         fully_shard(twin.get_submodule(name), mesh=mesh)
-    buffers = dict(model.named_buffers())
+    buffers = dict(model.named_buffers(remove_duplicate=False))
     twin.to_empty(device=device)
     with torch.no_grad():
         for name, parameter in twin.named_parameters():
             parameter.to_local().copy_(live[name].to_local().double())
-        for name, buffer in twin.named_buffers():
-            buffer.copy_(buffers[name])
+        for prefix, module in twin.named_modules(remove_duplicate=False):
+            for key, buffer in module._buffers.items():
+                if buffer is not None:  # float64 like the parameters (BatchNorm's statistics)
+                    value = buffers[f"{prefix}.{key}" if prefix else key].detach()
+                    module._buffers[key] = value.to(
+                        device, torch.float64 if value.is_floating_point() else value.dtype,
+                        copy=True)
     return twin
 
 
@@ -447,11 +453,8 @@ def _gradients(run: _Run) -> float:
 
     for parameter in run.model.parameters():
         parameter.grad = None
-    local_loss = math.nan
     try:
-        value = run.loss()
-        local_loss = float(value.detach().double().item())
-        value.backward()
+        run.loss().backward()
         run.tensors = _tensors(run.model)  # after the forward: FSDP2's own parameter objects
         for tensor in run.tensors:
             grad = tensor.param.grad
@@ -470,7 +473,7 @@ def _gradients(run: _Run) -> float:
         for index, tensor in enumerate(run.tensors):
             sums[2 * index] = float(torch.sum(tensor.grad**2))
             sums[2 * index + 1] = float(torch.sum(tensor.saved.double() ** 2))
-    totals = run.reduce([*sums, local_loss])
+    totals = run.reduce(sums)
     center = run.loss_at_center()
     for index, tensor in enumerate(run.tensors):
         tensor.norm = math.sqrt(totals[2 * index])
@@ -555,7 +558,7 @@ def _report(run: _Run, result: _Result, settings: CheckSettings, *, seconds: flo
     resolution = (SIGNIFICANCE * result.sigma_b / (2 * min(seen)) if seen else math.inf)
     dtype = str(run.dtype).replace("torch.", "")
     common: dict[str, Any] = dict(
-        mode="auto", strategy="collective", eps=_median([t.step for t in run.tensors]),
+        mode="auto", strategy="collective", eps=statistics.median(t.step for t in run.tensors),
         thresholds=thresholds, evaluations=run.evaluations, seconds=seconds,
         evaluation_seconds=run.evaluation_seconds, loss=result.center,
         directions=len(result.probes), coordinates=0,
@@ -611,7 +614,7 @@ def _report(run: _Run, result: _Result, settings: CheckSettings, *, seconds: flo
         if overall_verdict != "ok":
             reasons.insert(0, f"overall rel_distance {overall:.3g} (estimated by the "
                               f"collective screen) ≥ {overall_verdict} threshold "
-                              f"{_threshold(thresholds, overall_verdict):.0e}")
+                              f"{thresholds.level(overall_verdict):.0e}")
         verdict = worst_verdict(verdict, overall_verdict)
         worst = max(abs(x) for x in b)
         reasons.append(
@@ -657,10 +660,3 @@ def _rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values)) if values else 0.0
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else math.nan
-
-
-def _threshold(thresholds: Any, verdict: str) -> float:
-    return float(thresholds.alert if verdict == "alert" else thresholds.warn)

@@ -90,6 +90,10 @@ class Thresholds(BaseModel):
             )
         return self
 
+    def level(self, verdict: str) -> float:
+        """The threshold a "warn" or "alert" verdict was reached at."""
+        return self.alert if verdict == "alert" else self.warn
+
     def classify(self, distance: float) -> Verdict:
         """The verdict a relative distance earns on its own (non-finite → "alert")."""
         if not math.isfinite(distance) or distance >= self.alert:

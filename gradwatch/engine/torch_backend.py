@@ -151,7 +151,7 @@ def check_module(
             f"{type(loss_fn).__name__} {loss_fn!r}. {LOSS_FN_HELP}"
         )
     live = unwrap_model(model)
-    if sharding_of(live) in ("fsdp2", "fsdp1", "zero3") and _distributed(torch):
+    if sharding_of(live) is not None and _distributed(torch):
         return _check_sharded(live, batch, loss_fn, options, batching=batching,
                               progress=progress, loss_scale=loss_scale, autocast=autocast)
     refuse_sharded(live)

@@ -188,7 +188,7 @@ class Monitor:
         self._known: dict[str, MonitoredRun] | None = None
         self._running: set[str] = set()
         self._swept_at = float("-inf")
-        self._searched_at: float | None = None
+        self._searched_at = float("-inf")  # when `_find_runs` last searched
         self.start_margin = _START_MARGIN
         self._sweep: Future[list[MonitoredRun]] | None = None
         self._refreshed: dict[str, MonitoredRun] = {}
@@ -281,9 +281,8 @@ class Monitor:
         ⌈N / 1000⌉ pages. A check logged to a run long after it ended (a spool delivered
         late) is read after the next sweep. `sweep_interval = 0`: every poll searches every
         run itself."""
-        config = self.config
-        known, since = self._known, self._searched_at
-        if known is None or since is None or config.sweep_interval == 0:
+        config, known = self.config, self._known
+        if known is None or config.sweep_interval == 0:
             runs = self._search()
             self._known = {run.run_id: run for run in runs}
             self._swept_at = now
@@ -293,7 +292,7 @@ class Monitor:
                 self._sweep, self._swept_at, self._refreshed = (
                     self._sweeper.submit(self._search), now, {})
             # margin: MLflow's start_time is the training host's clock; a minute of skew
-            started_ms = int((since - self.start_margin) * 1000)
+            started_ms = int((self._searched_at - self.start_margin) * 1000)
             fresh = {run.run_id: run for where in (
                 "attributes.status = 'RUNNING'", f"attributes.start_time >= {started_ms}")
                 for run in self._search(where)}

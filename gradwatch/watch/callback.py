@@ -414,7 +414,7 @@ class GradWatch:
         from gradwatch.engine.torch_model import unwrap_model
 
         live = unwrap_model(model)
-        if sharding_of(live) not in ("fsdp2", "fsdp1", "zero3"):
+        if sharding_of(live) is None:
             return None
         from gradwatch.engine.sharded import gather_unsharded
 

@@ -9,19 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.support.fsdp_worker import BUG
 from tests.support.hf_fsdp_worker import EVERY, STEPS
-from tests.support.ranks import run_ranks
+from tests.support.ranks import run_ranks, same_weights
 
 pytest.importorskip("accelerate")
 
 WORKER = "tests.support.hf_fsdp_worker"
 
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
 @pytest.mark.slow
@@ -34,7 +30,7 @@ def test_hf_trainer_fsdp2_is_checked_by_both_strategies_without_changing_trainin
     for strategy in ("gathered", "collective"):
         watched = run_ranks(tmp_path / strategy, strategy, worker=WORKER)
         for before, after in zip(plain, watched):
-            assert _same(before["weights"], after["weights"])
+            assert same_weights(before["weights"], after["weights"])
             assert before["losses"] == after["losses"]
         checked = watched[0]["checked"]
         assert [step for step, *_ in checked] == due

@@ -17,7 +17,7 @@ import torch
 
 from tests.support.fsdp_worker import BUG
 from tests.support.lightning_fsdp_worker import EVERY, STEPS
-from tests.support.ranks import ROOT, TIMEOUT, free_port
+from tests.support.ranks import ROOT, TIMEOUT, free_port, same_weights
 
 pytest.importorskip("lightning")
 
@@ -39,9 +39,6 @@ def _fit(out: Path, strategy: str, bug: bool) -> list[dict[str, Any]]:
     return [torch.load(out / f"rank-{rank}.pt") for rank in range(2)]
 
 
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
-
 
 @pytest.mark.slow
 def test_lightning_fsdp2_is_checked_by_both_strategies_without_changing_training(
@@ -52,7 +49,7 @@ def test_lightning_fsdp2_is_checked_by_both_strategies_without_changing_training
     for strategy in ("gathered", "collective"):
         watched = _fit(tmp_path / strategy, strategy, bug=False)
         for before, after in zip(plain, watched):
-            assert _same(before["weights"], after["weights"])
+            assert same_weights(before["weights"], after["weights"])
             assert before["losses"] == after["losses"]  # the copies never ran the live step
             assert len(after["losses"]) == STEPS
         checked = watched[0]["checked"]
@@ -79,7 +76,7 @@ def test_lightning_fsdp_strategy_fsdp1_is_gathered_through_its_root_wrapper(
     plain = _fit(tmp_path / "plain", "fsdp1-none", bug=False)
     watched = _fit(tmp_path / "watched", "fsdp1", bug=False)
     for before, after in zip(plain, watched):
-        assert _same(before["weights"], after["weights"])
+        assert same_weights(before["weights"], after["weights"])
         assert before["losses"] == after["losses"]
     checked = watched[0]["checked"]
     assert [step for step, *_ in checked] == [1, *range(EVERY, STEPS + 1, EVERY)]

@@ -34,6 +34,9 @@ Scenarios:
          GradWatch(every=3)), then with the bug.
   check_module  `gradwatch.check_module` called on every rank, on the clean and on the buggy
          model: every rank gets rank 0's report.
+  collective_batchnorm  Linear-BatchNorm1d-Tanh-Linear under FSDP2, trained 3 steps, then
+         check_module(sharded="collective"): the float64 twin takes BatchNorm's running
+         statistics in float64 (eval mode mixes them with the float64 activations).
   mlp    the small MLP of tests/support/ddp_worker.py under FSDP2: checks run and pass.
 The result of each rank is `OUT_DIR/rank-<r>.pt`.
 """
@@ -51,8 +54,9 @@ import torch.distributed as dist
 
 import gradwatch.engine.sharded as sharded
 from gradwatch import CheckOptions, GradWatch
+from gradwatch import check_module as gradwatch_check
 from tests.support.hf_zoo import make_zoo, plant_row_bug
-from tests.support.ranks import save_and_leave
+from tests.support.ranks import same_weights, save_and_leave
 
 STEPS = 12
 BUG = "model.layers.0.mlp.up_proj.weight"
@@ -91,9 +95,6 @@ def mlp() -> Any:
 
     return fsdp_model()
 
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
 def full_weights(model: Any) -> dict[str, torch.Tensor]:
@@ -257,8 +258,26 @@ def main(out: Path, scenario: str) -> None:
             report = gradwatch.check_module(model, entry.batch(7 + rank),
                                             options={"budget": 60, "sharded": "collective"})
             result[name] = report.model_dump(mode="json")
-            result[name]["untouched"] = _same(before, full_weights(model)) and all(
+            result[name]["untouched"] = same_weights(before, full_weights(model)) and all(
                 torch.equal(grads[n], p.grad.to_local()) for n, p in model.named_parameters())
+    elif scenario == "collective_batchnorm":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from tests.support.torch_models import mse_loss, regression_batch
+
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16),
+                                  torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        fully_shard(net, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        for step in range(3):  # BatchNorm's running statistics move away from (0, 1)
+            optimizer.zero_grad()
+            mse_loss(net, regression_batch(16, 4, 3, seed=10 * step + rank)).backward()
+            optimizer.step()
+        report = gradwatch_check(net, regression_batch(16, 4, 3, seed=99 + rank), mse_loss,
+                                 options={"budget": 60, "sharded": "collective"})
+        result = {"report": report.model_dump(mode="json")}
     elif scenario == "mlp":
         from tests.support.torch_models import mse_loss, regression_batch
 

@@ -66,3 +66,8 @@ def save_and_leave(result: dict[str, Any], out: Path, rank: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """The same names and bit-identical values (weights saved by two runs or two ranks)."""
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)

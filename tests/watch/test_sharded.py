@@ -12,18 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow import MlflowClient
 
 from tests.support.fsdp_worker import BUG
 from tests.support.mlflow_server import MlflowServer
-from tests.support.ranks import run_ranks
+from tests.support.ranks import run_ranks, same_weights
 
 WORKER = "tests.support.fsdp_worker"
 
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
 @pytest.mark.slow
@@ -36,9 +32,9 @@ def test_fsdp2_training_is_unchanged_and_a_clean_model_reads_ok_at_every_check(
     zero, one = run_ranks(tmp_path, "same", {"MLFLOW_TRACKING_URI": mlflow_server.url,
                                              "MLFLOW_RUN_ID": run_id}, worker=WORKER)
     for rank in (zero, one):  # bit-identical with and without gradwatch, on each rank
-        assert _same(rank["plain"]["weights"], rank["watched"]["weights"])
+        assert same_weights(rank["plain"]["weights"], rank["watched"]["weights"])
         assert rank["plain"]["losses"] == rank["watched"]["losses"]
-    assert _same(zero["watched"]["weights"], one["watched"]["weights"])
+    assert same_weights(zero["watched"]["weights"], one["watched"]["weights"])
     checked = zero["watched"]["checked"]
     assert [step for step, *_ in checked] == list(range(1, 13))  # 12 checks, every=1
     assert {verdict for _, verdict, *_ in checked} == {"ok"}, [c[2] for c in checked]
@@ -58,7 +54,7 @@ def test_a_planted_backward_bug_under_fsdp2_alerts_naming_its_parameter(tmp_path
         (1, "alert"), (3, "alert"), (6, "alert"), (9, "alert"), (12, "alert")]
     assert all(worst[0] == BUG and f"layer '{BUG}'" in reasons
                for _, _, reasons, worst, _ in checked)
-    assert _same(zero["watched"]["weights"], one["watched"]["weights"])
+    assert same_weights(zero["watched"]["weights"], one["watched"]["weights"])
 
 
 @pytest.mark.slow
@@ -71,7 +67,7 @@ def test_a_rank_failing_inside_a_check_makes_it_an_error_on_both_ranks(tmp_path:
     for text in (reasons, zero["watched"]["checked"][1][2]):
         assert "rank 1: MemoryError: rank 1 ran out of host memory" in text
     assert len(zero["watched"]["losses"]) == len(one["watched"]["losses"]) == 12
-    assert _same(zero["watched"]["weights"], one["watched"]["weights"])
+    assert same_weights(zero["watched"]["weights"], one["watched"]["weights"])
 
 
 @pytest.mark.slow
@@ -103,7 +99,7 @@ def test_fsdp1_is_gathered_by_summon_full_params_unchanged_and_names_the_bug(
 ) -> None:
     zero, one = run_ranks(tmp_path, "fsdp1", worker=WORKER)
     for rank in (zero, one):  # FSDP1's flat parameters: still bit-identical training
-        assert _same(rank["plain"]["weights"], rank["watched"]["weights"])
+        assert same_weights(rank["plain"]["weights"], rank["watched"]["weights"])
         assert rank["plain"]["losses"] == rank["watched"]["losses"]
     clean, buggy = zero["watched"]["checked"], zero["bug"]["checked"]
     assert [(step, verdict) for step, verdict, *_ in clean] == [
@@ -126,7 +122,7 @@ def test_the_collective_strategy_checks_in_place_unchanged_and_names_the_bug(
     zero, one = run_ranks(tmp_path, "collective", {"MLFLOW_TRACKING_URI": mlflow_server.url,
                                                    "MLFLOW_RUN_ID": run_id}, worker=WORKER)
     for rank in (zero, one):
-        assert _same(rank["plain"]["weights"], rank["watched"]["weights"])
+        assert same_weights(rank["plain"]["weights"], rank["watched"]["weights"])
         assert rank["plain"]["losses"] == rank["watched"]["losses"]
     clean, buggy = zero["watched"]["checked"], zero["bug"]["checked"]
     assert [step for step, *_ in clean] == list(range(1, 13))
@@ -139,7 +135,7 @@ def test_the_collective_strategy_checks_in_place_unchanged_and_names_the_bug(
                for _, _, reasons, worst, _ in buggy)
     # every rank computed the same report from the all-reduced values; only rank 0 records
     assert [c[:2] for c in one["bug"]["checked"]] == [c[:2] for c in buggy]
-    assert _same(zero["watched"]["weights"], one["watched"]["weights"])  # and across ranks
+    assert same_weights(zero["watched"]["weights"], one["watched"]["weights"])  # and across ranks
     metrics = client.get_run(run_id).data.metrics  # rank 0's record, the user's names
     assert f"gradwatch/layer/{BUG}" in metrics
     assert all("_fsdp" not in key and "DTensor" not in key for key in metrics)
@@ -156,7 +152,7 @@ def test_a_rank_failing_inside_a_collective_check_makes_it_an_error_on_both(
             (1, "ok"), (3, "error"), (6, "ok"), (9, "ok"), (12, "ok")]
         assert "rank 1: MemoryError: rank 1 ran out of memory" in checked[1][2]
         assert len(rank["watched"]["losses"]) == 12
-    assert _same(zero["watched"]["weights"], one["watched"]["weights"])
+    assert same_weights(zero["watched"]["weights"], one["watched"]["weights"])
 
 
 @pytest.mark.slow
@@ -244,3 +240,15 @@ def test_on_alert_stop_stops_every_rank_at_the_same_step_with_either_strategy(
         assert len(zero[strategy]["losses"]) == len(one[strategy]["losses"]) == 1
         assert [(step, verdict) for step, verdict, *_ in zero[strategy]["checked"]] == [
             (1, "alert")]
+
+
+@pytest.mark.slow
+def test_the_collective_twin_runs_batchnorm_in_float64(tmp_path: Path) -> None:
+    """Buffers come to the twin in float64 like its parameters: an eval-mode BatchNorm mixes
+    its running statistics with float64 activations (a float32 buffer would make the twin
+    fail and the check fall back to float32, where it cannot judge)."""
+    zero, one = run_ranks(tmp_path, "collective_batchnorm", worker=WORKER)
+    for rank in (zero, one):
+        report = rank["report"]
+        assert report["probe"]["sharding"]["precision"] == "float64", report["reasons"]
+        assert report["verdict"] == "ok", report["reasons"]

@@ -10,25 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.support.fsdp_worker import BUG
-from tests.support.ranks import run_ranks
+from tests.support.ranks import run_ranks, same_weights
 
 pytest.importorskip("deepspeed")
 
 WORKER = "tests.support.zero3_worker"
 
 
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
-
 
 @pytest.mark.slow
 def test_zero3_training_is_unchanged_and_a_clean_model_reads_ok(tmp_path: Path) -> None:
     zero, one = run_ranks(tmp_path, "same", worker=WORKER)
     for rank in (zero, one):
-        assert _same(rank["plain"]["weights"], rank["watched"]["weights"])
+        assert same_weights(rank["plain"]["weights"], rank["watched"]["weights"])
         assert rank["plain"]["losses"] == rank["watched"]["losses"]
     checked = zero["watched"]["checked"]
     assert [(step, verdict) for step, verdict, *_ in checked] == [
@@ -44,4 +40,4 @@ def test_a_kernel_bug_under_zero3_alerts_naming_its_parameter(tmp_path: Path) ->
     assert {verdict for _, verdict, *_ in checked} == {"alert"}
     assert all(worst[0] == BUG and f"layer '{BUG}'" in reasons
                for _, _, reasons, worst, _ in checked)
-    assert _same(zero["watched"]["weights"], one["watched"]["weights"])
+    assert same_weights(zero["watched"]["weights"], one["watched"]["weights"])
