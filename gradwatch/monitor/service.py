@@ -24,6 +24,7 @@ modules below it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -717,10 +718,19 @@ class Monitor:
         scheduler.add_job(self._send_job, "interval", seconds=self.config.send_interval,
                           id="send", name="gradwatch send")
         previous: dict[signal.Signals, Any] = {}
+        stopper: list[threading.Thread] = []
         if install_signals and threading.current_thread() is threading.main_thread():
             def stop(signum: int, _frame: Any) -> None:
+                # The handler runs on the main thread, which may be inside the scheduler's
+                # `_process_jobs` holding its (re-entrant) job-store lock: a shutdown from here
+                # empties the memory job store under that loop, which then fails on a job it has
+                # just lost (an IndexError at SIGTERM). On a thread of its own the shutdown waits
+                # for the lock, i.e. for the loop to finish its pass.
                 logger.info("signal %d: stopping after the current job", signum)
-                scheduler.shutdown(wait=False)
+                if not stopper:
+                    stopper.append(threading.Thread(target=_shutdown, args=(scheduler,),
+                                                    name="gradwatch-stop", daemon=True))
+                    stopper[0].start()
 
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, stop)
@@ -730,6 +740,8 @@ class Monitor:
         except (KeyboardInterrupt, SystemExit):
             pass
         finally:
+            for thread in stopper:
+                thread.join(30)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._release()  # a clean stop: a standby takes over at its next look
@@ -850,6 +862,14 @@ def _duration(seconds: float | None) -> str:
 
 def _ago(seconds: float | None) -> str:
     return "never" if seconds is None else f"{_duration(seconds)} ago"
+
+
+def _shutdown(scheduler: Any) -> None:
+    from apscheduler.schedulers import SchedulerNotRunningError
+
+    # stopped already: the scheduler's own shutdown, or a signal before it started
+    with contextlib.suppress(SchedulerNotRunningError):
+        scheduler.shutdown(wait=False)
 
 
 def _scheduled_time(event: Any) -> Any:

@@ -643,3 +643,42 @@ def test_between_sweeps_a_poll_searches_only_runs_that_can_have_news(rig: Rig) -
         assert monitor.poll().transitions == 1  # the sweep's runs merged: the check is read
     finally:
         monitor.close()
+
+
+def test_a_sigterm_while_the_scheduler_updates_a_job_stops_the_service_cleanly(rig: Rig) -> None:
+    """SIGTERM lands on the main thread wherever it is; here, inside APScheduler's pass over
+    due jobs, between taking the poll job from the memory job store and writing its next run
+    time back. A shutdown run by the handler there empties the store under that pass, which
+    then fails on the job it lost (the IndexError a CI run met at SIGTERM); the service must
+    instead finish the pass, stop, and hand its lease back."""
+    import signal
+    import threading
+
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.jobstores.memory import MemoryJobStore
+    from apscheduler.schedulers.blocking import BlockingScheduler
+
+    class SignalledStore(MemoryJobStore):  # type: ignore[misc]
+        signalled = False
+
+        def update_job(self, job: Any) -> None:
+            if not self.signalled and threading.current_thread() is threading.main_thread():
+                self.signalled = True
+                signal.raise_signal(signal.SIGTERM)  # the handler runs before this returns
+            super().update_job(job)
+
+    store = SignalledStore()
+    scheduler = BlockingScheduler(
+        jobstores={"default": store},
+        executors={"default": ThreadPoolExecutor(max_workers=1),
+                   "lease": ThreadPoolExecutor(max_workers=1)},
+        job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": 1})
+    monitor = rig.monitor()
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        monitor.run_forever(scheduler=scheduler)  # returns once stopped; raised before the fix
+    finally:
+        monitor.close()
+    assert store.signalled, "the job store never saw the scheduler's pass"
+    assert monitor.role == "standby", "the lease was not handed back at the stop"
+    assert signal.getsignal(signal.SIGTERM) is before, "the SIGTERM handler was not restored"
