@@ -139,6 +139,8 @@ def assess(engine: Engine, *, seconds: float, probe: dict[str, object]) -> Check
                        (_resolution_problem, "the loss is too flat here")):
         problem = find(engine)
         if problem is not None:
+            if problem.startswith(NOT_SMOOTH):
+                note = "kinks beside the checked point"
             return CheckReport(
                 rel_distance=math.nan, verdict="error", coordinates=0, reasons=[problem],
                 layers={name: _unchecked(t, "error", f"not judged: {note}")
@@ -227,6 +229,9 @@ _SCREENED_NOTE = (
     "(it sees a relative error of ≥ {resolution:.1e} in any one tensor)"
 )
 
+#: How the error for a loss that is not smooth where it was checked begins.
+NOT_SMOOTH = "error: the loss is not smooth where it was checked"
+
 PRECISION_HELP = (
     "Central differences would measure rounding, not the gradient, so this check cannot judge "
     "the model. gradwatch keeps the model's own casts (.float(), .to(float32), dtype=) at "
@@ -310,6 +315,21 @@ def _precision_problem(engine: Engine) -> str | None:
         return None
     lossy: list[tuple[str, str, float]] = engine.diagnosis.get("lossy_modules") or []  # type: ignore[assignment]
     escaped: dict[str, int] = engine.diagnosis.get("escaped") or {}  # type: ignore[assignment]
+    kinked: list[tuple[str, str, float]] = engine.diagnosis.get("kinked_modules") or []  # type: ignore[assignment]
+    screen = engine.screen
+    if engine.kinks_only and screen is not None:
+        # float64 held (every module answers in proportion but for a few elements): the
+        # noise is the step's, kinks crossed at every step the screen tried
+        return (f"{NOT_SMOOTH}: inputs of "
+                + ", ".join(f"module '{name}' ({kind})" for name, kind, _ in kinked)
+                + f" sit within the check's steps of their kinks (ReLU/max-pool inputs near 0),"
+                f" so a loss evaluation moves by {screen.sigma / max(abs(engine.loss), 1e-300):.1e}"
+                f" of |J| with the step, not by float64's rounding (≈ "
+                f"{screen.bound / max(abs(engine.loss), 1e-300):.0e}), and the check would "
+                f"resolve only relative errors ≥ {screen.resolution():.1e}. Float64 held; "
+                "central differences would measure the kinks, not the gradient, so this check "
+                "does not judge the model. Usually a model that fits its probe rows almost "
+                "exactly; a later check, at another point, judges it.")
     where = ""
     if lossy:
         where = "; it loses precision in " + ", ".join(

@@ -105,7 +105,8 @@ def _run_joint(engine: Engine) -> None:
     engine.joint_mode = True
     screen.run(SCREEN_DIRECTIONS, engine.scales)
     if engine.precision_lost:
-        engine.strategy.append("stopped: float64 precision lost")
+        engine.strategy.append("stopped: kinks beside the checked point" if engine.kinks_only
+                               else "stopped: float64 precision lost")
         return
     if screen.fired:
         screen.localise()

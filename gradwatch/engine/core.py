@@ -157,16 +157,27 @@ class Engine:
         check without resolution. (Noise with no such module and float64-like in size is a
         flat loss whose terms cancel — a well-fit cross-entropy — not lost precision: the
         check reads ok, or "error: the loss is nearly flat" when it cannot resolve an
-        alert-sized error, `_assess._resolution_problem`.)"""
+        alert-sized error, `_assess._resolution_problem`.) Modules whose response bends only
+        where inputs sit beside kinks ("kinked_modules": ReLU/max-pool inputs near 0) stop the
+        check the same way — such noise cannot be told from a bug's discrepancy — and the
+        report says kinks, not lost precision."""
         if self.vanished:
             return True
         screen = self.screen
         if screen is None or not screen.suspicious:
             return False
         self.diagnose()
-        if self.diagnosis.get("lossy_modules") or self.diagnosis.get("escaped"):
+        if any(self.diagnosis.get(key) for key in ("lossy_modules", "escaped",
+                                                    "kinked_modules")):
             return True
         return screen.float32_like and screen.unresolved
+
+    @property
+    def kinks_only(self) -> bool:
+        """`precision_lost` with float64 held: the probe found only modules bent by kinks."""
+        found = self.diagnosis
+        return (bool(found.get("kinked_modules")) and not found.get("lossy_modules")
+                and not found.get("escaped") and not self.vanished)
 
     def joint(self, perturbation: Mapping[str, tuple[Signs, float]]) -> tuple[float, float]:
         """J(θ + δ) and J(θ − δ) with several tensors perturbed at once (`JointObjective`)."""

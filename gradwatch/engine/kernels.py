@@ -240,6 +240,15 @@ class RoundingMode(TorchDispatchMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
+        decomposed = _fused_decomposition(func)
+        if decomposed is not None:
+            # A fused kernel at `dtype` rounds its intermediates too: log_softmax's backward
+            # forms exp(out) ≈ 1 − p at `dtype` before subtracting it from the label's 1, so a
+            # cross-entropy near a fit (p ≈ 1e-4) has gradients good only to u/p ≈ 6e-4 in
+            # float32. Rounding only the fused op's output would call 6e-4 a kernel fault; its
+            # ATen decomposition, run under this mode, rounds each step as the kernel does.
+            with self:
+                return decomposed(*args, **(kwargs or {}))
         schema = func._schema
         aliased = any(ret.alias_info is not None for ret in schema.returns)
         if not aliased:  # in-place ops must see their own tensor, not a rounded copy
@@ -254,6 +263,21 @@ class RoundingMode(TorchDispatchMode):
                         and tensor.element_size() > self.itemsize):
                     tensor.copy_(tensor.to(self.dtype))
         return out
+
+
+#: Fused ops whose kernels cancel large intermediates (softmax's exp against the label's 1,
+#: log-sum-exp): emulated through their ATen decompositions (`RoundingMode`).
+_FUSED = ("_softmax", "_log_softmax", "_softmax_backward_data", "_log_softmax_backward_data",
+          "logsumexp", "binary_cross_entropy_with_logits")
+
+
+def _fused_decomposition(func: Any) -> Any:
+    """The ATen decomposition of `func` when it is one of `_FUSED`, else None."""
+    if func.__name__.split(".")[0] not in _FUSED:
+        return None
+    from torch._decomp import decomposition_table
+
+    return decomposition_table.get(func)
 
 
 class _Observer(TorchDispatchMode):

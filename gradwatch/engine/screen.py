@@ -78,6 +78,13 @@ NOISE_SPREAD = math.sqrt(6 + 6 * RATIO**4 - 8 * RATIO**2)
 #: deviations of their noise: a bug's d is exactly linear and its J smooth, so a bug fails
 #: one by chance with P ≈ 6e-5 per test.
 CONFIRM_SIGMAS = 4.0
+#: The confirmation's last step, as a fraction of the screen's: kinks nearer θ than the
+#: screen's steps are not crossed there, while a bug's discrepancy scales with it and stands
+#: ZOOM_SIGMAS σ out. Not below MIN_ZOOM (the step is still ≥ 1e4 ulps of a typical
+#: parameter), not above MAX_ZOOM (a longer step crosses the same kinks).
+ZOOM_SIGMAS = 400.0
+MIN_ZOOM = 1e-4
+MAX_ZOOM = 1e-2
 #: A second difference whose non-quadratic part is at least this share of a discrepancy
 #: explains it as a kink (a kink moves d and D by about the same amount).
 KINK_SHARE = 0.25
@@ -93,8 +100,11 @@ PRECISION_MARGIN = 10.0
 #: Relative noise of one evaluation that only a lower precision explains (float64 rounds at
 #: 1.1e-16; its intermediates would have to cancel 10⁶-fold to reach this).
 FLOAT32_NOISE = 1e-10
-#: Noise above RESCALE × the assumed δJ: the steps are sized again for the measured noise.
+#: Noise above RESCALE × the assumed δJ: the steps are sized again (`JointScreen._resize`).
 RESCALE = 4.0
+#: A noisy screen also measures its noise at steps this many times shorter (truncation and
+#: kinks shrink with the step, rounding does not: `JointScreen._resize`).
+SHORTEN = 10.0
 #: A check whose typical tensor cannot be resolved to this relative error cannot judge.
 RESOLUTION_LIMIT = 1e-4
 #: Most evaluations localisation may spend in one check, over the budget if need be.
@@ -261,7 +271,8 @@ class JointScreen:
         first = self._noise(0, steps)
         # Compared with the floor the steps were sized for (`_noise` has replaced delta_j).
         # The screen always completes (a check that cannot tell its noise cannot judge): the
-        # two re-measurements below may take 8 evaluations over the budget.
+        # re-measurements below (a second direction, `_resize`) may take 12 evaluations over
+        # the budget.
         if self.kinked or self.sigma > RESCALE * self._floor:
             # The direction crossed a kink (or its rounding happened to grow like s), or it is
             # noisy — perhaps a kink crossed: a kink is crossed in few directions, rounding
@@ -279,11 +290,7 @@ class JointScreen:
                 first = min((first, other), key=lambda item: math.hypot(item[1], item[2]))
             self._keep(first)
         if self.sigma > RESCALE * self._floor:
-            # Rounds worse than float64 at |J| (large terms cancelling, or float32 somewhere):
-            # steps sized for the measured noise keep the resolution where they can, and the
-            # noise is measured again at those steps.
-            self.delta_j = self.sigma
-            first = self._noise(0, self.step_sizes(values))
+            first = self._resize(first, values)
         self.probes = [first[0]]
         for key in range(1, directions):
             self.probes.append(self.evaluate(key + 1, first[0].steps))
@@ -294,6 +301,61 @@ class JointScreen:
         self.fired = any(self.significant(p.discrepancy) for p in self.probes)
         if self.fired and directions > 1:
             self.fired = self._confirm()
+
+    def _resize(self, first: tuple[JointProbe, float, float],
+                values: dict[str, float]) -> tuple[JointProbe, float, float]:
+        """The noise is above the floor the steps were sized for: measure it again at steps
+        SHORTEN× shorter and, when rounding is what is high at both, at steps sized for that
+        rounding (c = SIGNAL·δJ, longer); keep whichever measurement resolves best.
+
+        Rounding δJ does not depend on the step, so the longer steps win when it is the
+        noise: the signal grows, the noise does not. n's truncation (curvature's s³ term)
+        and kinks crossed (a ReLU/max-pool input within s of 0 on one side only: a CNN near
+        a fit crosses some at every step down to ~1e-9) grow with the step, and shorter steps
+        win. Growing the steps for a kink's noise, as for rounding, crossed more kinks and
+        read as lost float64. Chosen by measurement, not by the shape of one noisy estimate:
+        4–8 evaluations over the budget, only in a noisy check."""
+        key = first[0].key
+        candidates = [first]
+        crossed = self.kinked
+
+        longer: list[tuple[JointProbe, float, float]] = []
+
+        def measure(steps: dict[str, float], shorter: bool) -> tuple[JointProbe, float, float]:
+            # A kink-shaped measurement tells nothing of the noise: `_noise` puts the floor in
+            # its place, the screen's most sensitive setting, whose discrepancies the kink
+            # tests of `_confirm` then judge. Taken at the shorter steps (few kinks, near θ);
+            # at longer ones, whose many kinks could hide a bug's discrepancy, only when no
+            # measured candidate resolves the check (below).
+            nonlocal crossed
+            self.kinked = False
+            measured = self._noise(key, steps)
+            (candidates if shorter or not self.kinked else longer).append(measured)
+            crossed = crossed or self.kinked
+            return measured
+
+        shorter = measure({n: s / SHORTEN for n, s in first[0].steps.items()}, True)
+        rounding = min(first[1], shorter[1])  # the step-independent part is at most this
+        if rounding > RESCALE * self._floor:
+            self.delta_j = rounding
+            measure(self.step_sizes(values), False)
+        self.kinked = crossed
+        best = min(candidates, key=self._resolution_of)
+        if longer and SIGNIFICANCE / 2 * self._resolution_of(best) > RESOLUTION_LIMIT:
+            best = longer[0]
+        self._keep(best)
+        return best
+
+    def _resolution_of(self, measured: tuple[JointProbe, float, float]) -> float:
+        """The median over tensors of σ_d / (s_t·||dθ_t||) for a noise measurement: what
+        `resolution` would read with it (up to the constant SIGNIFICANCE / 2)."""
+        probe, rounding, truncation = measured
+        sigma = math.hypot(rounding, truncation)
+        tensors = self.engine.tensors
+        values = sorted(sigma / (step * tensors[name].analytic_norm)
+                        for name, step in probe.steps.items()
+                        if step > 0 and tensors[name].analytic_norm > 0)
+        return values[len(values) // 2] if values else math.inf
 
     def _noise(self, key: int, steps: dict[str, float]) -> tuple[JointProbe, float, float]:
         """Direction `key` at `steps` and at RATIO of them: the probe, the rounding of one
@@ -329,7 +391,8 @@ class JointScreen:
         step (d = s·eᵀv), so at r·s it is r·d; a ReLU/max-pool kink crossed by the joint step
         is not (at r·s it is crossed differently, or not at all), nor is a coarse rounding
         grid — except by coincidence (k grid steps with k·r an integer), hence two unrelated
-        ratios. 2–4 evaluations, only when the screen fires."""
+        ratios; then a much shorter step for kinks just beside θ. 2–6 evaluations, only when
+        the screen fires."""
         probe = max(self.probes, key=lambda p: abs(p.discrepancy)
                     if math.isfinite(p.discrepancy) else math.inf)
         if not math.isfinite(probe.discrepancy):
@@ -366,6 +429,21 @@ class JointScreen:
                 self.kinked = True
                 return False
         if quadratic == 2:
+            self.kinked = True
+            return False
+        # Kinks just beside θ (ReLU inputs within far less than the step of 0) are crossed
+        # by every step the tests above use: J is then linear on either side and d exactly
+        # linear too, like a bug's. A bug's d stays linear at any step (d = s·eᵀv); a kink's
+        # part vanishes once the step is shorter than the kink's distance. So the direction is
+        # evaluated again at the shortest step where a bug's d would still stand ZOOM_SIGMAS σ
+        # out (z = ZOOM_SIGMAS·σ/|d|, within [MIN_ZOOM, MAX_ZOOM]): a d that falls clearly
+        # below z·d there (by more than a quarter and 4σ) is a kink's. A discrepancy too
+        # small to tell at MAX_ZOOM is kept.
+        zoom = min(MAX_ZOOM, max(MIN_ZOOM, ZOOM_SIGMAS * self.sigma / abs(probe.discrepancy)))
+        zoomed = self.evaluate(probe.key, {n: s * zoom for n, s in probe.steps.items()})
+        expected = probe.discrepancy * zoom
+        if abs(zoomed.discrepancy - expected) > 0.25 * abs(expected) + \
+                CONFIRM_SIGMAS * self.sigma * math.sqrt(1 + zoom**2):
             self.kinked = True
             return False
         return True

@@ -693,7 +693,8 @@ class _ModuleObjective:
             lossy = find_lossy_modules(
                 self.shadow, lambda: self.loss_fn(self.shadow, self.batch), generator=generator)
         return {"prevented": dict(self.guard.prevented), "escaped": dict(self.guard.escaped),
-                "lossy_modules": [(m.name, m.kind, m.mismatch) for m in lossy]}
+                "lossy_modules": [(m.name, m.kind, m.mismatch) for m in lossy if not m.kinked],
+                "kinked_modules": [(m.name, m.kind, m.mismatch) for m in lossy if m.kinked]}
 
     def batching_used(self) -> dict[str, Any]:
         used: dict[str, Any] = {
