@@ -34,6 +34,7 @@ from tests.support.kernel_faults import (
     mse,
     mse_float,
 )
+from tests.support.near_fit import memorising_net
 
 
 def _data(rows: int = 16, features: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,54 +162,15 @@ def test_bf16_parameters_of_a_correct_model_read_ok() -> None:
     assert report.verdict == "ok"
 
 
-class _Identity(torch.autograd.Function):
-    """A correct custom op: the reason the training path is measured at all."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
-class _MemorisingNet(nn.Module):
-    def __init__(self, classes: int) -> None:
-        super().__init__()
-        self.hidden, self.head = nn.Linear(16, 64), nn.Linear(64, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.head(_Identity.apply(torch.tanh(self.hidden(x))))
-        return out
-
-
 @pytest.mark.parametrize("loss", ["cross_entropy", "bce_with_logits"])
 def test_a_memorised_batch_is_not_a_kernel_fault(loss: str) -> None:
     """Near a fit float32 gradients are only as good as u/p: the fused log-softmax backward
     forms exp(out) ≈ 1 − p in float32 before the label's 1 is taken from it (p ≈ 1e-4: 6e-4
     relative), as does BCE-with-logits' log-sum-exp. That is float32 doing its job; rounding
-    only the fused op's output in the reference read it as a faulty kernel (ratio 200-5,000,
-    alert, at every check once the batch was learnt)."""
-    torch.manual_seed(0)
-    x = torch.randn(8, 16)
-    if loss == "cross_entropy":
-        model, y = _MemorisingNet(10), torch.randint(0, 10, (8,))
-
-        def objective(m: nn.Module, b: Any) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(m(b[0]), b[1])
-    else:
-        model, y = _MemorisingNet(3), torch.randint(0, 2, (8, 3)).float()
-
-        def objective(m: nn.Module, b: Any) -> torch.Tensor:
-            return torch.nn.functional.binary_cross_entropy_with_logits(m(b[0]), b[1])
-
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
-        optimizer.zero_grad()
-        objective(model, (x, y)).backward()
-        optimizer.step()
-    report = gradwatch.check_module(model, (x, y), objective, budget=10)
+    only the fused op's output in the reference read it as a faulty kernel (cross-entropy:
+    ratio 200-5,000, alert, at every check once the batch was learnt)."""
+    model, batch, objective = memorising_net(loss)
+    report = gradwatch.check_module(model, batch, objective, budget=10)
     kernels = report.kernels
     assert report.loss < 1e-3, report.loss  # the regime: the batch is learnt
     assert kernels is not None and kernels.status == "measured", report.summary()
