@@ -1,9 +1,9 @@
 """Verdicts on correct models where checks are hardest — near a fit, beside ReLU kinks. One run.
 
-    python benchmarks/bench_near_fit.py             # ~1 minute on 2 shared CPU cores
+    python benchmarks/bench_near_fit.py             # ~40 s on 2 shared CPU cores
     python benchmarks/bench_near_fit.py --checks 10 # a smoke run
 
-Three tables (markdown on stdout, progress on stderr), every model from
+Four tables (markdown on stdout, progress on stderr), every model from
 `tests/support/near_fit.py`, every check `gradwatch.check_module(..., budget=10)` on a
 different seed (the screen's directions), as `GradWatch(every=1000)` spends it:
 
@@ -20,6 +20,9 @@ different seed (the screen's directions), as `GradWatch(every=1000)` spends it:
 3. A small MLP with a correct custom autograd op (so the training-kernels measurement runs)
    memorising its batch under cross-entropy: the training-kernels verdict and ratio as the
    loss falls (a correct model: ratio ≈ 1–3 is right; warn is 12, alert 32).
+4. The HF zoo's LLaMA, BERT and T5 (`tests/support/hf_zoo.py`, from configs, their own losses)
+   with layer 0's MLP output passed through that correct custom op, trained in float32 with
+   Adam (lr 3e-3, dropout on) on one batch: both verdicts after 0, 100 and 300 steps.
 """
 
 from __future__ import annotations
@@ -36,8 +39,15 @@ import torch
 
 import gradwatch
 from gradwatch.engine.assess import NOT_SMOOTH
-from tests.support.hf_zoo import plant_row_bug
-from tests.support.near_fit import beside_kinks, ce, fitted_cnn, memorising_net
+from tests.support.hf_zoo import make_zoo, plant_row_bug
+from tests.support.near_fit import (
+    beside_kinks,
+    ce,
+    fitted_cnn,
+    memorising_net,
+    pass_through_identity_op,
+)
+from tests.support.torch_models import seeded
 
 OFFSETS = (1e-10, 1e-8, 1e-6, 1e-4)
 
@@ -110,6 +120,34 @@ def kernels_table() -> list[str]:
     return lines
 
 
+def zoo_table() -> list[str]:
+    lines = ["| model, Adam steps on one batch | loss | verdict | kernels verdict | ratio |",
+             "|---|---:|---|---|---:|"]
+    zoo = make_zoo()
+    for name in ("llama", "bert", "t5"):
+        entry = zoo[name]
+        with seeded(0):
+            model, batch = entry.build(), entry.batch(0)
+            pass_through_identity_op(model.get_submodule(entry.targets[1].rsplit(".", 2)[0]))
+            model.train()
+            optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+            done = 0
+            for steps in (0, 100, 300):
+                progress(f"{name} with a custom op after {steps} steps")
+                for _ in range(steps - done):
+                    optimizer.zero_grad()
+                    model(**batch).loss.backward()
+                    optimizer.step()
+                done = steps
+                report = gradwatch.check_module(model, batch, budget=12)
+                kernels = report.kernels
+                verdict = kernels.verdict if kernels is not None else "-"
+                ratio = f"{kernels.ratio:.3g}" if kernels is not None and kernels.ratio else "-"
+                lines.append(f"| {name}, {steps} | {report.loss:.1e} | {report.verdict} | "
+                             f"{verdict} | {ratio} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--checks", type=int, default=100,
@@ -119,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--checks must be at least 1, got {args.checks}")
     torch.set_num_threads(1)
     started = time.perf_counter()
-    tables = [cnn_table(args.checks), kinks_table(args.checks), kernels_table()]
+    tables = [cnn_table(args.checks), kinks_table(args.checks), kernels_table(), zoo_table()]
     print("\n\n".join("\n".join(table) for table in tables))
     print(f"\n{args.checks} checks per row (budget 10); torch {torch.__version__}, 1 thread; "
           f"whole run {time.perf_counter() - started:.0f} s.")

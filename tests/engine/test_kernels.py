@@ -34,7 +34,8 @@ from tests.support.kernel_faults import (
     mse,
     mse_float,
 )
-from tests.support.near_fit import memorising_net
+from tests.support.near_fit import memorising_net, pass_through_identity_op
+from tests.support.torch_models import seeded
 
 
 def _data(rows: int = 16, features: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +177,31 @@ def test_a_memorised_batch_is_not_a_kernel_fault(loss: str) -> None:
     assert kernels is not None and kernels.status == "measured", report.summary()
     assert kernels.verdict == "ok", report.summary()
     assert kernels.ratio is not None and kernels.ratio < 12
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "t5"])
+def test_a_real_model_learning_its_batch_with_a_correct_custom_op_reads_ok(name: str) -> None:
+    """The zoo's LLaMA, BERT and T5 (from configs, their own losses, HF-collated batches) with
+    layer 0's MLP output passed through a correct custom autograd op, trained 300 Adam steps on
+    one batch in float32: the previous reference read BERT "alert" (ratio 158), LLaMA and T5
+    "warn" (20.6, 18.9) — the fused softmax/log-softmax ops' own float32 rounding taken for a
+    kernel fault (benchmarks/bench_near_fit.py)."""
+    entry = make_zoo()[name]
+    with seeded(0):
+        model, batch = entry.build(), entry.batch(0)
+        pass_through_identity_op(model.get_submodule(entry.targets[1].rsplit(".", 2)[0]))
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(300):
+            optimizer.zero_grad()
+            model(**batch).loss.backward()
+            optimizer.step()
+    report = gradwatch.check_module(model, batch, budget=12)
+    kernels = report.kernels
+    assert kernels is not None and kernels.status == "measured", report.summary()
+    assert kernels.verdict == "ok" and kernels.ratio is not None and kernels.ratio < 12, \
+        report.summary()
+    assert report.verdict in ("ok", "error"), report.summary()  # never a false warn/alert
 
 
 def _train(model: nn.Module, steps: int, watch: GradWatch | None, *, features: int = 8

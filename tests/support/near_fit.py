@@ -13,6 +13,8 @@ Shared by tests/engine (test_precision, test_kernels) and benchmarks/bench_near_
 * `memorising_net(loss)`: a small MLP with a correct custom autograd op (so the training-kernels
   measurement runs) trained until it has learnt its batch, under cross-entropy or
   BCE-with-logits: float32 gradients there are only as good as u/p (p ≈ 1e-4).
+* `pass_through_identity_op(module)`: route a module's output through that correct custom op
+  (a real model with a fused kernel of its own, as far as gradwatch can tell).
 
 Everything is built from fixed seeds, on the CPU, in well under a second.
 """
@@ -28,7 +30,7 @@ from torch import nn
 
 from tests.support.torch_models import seeded
 
-__all__ = ["beside_kinks", "ce", "fitted_cnn", "memorising_net"]
+__all__ = ["beside_kinks", "ce", "fitted_cnn", "memorising_net", "pass_through_identity_op"]
 
 Objective = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -77,6 +79,21 @@ class _Identity(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         return grad
+
+
+_IDENTITY_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def pass_through_identity_op(module: nn.Module) -> None:
+    """Pass `module`'s output through `_Identity` (forward and backward exact, in every dtype):
+    its class is swapped for a subclass of the same name, kept by `copy.deepcopy`."""
+    base = type(module)
+    if base not in _IDENTITY_CLASSES:
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            return _Identity.apply(base.forward(self, *args, **kwargs))
+
+        _IDENTITY_CLASSES[base] = type(base.__name__, (base,), {"forward": forward})
+    module.__class__ = _IDENTITY_CLASSES[base]
 
 
 class _MemorisingNet(nn.Module):
