@@ -63,7 +63,8 @@ def kind(report: gradwatch.CheckReport) -> str:
     reason = report.reasons[0] if report.reasons else ""
     for start, name in ((NOT_SMOOTH, "error: kinks"),
                         ("error: float64 precision was lost", "error: float64 lost"),
-                        ("error: the check could not resolve", "error: too flat")):
+                        ("error: the check could not resolve", "error: too flat"),
+                        ("error: the joint screen's discrepancy", "error: unreproduced")):
         if reason.startswith(start):
             return name
     return "error: other"

@@ -43,6 +43,8 @@ from gradwatch.engine.screen import LOCALISE_LIMIT, SIGNAL
 from gradwatch.engine.types import Directional
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from gradwatch.engine.core import Engine
     from gradwatch.engine.screen import JointScreen
     from gradwatch.engine.types import TensorState
@@ -185,6 +187,21 @@ def assess(engine: Engine, *, seconds: float, probe: dict[str, object]) -> Check
                     f"overall rel_distance {smooth_distance:.3g} ≥ {verdict} threshold "
                     f"{thresholds.level(verdict):.0e}"
                 )
+    if screen is not None and significant and math.isfinite(distance) and \
+            verdict in ("warn", "alert") and _unreproduced(screen, engine, results):
+        # The discrepancy was localised to tensors whose own directions and coordinates then
+        # measure clean: a bug there shows in those as it did in the joint direction (the same
+        # sizes, new signs), a kink crossed by the joint step need not. Not judged either way.
+        verdict = "error"
+        reasons = [r for r in reasons if not r.startswith("overall rel_distance")]
+        reasons.insert(0,
+            f"error: the joint screen's discrepancy (overall rel_distance {distance:.3g}) was "
+            f"not reproduced by the tensor(s) it was localised to ("
+            + ", ".join(f"'{name}' {results[name].report.rel_distance:.1e}"
+                        for name in screen.culprits)
+            + "): a kink crossed by the joint step, or a bug those measurements missed. Not "
+            "judged; the next check draws new directions.")
+        distance = smooth_distance = math.nan  # no distance is claimed (the record, the monitor)
     for result in sorted(results.values(), key=lambda r: -_rank(r.report)):
         verdict = worst_verdict(verdict, result.report.verdict)
         reasons.extend(result.reasons)
@@ -284,6 +301,21 @@ def _screen_reasons(engine: Engine, screen: JointScreen) -> list[str]:
         reasons.append(f"localisation spent {engine.evaluations - budget} evaluations over the "
                        f"budget of {budget} (at most {LOCALISE_LIMIT} in one check)")
     return reasons
+
+
+def _unreproduced(screen: JointScreen, engine: Engine,
+                  results: Mapping[str, _TensorResult]) -> bool:
+    """Every tensor the screen localised its discrepancy to was measured, and reads ok."""
+    culprits = [name for name in screen.culprits if name in results]
+    if not culprits or len(culprits) != len(screen.culprits):
+        return False
+    for name in culprits:
+        tensor = engine.tensors[name]
+        report = results[name].report
+        if not (tensor.indices or tensor.sketches) or report.verdict != "ok" or \
+                not math.isfinite(report.rel_distance):
+            return False
+    return True
 
 
 def _coverage(engine: Engine) -> dict[str, int]:
