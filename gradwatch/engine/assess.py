@@ -306,10 +306,9 @@ def _screen_reasons(engine: Engine, screen: JointScreen) -> list[str]:
 def _unreproduced(screen: JointScreen, engine: Engine,
                   results: Mapping[str, _TensorResult]) -> bool:
     """Every tensor the screen localised its discrepancy to was measured, and reads ok."""
-    culprits = [name for name in screen.culprits if name in results]
-    if not culprits or len(culprits) != len(screen.culprits):
+    if not screen.culprits or any(name not in results for name in screen.culprits):
         return False
-    for name in culprits:
+    for name in screen.culprits:
         tensor = engine.tensors[name]
         report = results[name].report
         if not (tensor.indices or tensor.sketches) or report.verdict != "ok" or \

@@ -166,12 +166,16 @@ class JointScreen:
         (≈ SIGNIFICANCE / (2·SIGNAL) where the step is not capped). Computed once."""
         if self._resolutions is None:
             steps = self.probes[0].steps if self.probes else {}
-            result = {}
-            for name, step in steps.items():
-                signal = 2 * step * self.engine.tensors[name].analytic_norm
-                result[name] = SIGNIFICANCE * self.sigma / signal if signal > 0 else math.inf
-            self._resolutions = result
+            self._resolutions = self._resolutions_at(steps, self.sigma)
         return self._resolutions
+
+    def _resolutions_at(self, steps: dict[str, float], sigma: float) -> dict[str, float]:
+        """SIGNIFICANCE·σ_d / (2·s_t·||dθ_t||) per tensor (∞ where the signal is 0)."""
+        result = {}
+        for name, step in steps.items():
+            signal = 2 * step * self.engine.tensors[name].analytic_norm
+            result[name] = SIGNIFICANCE * sigma / signal if signal > 0 else math.inf
+        return result
 
     def resolution(self) -> float:
         """The median of `resolutions`: the relative error of a typical tensor the screen sees
@@ -317,11 +321,10 @@ class JointScreen:
         4–8 evaluations over the budget, only in a noisy check."""
         key = first[0].key
         candidates = [first]
+        longer: list[tuple[JointProbe, float, float]] = []
         crossed = self.kinked
 
-        longer: list[tuple[JointProbe, float, float]] = []
-
-        def measure(steps: dict[str, float], shorter: bool) -> tuple[JointProbe, float, float]:
+        def measure(steps: dict[str, float], short: bool) -> tuple[JointProbe, float, float]:
             # A kink-shaped measurement tells nothing of the noise: `_noise` puts the floor in
             # its place, the screen's most sensitive setting, whose discrepancies the kink
             # tests of `_confirm` then judge. Taken at the shorter steps (few kinks, near θ);
@@ -330,7 +333,7 @@ class JointScreen:
             nonlocal crossed
             self.kinked = False
             measured = self._noise(key, steps)
-            (candidates if shorter or not self.kinked else longer).append(measured)
+            (candidates if short or not self.kinked else longer).append(measured)
             crossed = crossed or self.kinked
             return measured
 
@@ -341,20 +344,17 @@ class JointScreen:
             measure(self.step_sizes(values), False)
         self.kinked = crossed
         best = min(candidates, key=self._resolution_of)
-        if longer and SIGNIFICANCE / 2 * self._resolution_of(best) > RESOLUTION_LIMIT:
+        if longer and self._resolution_of(best) > RESOLUTION_LIMIT:
             best = longer[0]
         self._keep(best)
         return best
 
     def _resolution_of(self, measured: tuple[JointProbe, float, float]) -> float:
-        """The median over tensors of σ_d / (s_t·||dθ_t||) for a noise measurement: what
-        `resolution` would read with it (up to the constant SIGNIFICANCE / 2)."""
+        """The median over the tensors with a signal of `_resolutions_at` for a noise
+        measurement: what `resolution` would read with it."""
         probe, rounding, truncation = measured
-        sigma = math.hypot(rounding, truncation)
-        tensors = self.engine.tensors
-        values = sorted(sigma / (step * tensors[name].analytic_norm)
-                        for name, step in probe.steps.items()
-                        if step > 0 and tensors[name].analytic_norm > 0)
+        values = sorted(v for v in self._resolutions_at(
+            probe.steps, math.hypot(rounding, truncation)).values() if math.isfinite(v))
         return values[len(values) // 2] if values else math.inf
 
     def _noise(self, key: int, steps: dict[str, float]) -> tuple[JointProbe, float, float]:
